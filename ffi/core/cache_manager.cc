@@ -1,0 +1,354 @@
+#include "cache_manager.h"
+
+#include <algorithm>
+#include <string>
+
+namespace vattn {
+namespace {
+
+std::string mib(int64_t bytes) { return std::to_string(bytes >> 20) + " MiB"; }
+
+}  // namespace
+
+CacheManager::CacheManager(const CacheLayout& layout, int64_t pool_bytes, bool deferred_reclaim,
+                           std::unique_ptr<MemoryBackend> backend)
+    : layout_(layout), backend_(std::move(backend)), deferred_reclaim_(deferred_reclaim) {
+  layout_.finalize();
+  const int64_t gran = static_cast<int64_t>(backend_->granularity());
+  if (layout_.page_bytes % gran != 0)
+    throw Error(ErrorKind::kInvalidArgument, "page_bytes=" + std::to_string(layout_.page_bytes) +
+                                                 " is not a multiple of the " + backend_->name() +
+                                                 " mapping granularity " + std::to_string(gran));
+  if (pool_bytes < layout_.page_bytes)
+    throw Error(ErrorKind::kInvalidArgument, "pool_bytes=" + std::to_string(pool_bytes) +
+                                                 " is smaller than one page (" +
+                                                 std::to_string(layout_.page_bytes) + " bytes)");
+  pages_budget_ = pool_bytes / layout_.page_bytes;
+  slots_.resize(layout_.max_batch);
+  try {
+    for (int64_t t = 0; t < layout_.num_tensors(); ++t)
+      bases_.push_back(backend_->reserve(layout_.tensor_bytes, layout_.page_bytes));
+  } catch (...) {
+    for (uintptr_t b : bases_) backend_->release(b, layout_.tensor_bytes);
+    throw;
+  }
+}
+
+CacheManager::~CacheManager() {
+  try {
+    close();
+  } catch (...) {
+    // Destructors must not throw; close() already released what it could.
+  }
+}
+
+void CacheManager::close() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (closed_) return;
+  closed_ = true;
+  backend_->synchronize();
+  for (int64_t s = 0; s < layout_.max_batch; ++s) unmap_pages(s, 0);
+  for (PageHandle p : free_pages_) backend_->destroy_page(p, layout_.page_bytes), ++destroys_;
+  pages_created_ -= static_cast<int64_t>(free_pages_.size());
+  free_pages_.clear();
+  for (uintptr_t b : bases_) backend_->release(b, layout_.tensor_bytes);
+  bases_.clear();
+  ++capacity_version_;
+}
+
+bool CacheManager::closed() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return closed_;
+}
+
+void CacheManager::check_open() const {
+  if (closed_) throw Error(ErrorKind::kClosed, "the cache manager is closed");
+}
+
+void CacheManager::check_slot(int64_t slot) const {
+  if (slot < 0 || slot >= layout_.max_batch)
+    throw Error(ErrorKind::kInvalidArgument, "slot " + std::to_string(slot) + " is out of range [0, " +
+                                                 std::to_string(layout_.max_batch) + ")");
+}
+
+uintptr_t CacheManager::tensor_base(int64_t layer, int64_t kv) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  if (layer < 0 || layer >= layout_.num_layers || (kv != 0 && kv != 1))
+    throw Error(ErrorKind::kInvalidArgument, "layer " + std::to_string(layer) + " is out of range [0, " +
+                                                 std::to_string(layout_.num_layers) + ")");
+  return bases_[2 * layer + kv];
+}
+
+uintptr_t CacheManager::page_addr(int64_t tensor, int64_t slot, int64_t page) const {
+  return bases_[tensor] + slot * layout_.slot_bytes + page * layout_.page_bytes;
+}
+
+int64_t CacheManager::available_pages() const {
+  return static_cast<int64_t>(free_pages_.size()) + (pages_budget_ - pages_created_);
+}
+
+PageHandle CacheManager::acquire_page() {
+  if (!free_pages_.empty()) {
+    PageHandle p = free_pages_.back();
+    free_pages_.pop_back();
+    return p;
+  }
+  PageHandle p = backend_->create_page(layout_.page_bytes);
+  ++pages_created_;
+  ++creates_;
+  return p;
+}
+
+// Maps page indices [mapped_pages, target_pages) in every tensor. On a backend
+// failure the page index in progress is rolled back, so the slot stays
+// consistent (same page count in every tensor) and the error propagates.
+void CacheManager::map_pages(int64_t slot, int64_t target_pages) {
+  Slot& s = slots_[slot];
+  const int64_t T = layout_.num_tensors();
+  while (s.mapped_pages < target_pages) {
+    const int64_t page = s.mapped_pages;
+    int64_t done = 0;
+    try {
+      for (; done < T; ++done) {
+        PageHandle h = acquire_page();
+        try {
+          backend_->map(page_addr(done, slot, page), layout_.page_bytes, h);
+        } catch (...) {
+          free_pages_.push_back(h);
+          throw;
+        }
+        ++maps_;
+        s.pages.push_back(h);
+      }
+    } catch (...) {
+      for (int64_t t = done - 1; t >= 0; --t) {
+        backend_->unmap(page_addr(t, slot, page), layout_.page_bytes);
+        ++unmaps_;
+        free_pages_.push_back(s.pages.back());
+        s.pages.pop_back();
+      }
+      ++capacity_version_;
+      throw;
+    }
+    ++s.mapped_pages;
+  }
+  ++capacity_version_;
+}
+
+// Unmaps page indices [keep_pages, mapped_pages) in every tensor, returning
+// the physical pages to the free list. Caller synchronizes the device first.
+void CacheManager::unmap_pages(int64_t slot, int64_t keep_pages) {
+  Slot& s = slots_[slot];
+  const int64_t T = layout_.num_tensors();
+  while (s.mapped_pages > keep_pages) {
+    const int64_t page = s.mapped_pages - 1;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      backend_->unmap(page_addr(t, slot, page), layout_.page_bytes);
+      ++unmaps_;
+      free_pages_.push_back(s.pages.back());
+      s.pages.pop_back();
+    }
+    --s.mapped_pages;
+  }
+  ++capacity_version_;
+}
+
+// Deferred reclamation: take pages back from free slots, largest first.
+int64_t CacheManager::reclaim_free_slots(int64_t pages_wanted) {
+  std::vector<int64_t> order;
+  for (int64_t i = 0; i < layout_.max_batch; ++i)
+    if (!slots_[i].allocated && slots_[i].mapped_pages > 0) order.push_back(i);
+  if (order.empty()) return 0;
+  std::sort(order.begin(), order.end(),
+            [&](int64_t a, int64_t b) { return slots_[a].mapped_pages > slots_[b].mapped_pages; });
+  backend_->synchronize();
+  int64_t got = 0;
+  const int64_t T = layout_.num_tensors();
+  for (int64_t i : order) {
+    if (pages_wanted >= 0 && got >= pages_wanted) break;
+    int64_t keep = 0;
+    if (pages_wanted >= 0) {
+      int64_t still = (pages_wanted - got + T - 1) / T;  // page indices still needed
+      keep = std::max<int64_t>(0, slots_[i].mapped_pages - still);
+    }
+    got += (slots_[i].mapped_pages - keep) * T;
+    unmap_pages(i, keep);
+  }
+  return got;
+}
+
+void CacheManager::grow_locked(const int32_t* slots, const int32_t* lengths, int64_t n) {
+  check_open();
+  // Validate every row and size the request before touching anything.
+  std::vector<int64_t> target(layout_.max_batch, -1);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t slot = slots[i], len = lengths[i];
+    if (slot < 0) continue;
+    check_slot(slot);
+    if (!slots_[slot].allocated)
+      throw Error(ErrorKind::kSlotState, "grow: slot " + std::to_string(slot) + " (row " + std::to_string(i) +
+                                             ") is not allocated");
+    if (len < 0 || len > layout_.max_seq)
+      throw Error(ErrorKind::kInvalidArgument, "grow: length " + std::to_string(len) + " for slot " +
+                                                   std::to_string(slot) + " is outside [0, max_seq=" +
+                                                   std::to_string(layout_.max_seq) + "]");
+    target[slot] = std::max(target[slot], layout_.pages_for_tokens(len));
+  }
+  const int64_t T = layout_.num_tensors();
+  int64_t needed = 0;
+  for (int64_t s = 0; s < layout_.max_batch; ++s)
+    if (target[s] > slots_[s].mapped_pages) needed += (target[s] - slots_[s].mapped_pages) * T;
+  if (needed == 0) return;
+  if (needed > available_pages()) reclaim_free_slots(needed - available_pages());
+  if (needed > available_pages()) {
+    int64_t live = 0;
+    for (const Slot& s : slots_) live += s.allocated ? s.mapped_pages * T : 0;
+    throw Error(ErrorKind::kPoolExhausted,
+                "pool exhausted: grow needs " + std::to_string(needed) + " pages but only " +
+                    std::to_string(available_pages()) + " are free (budget " + std::to_string(pages_budget_) +
+                    " pages of " + mib(layout_.page_bytes) + ", " + std::to_string(live) +
+                    " mapped to live slots)");
+  }
+  for (int64_t s = 0; s < layout_.max_batch; ++s)
+    if (target[s] > slots_[s].mapped_pages) map_pages(s, target[s]);
+}
+
+void CacheManager::grow(const int32_t* slots, const int32_t* lengths, int64_t n) {
+  std::lock_guard<std::mutex> lock(mu_);
+  grow_locked(slots, lengths, n);
+}
+
+void CacheManager::grow_one(int64_t slot, int64_t tokens) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  check_slot(slot);
+  if (tokens < 0 || tokens > layout_.max_seq)
+    throw Error(ErrorKind::kInvalidArgument, "grow: length " + std::to_string(tokens) +
+                                                 " is outside [0, max_seq=" + std::to_string(layout_.max_seq) + "]");
+  const int32_t s32 = static_cast<int32_t>(slot), l32 = static_cast<int32_t>(tokens);
+  grow_locked(&s32, &l32, 1);
+}
+
+int64_t CacheManager::allocate(int64_t min_tokens) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  if (min_tokens < 0 || min_tokens > layout_.max_seq)
+    throw Error(ErrorKind::kInvalidArgument, "allocate: min_tokens " + std::to_string(min_tokens) +
+                                                 " is outside [0, max_seq=" + std::to_string(layout_.max_seq) + "]");
+  const int64_t need = layout_.pages_for_tokens(min_tokens);
+  // Best fit: the free slot with the fewest mapped pages that still covers
+  // `need`; otherwise the one with the most (fewest pages left to map).
+  int64_t best = -1;
+  for (int64_t i = 0; i < layout_.max_batch; ++i) {
+    if (slots_[i].allocated) continue;
+    if (best < 0) { best = i; continue; }
+    const int64_t m = slots_[i].mapped_pages, bm = slots_[best].mapped_pages;
+    const bool fits = m >= need, best_fits = bm >= need;
+    if ((fits && (!best_fits || m < bm)) || (!fits && !best_fits && m > bm)) best = i;
+  }
+  if (best < 0)
+    throw Error(ErrorKind::kSlotState, "allocate: all " + std::to_string(layout_.max_batch) + " slots are in use");
+  slots_[best].allocated = true;
+  ++capacity_version_;
+  if (min_tokens > 0) {
+    const int32_t s32 = static_cast<int32_t>(best), l32 = static_cast<int32_t>(min_tokens);
+    try {
+      grow_locked(&s32, &l32, 1);
+    } catch (...) {
+      slots_[best].allocated = false;
+      throw;
+    }
+  }
+  return best;
+}
+
+void CacheManager::free(int64_t slot) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  check_slot(slot);
+  if (!slots_[slot].allocated)
+    throw Error(ErrorKind::kSlotState, "free: slot " + std::to_string(slot) + " is not allocated (double free?)");
+  slots_[slot].allocated = false;
+  ++capacity_version_;
+  if (!deferred_reclaim_ && slots_[slot].mapped_pages > 0) {
+    backend_->synchronize();
+    unmap_pages(slot, 0);
+  }
+}
+
+int64_t CacheManager::trim(int64_t max_pages, bool release_physical) {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  int64_t got = reclaim_free_slots(max_pages);
+  if (release_physical) {
+    for (PageHandle p : free_pages_) backend_->destroy_page(p, layout_.page_bytes), ++destroys_;
+    pages_created_ -= static_cast<int64_t>(free_pages_.size());
+    free_pages_.clear();
+  }
+  return got;
+}
+
+bool CacheManager::allocated(int64_t slot) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  check_slot(slot);
+  return slots_[slot].allocated;
+}
+
+int64_t CacheManager::capacity(int64_t slot) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  check_slot(slot);
+  return layout_.tokens_for_pages(slots_[slot].mapped_pages);
+}
+
+uint64_t CacheManager::writable_capacity(std::vector<int32_t>* out) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  out->assign(layout_.max_batch, 0);
+  if (closed_) return capacity_version_;
+  for (int64_t i = 0; i < layout_.max_batch; ++i)
+    if (slots_[i].allocated) (*out)[i] = static_cast<int32_t>(layout_.tokens_for_pages(slots_[i].mapped_pages));
+  return capacity_version_;
+}
+
+uint64_t CacheManager::capacity_version() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return capacity_version_;
+}
+
+void CacheManager::check_write(int64_t slot, int64_t start, int64_t count) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  check_slot(slot);
+  if (!slots_[slot].allocated)
+    throw Error(ErrorKind::kSlotState, "write: slot " + std::to_string(slot) + " is not allocated");
+  const int64_t cap = layout_.tokens_for_pages(slots_[slot].mapped_pages);
+  if (start < 0 || count < 0 || start + count > cap)
+    throw Error(ErrorKind::kInvalidArgument, "write: tokens [" + std::to_string(start) + ", " +
+                                                 std::to_string(start + count) + ") of slot " + std::to_string(slot) +
+                                                 " are not backed (capacity " + std::to_string(cap) +
+                                                 " tokens); grow the slot first");
+}
+
+CacheStats CacheManager::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  CacheStats st;
+  st.page_bytes = layout_.page_bytes;
+  st.pages_budget = pages_budget_;
+  st.pages_created = pages_created_;
+  st.pages_free = static_cast<int64_t>(free_pages_.size());
+  st.reserved_bytes = static_cast<int64_t>(bases_.size()) * layout_.tensor_bytes;
+  st.creates = creates_, st.destroys = destroys_, st.maps = maps_, st.unmaps = unmaps_;
+  const int64_t T = layout_.num_tensors();
+  for (const Slot& s : slots_) {
+    st.pages_mapped += s.mapped_pages * T;
+    if (!s.allocated) st.pages_mapped_free_slots += s.mapped_pages * T;
+    st.live_slots += s.allocated ? 1 : 0;
+    st.slot_capacity.push_back(layout_.tokens_for_pages(s.mapped_pages));
+    st.slot_allocated.push_back(s.allocated ? 1 : 0);
+  }
+  return st;
+}
+
+}  // namespace vattn

@@ -1,0 +1,35 @@
+"""jax_vattention: vAttention KV caches for JAX.
+
+Each layer's K and V cache is one contiguous virtual range
+``[max_batch, max_seq, kv_heads, head_dim]``; physical pages are mapped into a
+slot only as its context grows (CUDA VMM on GPU, memfd+mmap on the host).
+"""
+
+from .cache import CacheState, KVCache
+from .config import CacheConfig
+from .errors import (
+    BackendError,
+    CacheClosedError,
+    CacheValueError,
+    PoolExhaustedError,
+    SlotStateError,
+    VAttentionError,
+)
+from .manager import CacheStats, KVCacheManager
+from .ops import grow, write
+
+__all__ = [
+    "BackendError",
+    "CacheClosedError",
+    "CacheConfig",
+    "CacheState",
+    "CacheStats",
+    "CacheValueError",
+    "KVCache",
+    "KVCacheManager",
+    "PoolExhaustedError",
+    "SlotStateError",
+    "VAttentionError",
+    "grow",
+    "write",
+]

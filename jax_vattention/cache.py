@@ -1,0 +1,82 @@
+"""KVCache: the explicit cache pytree that jit-compiled model code passes around.
+
+    cache = manager.cache(slots, lengths)           # views + per-row state
+    cache = cache.grow(cache.lengths + 1)           # map pages for one more token
+    for layer in range(L):
+        lengths = cache.write(layer, k, v)          # k, v: [B, 1, Hkv, D]
+        out = attention(q, cache.k[layer], cache.v[layer], cache.slots, lengths)
+
+Rules that keep it copy-free:
+  * The views (``k``, ``v``) are ordinary, non-donated jit arguments, read only.
+  * A top-level jit must not return them: XLA copies a non-donated output,
+    which on a sparse cache reads unmapped memory. Return ``cache.state`` and
+    rebuild with ``cache.with_state(state)`` outside.
+  * Read the cache only with lengths returned by ``grow``/``write``: that data
+    dependency is what orders reads after writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from . import ops
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CacheState:
+    """The per-row part of a KVCache: safe to return from a top-level jit."""
+
+    slots: jax.Array  # [B] int32, slot of each batch row, -1 for padding rows
+    lengths: jax.Array  # [B] int32, tokens in the cache (after grow: including pending ones)
+    num_new: jax.Array  # [B] int32, tokens the last grow added; each layer's write stores them
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: tuple[jax.Array, ...]  # L x [MB, S, Hkv, D] zero-copy views
+    v: tuple[jax.Array, ...]  # L x [MB, S, Hkv, D]
+    state: CacheState
+    manager: object = dataclasses.field(metadata=dict(static=True))
+
+    @classmethod
+    def create(cls, manager, slots, lengths) -> KVCache:
+        slots = jnp.asarray(slots, jnp.int32)
+        lengths = jnp.asarray(lengths, jnp.int32)
+        ops._check_rows("slots", slots)
+        ops._check_rows("lengths", lengths, slots.shape[0])
+        state = CacheState(slots, lengths, jnp.zeros_like(lengths))
+        return cls(tuple(manager.k), tuple(manager.v), state, manager)
+
+    @property
+    def slots(self) -> jax.Array:
+        return self.state.slots
+
+    @property
+    def lengths(self) -> jax.Array:
+        return self.state.lengths
+
+    def with_state(self, state: CacheState) -> KVCache:
+        return dataclasses.replace(self, state=state)
+
+    def grow(self, new_lengths: jax.Array) -> KVCache:
+        """Back ``new_lengths [B]`` tokens per row; the added tokens become pending writes.
+
+        Rows whose length does not change (finished requests) map nothing.
+        """
+        new_lengths = jnp.asarray(new_lengths, jnp.int32)
+        lengths = ops.grow(self.manager, self.slots, new_lengths)
+        return self.with_state(CacheState(self.slots, lengths, lengths - self.lengths))
+
+    def write(self, layer: int, k_new: jax.Array, v_new: jax.Array) -> jax.Array:
+        """Write the pending tokens of every row into ``layer``; returns lengths [B].
+
+        ``k_new``/``v_new`` are ``[B, T, Hkv, D]``; row b stores its first
+        ``num_new[b]`` tokens at positions ``[lengths[b] - num_new[b], lengths[b])``.
+        """
+        starts = self.lengths - self.state.num_new
+        return ops.write(self.manager, layer, k_new, v_new, self.slots, starts, self.state.num_new)

@@ -1,0 +1,277 @@
+"""KVCacheManager: owns one vAttention cache (reservations, page pool, slots).
+
+Memory note (GPU): XLA preallocates 75% of GPU memory by default, which would
+leave the page pool little room. Before importing jax, set either
+``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (XLA allocates on demand) or
+``XLA_PYTHON_CLIENT_MEM_FRACTION`` to the share XLA should keep (e.g. ``0.4``).
+The manager checks the device's free memory against ``pool_bytes`` when it
+opens and names these variables when the pool cannot fit.
+
+Why no code path donates a view: the K/V views are jax.Arrays over memory XLA
+does not own. Donating one to a jit function either aborts the process on GPU
+(when XLA does not alias it to an output) or is silently copied on CPU, and a
+copy of a sparsely mapped cache reads unmapped pages. So views are only ever
+passed as ordinary (non-donated) arguments and read; every write goes through
+the ``write`` FFI call, which stores at the manager's addresses. Ordering is by
+data dependency: readers index the cache with the lengths that ``write``
+returns. Views must not be outputs of a top-level jit either (XLA would copy
+them); return ``cache.state`` instead (see ``jax_vattention.cache``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import numpy as np
+
+from . import _core
+from .config import SUPPORTED_DTYPES, CacheConfig
+from .errors import ERROR_CLASSES, BackendError, CacheClosedError, CacheValueError, PoolExhaustedError
+
+_core._set_error_classes(ERROR_CLASSES)
+
+
+def padded_max_seq(config: CacheConfig) -> int:
+    """max_seq rounded up so that one slot is a whole number of pages."""
+    quantum = math.lcm(config.token_bytes, config.page_bytes) // config.token_bytes
+    return -(-config.max_seq // quantum) * quantum
+
+
+class _DLPackTensor:
+    """Hands jax a DLPack capsule over one cache tensor (nothing is copied)."""
+
+    _DL_CPU, _DL_CUDA = 1, 2
+
+    def __init__(self, make_capsule, backend: str, device: jax.Device):
+        self._make_capsule = make_capsule
+        cuda = backend == "cuda"
+        self._device = (self._DL_CUDA if cuda else self._DL_CPU, device.local_hardware_id if cuda else 0)
+
+    def __dlpack__(self, stream=None, max_version=None, dl_device=None, copy=None):
+        if copy:
+            raise BufferError("a vAttention cache view cannot be exported as a copy")
+        return self._make_capsule()
+
+    def __dlpack_device__(self):
+        return self._device
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheStats:
+    """A snapshot of the manager's accounting. Page counts are summed over all 2*L tensors."""
+
+    reserved_bytes: int  # virtual address space held
+    mapped_bytes: int  # physical pages mapped into some slot
+    physical_bytes: int  # physical pages that exist (mapped + free list)
+    page_bytes: int
+    pages_budget: int
+    pages_created: int
+    pages_free: int
+    pages_mapped: int
+    pages_mapped_free_slots: int  # held by free slots (deferred reclamation)
+    live_slots: int
+    creates: int
+    destroys: int
+    maps: int
+    unmaps: int
+    slot_capacity: tuple[int, ...]  # tokens backed per slot
+    slot_allocated: tuple[bool, ...]
+
+
+class KVCacheManager:
+    """A vAttention KV cache for one device.
+
+    Use as a context manager, or call ``close()``; either releases every page
+    and reservation. The K/V buffers are exposed as zero-copy ``jax.Array``
+    views (``manager.k[layer]``, ``manager.v[layer]``), each
+    ``[max_batch, max_seq, kv_heads, head_dim]``.
+    """
+
+    def __init__(self, config: CacheConfig, *, device: jax.Device | None = None):
+        if not isinstance(config, CacheConfig):
+            raise CacheValueError(f"config must be a CacheConfig, got {type(config).__name__}")
+        self.config = config
+        self.device = device if device is not None else jax.devices()[0]
+        if self.device.platform == "gpu":
+            if not _core.cuda_compiled():
+                raise BackendError("this build of jax_vattention has no CUDA backend (nvcc was not found at build time)")
+            backend, ordinal = "cuda", self.device.local_hardware_id
+        elif self.device.platform == "cpu":
+            backend, ordinal = "host", 0
+        else:
+            raise CacheValueError(f"unsupported device platform {self.device.platform!r}; use a CPU or CUDA device")
+        self.max_seq = padded_max_seq(config)
+        per_slot_pages = self.max_seq * config.token_bytes // config.page_bytes
+        full_pool = 2 * config.num_layers * config.max_batch * per_slot_pages * config.page_bytes
+        self.pool_bytes = full_pool if config.pool_bytes is None else config.pool_bytes
+        self._native = _core.Manager(
+            num_layers=config.num_layers,
+            max_batch=config.max_batch,
+            max_seq=config.max_seq,
+            kv_heads=config.kv_heads,
+            head_dim=config.head_dim,
+            itemsize=config.itemsize,
+            page_bytes=config.page_bytes,
+            pool_bytes=self.pool_bytes,
+            deferred_reclaim=config.deferred_reclaim,
+            backend=backend,
+            device_ordinal=ordinal,
+        )
+        assert self._native.max_seq == self.max_seq, (self._native.max_seq, self.max_seq)
+        self.backend = backend
+        self.id = int(self._native.id)
+        if backend == "cuda":
+            self._check_device_headroom()
+        try:
+            self.k = tuple(self._view(layer, 0) for layer in range(config.num_layers))
+            self.v = tuple(self._view(layer, 1) for layer in range(config.num_layers))
+        except BaseException:
+            self._native.close()
+            raise
+
+    # -- views ---------------------------------------------------------------
+    def _view(self, layer: int, kv: int) -> jax.Array:
+        code, bits = SUPPORTED_DTYPES[self.config.dtype]
+        producer = _DLPackTensor(lambda: self._native.tensor_view(layer, kv, code, bits), self.backend, self.device)
+        array = jax.dlpack.from_dlpack(producer)
+        address = self._native.tensor_address(layer, kv)
+        if array.unsafe_buffer_pointer() != address:  # never silently work on a copy
+            raise BackendError(f"jax copied the cache view of layer {layer}; zero-copy import failed")
+        return array
+
+    def _check_device_headroom(self):
+        free, total = self._native.device_mem_info()
+        if self.pool_bytes > free:
+            self._native.close()
+            raise PoolExhaustedError(
+                f"pool_bytes={self.pool_bytes / 2**30:.2f} GiB exceeds the {free / 2**30:.2f} GiB free on "
+                f"{self.device} (of {total / 2**30:.2f} GiB). XLA preallocates 75% of GPU memory by default: set "
+                "XLA_PYTHON_CLIENT_PREALLOCATE=false or XLA_PYTHON_CLIENT_MEM_FRACTION before importing jax "
+                f"(now: PREALLOCATE={os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE')!r}, "
+                f"MEM_FRACTION={os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION')!r}), or lower pool_bytes."
+            )
+
+    # -- slot lifecycle ------------------------------------------------------
+    def _check_open(self):
+        if self._native.closed:
+            raise CacheClosedError("the cache manager is closed")
+
+    def _check_slot(self, slot) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)):
+            raise CacheValueError(f"slot must be an int, got {type(slot).__name__}")
+        return int(slot)
+
+    def _check_tokens(self, tokens, what: str) -> int:
+        if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)):
+            raise CacheValueError(f"{what} must be an int, got {type(tokens).__name__}")
+        if not 0 <= tokens <= self.max_seq:
+            raise CacheValueError(f"{what}={tokens} is outside [0, max_seq={self.max_seq}]")
+        return int(tokens)
+
+    def allocate(self, min_tokens: int = 0) -> int:
+        """Take a free slot (best fit among deferred ones) and back ``min_tokens`` tokens."""
+        self._check_open()
+        return int(self._native.allocate(self._check_tokens(min_tokens, "min_tokens")))
+
+    def grow(self, slot: int, tokens: int) -> None:
+        """Back tokens ``[0, tokens)`` of ``slot`` in every layer's K and V."""
+        self._check_open()
+        self._native.grow(self._check_slot(slot), self._check_tokens(tokens, "tokens"))
+
+    def free(self, slot: int) -> None:
+        """Release a slot. With deferred reclamation its pages stay mapped for reuse."""
+        self._check_open()
+        self._native.free(self._check_slot(slot))
+
+    def trim(self, max_pages: int | None = None, *, release_physical: bool = False) -> int:
+        """Unmap pages held by free slots (all, or about ``max_pages``); returns pages unmapped.
+
+        With ``release_physical`` the unmapped pages are also destroyed, returning
+        memory to the device. On CUDA the device is synchronized first; on the
+        host, call it only after computations that read freed slots have finished.
+        """
+        self._check_open()
+        return int(self._native.trim(-1 if max_pages is None else int(max_pages), bool(release_physical)))
+
+    def capacity(self, slot: int) -> int:
+        """Tokens currently backed in ``slot``."""
+        self._check_open()
+        return int(self._native.capacity(self._check_slot(slot)))
+
+    def allocated(self, slot: int) -> bool:
+        self._check_open()
+        return bool(self._native.allocated(self._check_slot(slot)))
+
+    def stats(self) -> CacheStats:
+        s = self._native.stats()
+        s["slot_capacity"] = tuple(s["slot_capacity"])
+        s["slot_allocated"] = tuple(s["slot_allocated"])
+        return CacheStats(**s)
+
+    def check_device_errors(self) -> None:
+        """Raise the first write refused on the GPU since the last check (no-op on the host)."""
+        self._check_open()
+        if self.backend != "cuda":
+            return
+        flag, row, slot, end = self._native.take_device_error()
+        if flag:
+            raise CacheValueError(
+                f"an earlier write was refused on the device: row {row} slot {slot} would end at token {end}, "
+                "past the slot's backed capacity (or the slot is not allocated)"
+            )
+
+    def device_mem_info(self) -> tuple[int, int]:
+        """(free, total) device bytes as the CUDA driver reports them."""
+        self._check_open()
+        if self.backend != "cuda":
+            raise CacheValueError("device_mem_info needs the cuda backend")
+        return tuple(int(x) for x in self._native.device_mem_info())
+
+    def _inject_failures(self, creates: int = 0, maps: int = 0) -> None:
+        """Test-only: make the next ``creates`` page creations / ``maps`` mappings fail."""
+        self._check_open()
+        self._native.inject_failures(int(creates), int(maps))
+
+    # -- lifetime ------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._native.closed
+
+    def close(self) -> None:
+        """Delete the views, then unmap and release every page and reservation."""
+        if self._native.closed:
+            return
+        for view in (*getattr(self, "k", ()), *getattr(self, "v", ())):
+            if not view.is_deleted():
+                view.delete()
+        self._native.close()
+
+    def __enter__(self) -> KVCacheManager:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        native = getattr(self, "_native", None)
+        if native is not None and not native.closed:
+            self.close()
+
+    def __repr__(self) -> str:
+        c = self.config
+        state = "closed" if self.closed else f"{self.stats().mapped_bytes / 2**20:.0f} MiB mapped"
+        rounded = f" (rounded from {c.max_seq})" if self.max_seq != c.max_seq else ""
+        return (
+            f"KVCacheManager({self.backend}, {c.num_layers} layers x [{c.max_batch}, {self.max_seq}{rounded}, "
+            f"{c.kv_heads}, {c.head_dim}] {c.dtype}, {state})"
+        )
+
+    # -- jit-side cache ------------------------------------------------------
+    def cache(self, slots, lengths):
+        """A ``KVCache`` pytree over this manager's views for the given rows."""
+        from .cache import KVCache
+
+        return KVCache.create(self, slots, lengths)
