@@ -40,6 +40,14 @@ def padded_max_seq(config: CacheConfig) -> int:
     return -(-config.max_seq // quantum) * quantum
 
 
+def _default_device() -> jax.Device:
+    """The device jit would use: ``jax.default_device`` if set, else the first device."""
+    default = jax.config.jax_default_device
+    if isinstance(default, str):
+        return jax.devices(default)[0]
+    return default if default is not None else jax.devices()[0]
+
+
 class _DLPackTensor:
     """Hands jax a DLPack capsule over one cache tensor (nothing is copied)."""
 
@@ -94,7 +102,7 @@ class KVCacheManager:
         if not isinstance(config, CacheConfig):
             raise CacheValueError(f"config must be a CacheConfig, got {type(config).__name__}")
         self.config = config
-        self.device = device if device is not None else jax.devices()[0]
+        self.device = device if device is not None else _default_device()
         if self.device.platform == "gpu":
             if not _core.cuda_compiled():
                 raise BackendError("this build of jax_vattention has no CUDA backend (nvcc was not found at build time)")
@@ -274,4 +282,5 @@ class KVCacheManager:
         """A ``KVCache`` pytree over this manager's views for the given rows."""
         from .cache import KVCache
 
+        self._check_open()  # the views of a closed manager are deleted
         return KVCache.create(self, slots, lengths)

@@ -1,0 +1,203 @@
+"""Allocation costs of the vAttention cache, and what in-graph growth costs a decode step.
+
+Part 1, per physical page through the public API (2*L tensors, one page each per
+page index): grow that creates+maps fresh pages, grow that maps pages from the
+free list, deferred reuse (free + allocate of a slot whose pages stay mapped),
+trim (unmap) and trim(release_physical) (unmap + destroy).
+
+Part 2, a decode-like jitted loop with Llama-3-8B-shaped layers (the weight
+matmuls of each layer plus a K/V write per layer) run three ways in one process:
+  grow_in_graph : pages mapped by the grow FFI call inside the loop as rows cross pages
+  premapped     : the same loop, every page mapped before it starts (grow finds nothing to map)
+  no_grow       : the same loop without the grow call at all (the step's floor)
+The target is grow_in_graph / premapped <= 1.02.
+
+    python benchmarks/bench_alloc.py            # full (GPU)
+    python benchmarks/bench_alloc.py --quick    # smaller model, fewer steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import jax_vattention as jv  # noqa: E402
+from common import device_name, median, time_call, write_results  # noqa: E402
+
+MIB = 1 << 20
+
+
+# -- part 1 -----------------------------------------------------------------
+def page_costs(num_layers: int, pages: int) -> dict:
+    cfg = jv.CacheConfig(num_layers=num_layers, max_batch=4, max_seq=pages * 1024, kv_heads=8, head_dim=128)
+    with jv.KVCacheManager(cfg) as m:
+        tokens_per_page = cfg.page_bytes // cfg.token_bytes
+        n = pages * tokens_per_page
+        per_page = {}
+
+        def timed(label, fn, page_count):
+            t0 = time.perf_counter()
+            fn()
+            per_page[label] = (time.perf_counter() - t0) / page_count * 1e6
+
+        total = pages * 2 * num_layers
+        s = m.allocate()
+        timed("grow_create_map_us", lambda: m.grow(s, n), total)
+        assert m.stats().pages_mapped == total and m.capacity(s) == n
+        m.free(s)
+        timed("deferred_reuse_us", lambda: m.allocate(n), total)
+        maps_before = m.stats().maps
+        assert m.capacity(s) == n and m.stats().maps == maps_before  # reused, nothing mapped
+        m.free(s)
+        timed("trim_unmap_us", lambda: m.trim(), total)
+        assert m.stats().pages_mapped == 0 and m.stats().pages_free == total
+        s = m.allocate()
+        timed("grow_map_from_pool_us", lambda: m.grow(s, n), total)
+        assert m.stats().pages_created == total  # no new cuMemCreate
+        m.free(s)
+        timed("trim_release_us", lambda: m.trim(release_physical=True), total)
+        assert m.stats().pages_created == 0
+    return per_page
+
+
+# -- part 2 -----------------------------------------------------------------
+def make_weights(key, L, d_model, d_qkv, d_ff, dtype):
+    def w(k, shape):
+        return (jax.random.normal(k, shape, jnp.float32) * shape[0] ** -0.5).astype(dtype)
+
+    keys = jax.random.split(key, (L, 4))
+    return [
+        dict(
+            qkv=w(keys[i, 0], (d_model, d_qkv)),
+            o=w(keys[i, 1], (d_model, d_model)),
+            up=w(keys[i, 2], (d_model, 2 * d_ff)),
+            down=w(keys[i, 3], (d_ff, d_model)),
+        )
+        for i in range(L)
+    ]
+
+
+def decode_loop(steps: int, hkv: int, head_dim: int, grow: bool):
+    def run(weights, cache, h):  # h: [B, d_model]
+        B, d_model = h.shape
+
+        def body(i, carry):
+            state, h = carry
+            c = cache.with_state(state)
+            if grow:
+                c = c.grow(state.lengths + 1)
+            else:
+                c = c.with_state(jv.CacheState(state.slots, state.lengths + 1, jnp.ones_like(state.lengths)))
+            for layer, w in enumerate(weights):
+                qkv = h @ w["qkv"]  # [B, d_model + 2*Hkv*D]
+                k = qkv[:, d_model : d_model + hkv * head_dim].reshape(B, 1, hkv, head_dim)
+                v = qkv[:, d_model + hkv * head_dim :].reshape(B, 1, hkv, head_dim)
+                lens = c.write(layer, k, v)
+                # Read the token back (ordered by `lens`) so the write is on the data path.
+                got = jax.vmap(lambda s, n: lax.dynamic_slice(c.k[layer], (s, n - 1, 0, 0), (1, 1, hkv, head_dim)))(
+                    jnp.maximum(c.slots, 0), lens
+                )
+                attn = qkv[:, :d_model] + jnp.tile(got.reshape(B, -1), d_model // (hkv * head_dim))
+                h = h + attn @ w["o"]
+                gate, up = jnp.split(h @ w["up"], 2, axis=-1)
+                h = (h + (jax.nn.silu(gate) * up) @ w["down"]).astype(h.dtype)
+                h = h / (1 + jnp.abs(h).max(axis=-1, keepdims=True)).astype(h.dtype)
+            return c.state, h
+
+        return lax.fori_loop(0, steps, body, (cache.state, h))
+
+    return jax.jit(run)
+
+
+def step_overhead(args) -> dict:
+    L, B, steps = args.layers, args.batch, args.steps
+    d_model, hkv, head_dim, d_ff = args.d_model, 8, 128, args.d_ff
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(args.prompt // 2, args.prompt * 3 // 2, size=B).astype(np.int32)
+    cfg = jv.CacheConfig(num_layers=L, max_batch=B, max_seq=int(prompt.max()) + steps + 1, kv_heads=hkv, head_dim=head_dim)
+    weights = make_weights(jax.random.key(0), L, d_model, d_model + 2 * hkv * head_dim, d_ff, jnp.bfloat16)
+    h0 = jax.random.normal(jax.random.key(1), (B, d_model), jnp.bfloat16)
+    loops = {
+        "grow_in_graph": decode_loop(steps, hkv, head_dim, grow=True),
+        "premapped": decode_loop(steps, hkv, head_dim, grow=True),
+        "no_grow": decode_loop(steps, hkv, head_dim, grow=False),
+    }
+    results = {name: [] for name in loops}
+    with jv.KVCacheManager(cfg) as m:
+        slots = np.array([m.allocate() for _ in range(B)], np.int32)
+        cache = m.cache(slots, prompt)
+
+        def reset(premap: bool):
+            for s, n in zip(slots, prompt):
+                m.free(int(s))
+            m.trim()  # unmap everything: each run starts from the same mapped state
+            for s, n in zip(slots, prompt):
+                assert m.allocate() >= 0
+                m.grow(int(s), int(n) + (steps + 1 if premap else 0))
+
+        # Correctness first: lengths advance, tokens land, nothing extra is mapped.
+        reset(False)
+        state, h = loops["grow_in_graph"](weights, cache, h0)
+        np.testing.assert_array_equal(np.asarray(state.lengths), prompt + steps)
+        need = sum(-(-(int(n) + steps) * cfg.token_bytes // cfg.page_bytes) for n in prompt) * 2 * L
+        assert m.stats().pages_mapped == need, (m.stats().pages_mapped, need)
+        assert bool(jnp.isfinite(h.astype(jnp.float32)).all())
+        for name in loops:  # compile
+            reset(name == "premapped")
+            jax.block_until_ready(loops[name](weights, cache, h0))
+        for _ in range(args.repeats):  # interleaved, so drift hits all three alike
+            for name, loop in loops.items():
+                reset(name == "premapped")
+                t0 = time.perf_counter()
+                jax.block_until_ready(loop(weights, cache, h0))
+                results[name].append((time.perf_counter() - t0) / steps * 1e6)
+        stats = m.stats()
+    out = {name: dict(step_us=median(ts), all_us=ts) for name, ts in results.items()}
+    out["ratio_grow_vs_premapped"] = out["grow_in_graph"]["step_us"] / out["premapped"]["step_us"]
+    out["ratio_grow_vs_no_grow"] = out["grow_in_graph"]["step_us"] / out["no_grow"]["step_us"]
+    out["ratio_premapped_vs_no_grow"] = out["premapped"]["step_us"] / out["no_grow"]["step_us"]
+    out["config"] = dict(layers=L, batch=B, steps=steps, prompt_mean=args.prompt, d_model=d_model, d_ff=d_ff,
+                         max_seq=m.max_seq, page_crossings=int(sum((-(-(p + steps) * cfg.token_bytes // cfg.page_bytes)) - (-(-p * cfg.token_bytes // cfg.page_bytes)) for p in prompt.tolist())))
+    out["mapped_bytes_end"] = stats.mapped_bytes
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small model and few steps")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    if args.quick:
+        args.layers, args.batch, args.steps, args.prompt, args.d_model, args.d_ff = 8, 32, 128, 1024, 2048, 4096
+        args.repeats = min(args.repeats, 3)
+    else:  # Llama-3-8B shapes
+        args.layers, args.batch, args.steps, args.prompt, args.d_model, args.d_ff = 32, 32, 256, 1024, 4096, 14336
+    print(f"device: {device_name()}", flush=True)
+    costs = page_costs(num_layers=args.layers, pages=8)
+    print("per-page costs (us):", {k: round(v, 1) for k, v in costs.items()}, flush=True)
+    step = step_overhead(args)
+    md = ["| measure | value |", "|---|---|"]
+    md += [f"| {k} | {v:.1f} us/page |" for k, v in costs.items()]
+    for name in ("grow_in_graph", "premapped", "no_grow"):
+        md.append(f"| decode step, {name} | {step[name]['step_us']:.1f} us |")
+    for k in ("ratio_grow_vs_premapped", "ratio_grow_vs_no_grow", "ratio_premapped_vs_no_grow"):
+        md.append(f"| {k} | {step[k]:.4f} |")
+    md.append(f"| config | {step['config']} |")
+    table = "\n".join(md)
+    print(table)
+    paths = write_results("alloc" + ("_quick" if args.quick else ""), dict(page_costs_us=costs, decode_step=step), table)
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()

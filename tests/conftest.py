@@ -1,0 +1,39 @@
+"""Test setup shared by the CPU and GPU suites.
+
+* XLA must not preallocate 75% of the GPU: the vAttention page pool needs that
+  memory, so the tests run with XLA_PYTHON_CLIENT_PREALLOCATE=false.
+* Tests marked ``gpu`` run on the first CUDA device and are skipped without
+  one; every other test runs with the CPU as jax's default device, so the
+  host-backend suite means the same thing on a GPU machine.
+"""
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+def _gpus():
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        return []
+
+
+GPUS = _gpus()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not GPUS:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _default_device(request):
+    device = GPUS[0] if "gpu" in request.keywords else jax.devices("cpu")[0]
+    with jax.default_device(device):
+        yield
