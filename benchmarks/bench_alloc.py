@@ -32,7 +32,8 @@ from jax import lax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import jax_vattention as jv  # noqa: E402
-from common import device_name, median, time_call, write_results  # noqa: E402
+from common import device_name, median, write_results  # noqa: E402
+from jax_vattention.hlo import assert_no_cache_copy  # noqa: E402
 
 MIB = 1 << 20
 
@@ -103,11 +104,11 @@ def decode_loop(steps: int, hkv: int, head_dim: int, grow: bool):
                 k = qkv[:, d_model : d_model + hkv * head_dim].reshape(B, 1, hkv, head_dim)
                 v = qkv[:, d_model + hkv * head_dim :].reshape(B, 1, hkv, head_dim)
                 lens = c.write(layer, k, v)
-                # Read the token back (ordered by `lens`) so the write is on the data path.
-                got = jax.vmap(lambda s, n: lax.dynamic_slice(c.k[layer], (s, n - 1, 0, 0), (1, 1, hkv, head_dim)))(
-                    jnp.maximum(c.slots, 0), lens
-                )
-                attn = qkv[:, :d_model] + jnp.tile(got.reshape(B, -1), d_model // (hkv * head_dim))
+                # Read row 0's token back (ordered by `lens`) so the write is on the data path.
+                # A scalar dynamic_slice: a vmapped one becomes a gather, for which XLA
+                # may copy the whole view into another layout.
+                got = lax.dynamic_slice(c.k[layer], (c.slots[0], lens[0] - 1, 0, 0), (1, 1, hkv, head_dim))
+                attn = qkv[:, :d_model] + jnp.tile(got.reshape(1, -1), d_model // (hkv * head_dim))
                 h = h + attn @ w["o"]
                 gate, up = jnp.split(h @ w["up"], 2, axis=-1)
                 h = (h + (jax.nn.silu(gate) * up) @ w["down"]).astype(h.dtype)
@@ -145,19 +146,22 @@ def step_overhead(args) -> dict:
                 assert m.allocate() >= 0
                 m.grow(int(s), int(n) + (steps + 1 if premap else 0))
 
-        # Correctness first: lengths advance, tokens land, nothing extra is mapped.
+        # Correctness first: no cache copy, lengths advance, tokens land, nothing extra is mapped.
+        assert_no_cache_copy(loops["grow_in_graph"].lower(weights, cache, h0).compile().as_text(), m)
         reset(False)
         state, h = loops["grow_in_graph"](weights, cache, h0)
         np.testing.assert_array_equal(np.asarray(state.lengths), prompt + steps)
+        m.check_device_errors()  # every write landed inside backed capacity
         need = sum(-(-(int(n) + steps) * cfg.token_bytes // cfg.page_bytes) for n in prompt) * 2 * L
         assert m.stats().pages_mapped == need, (m.stats().pages_mapped, need)
         assert bool(jnp.isfinite(h.astype(jnp.float32)).all())
-        for name in loops:  # compile
-            reset(name == "premapped")
+        for name, loop in loops.items():  # compile, and refuse to run a loop that copies the cache
+            assert_no_cache_copy(loop.lower(weights, cache, h0).compile().as_text(), m)
+            reset(name != "grow_in_graph")
             jax.block_until_ready(loops[name](weights, cache, h0))
         for _ in range(args.repeats):  # interleaved, so drift hits all three alike
             for name, loop in loops.items():
-                reset(name == "premapped")
+                reset(name != "grow_in_graph")  # no_grow writes into premapped pages too
                 t0 = time.perf_counter()
                 jax.block_until_ready(loop(weights, cache, h0))
                 results[name].append((time.perf_counter() - t0) / steps * 1e6)

@@ -37,3 +37,14 @@ def _default_device(request):
     device = GPUS[0] if "gpu" in request.keywords else jax.devices("cpu")[0]
     with jax.default_device(device):
         yield
+        # Tests provoke errors inside side-effecting computations on purpose (and
+        # assert them). jax keeps the failed computation's runtime token and would
+        # raise it again at interpreter exit; a successful effectful computation on
+        # the same device supersedes it.
+        jax.block_until_ready(_effect_barrier())
+
+
+@jax.jit
+def _effect_barrier():
+    jax.debug.callback(lambda: None)
+    return jax.numpy.zeros(())

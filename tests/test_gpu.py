@@ -54,7 +54,7 @@ def free_device_bytes() -> int:
 
 
 def token_bytes_at(m, layer, kv, slot, pos, count=1) -> np.ndarray:
-    addr = m._native.tensor_address(layer, kv) + slot * m._native.slot_bytes + pos * m.config.token_bytes
+    addr = m._native.tensor_address(layer, kv) + int(slot) * m._native.slot_bytes + int(pos) * m.config.token_bytes
     return read_device(addr, count * m.config.token_bytes)
 
 
@@ -172,7 +172,10 @@ SPARSE_STEP = """
         return lax.scan(lambda s, i: body(i, s), cache.state, jnp.arange(1500))
 
     kv = jnp.full((2, 1, 8, 128), 3.0, jnp.bfloat16)
-    state, got = steps(m.cache(slots, [0, 700]), kv)
+    cache = m.cache(slots, [0, 700])
+    from jax_vattention.hlo import assert_no_cache_copy
+    assert_no_cache_copy(steps.lower(cache, kv).compile().as_text(), m)
+    state, got = steps(cache, kv)
     assert np.asarray(state.lengths).tolist() == [1500, 2200], state.lengths
     assert np.all(np.asarray(got, np.float32) == 3.0)
     st = m.stats()
