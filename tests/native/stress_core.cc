@@ -1,0 +1,151 @@
+// Stress driver for the C++ core, the host backend and the manager registry,
+// built with -fsanitize=address or -fsanitize=thread by test_native_sanitizers.py.
+//
+// Phase 1: one thread, random operations, invariants checked after each.
+// Phase 2: several threads own one slot each (allocate/grow/write/verify/free)
+// while others trim, read stats and churn the registry.
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "backends/host_backend.h"
+#include "core/cache_manager.h"
+#include "handlers/registry.h"
+
+using namespace vattn;
+
+#define CHECK(cond)                                                    \
+  do {                                                                 \
+    if (!(cond)) {                                                     \
+      std::fprintf(stderr, "CHECK failed at line %d: %s\n", __LINE__, #cond); \
+      std::abort();                                                    \
+    }                                                                  \
+  } while (0)
+
+static CacheLayout layout() {
+  CacheLayout L;
+  L.num_layers = 2, L.max_batch = 8, L.requested_max_seq = 512, L.kv_heads = 1, L.head_dim = 16;
+  L.itemsize = 4, L.page_bytes = 4096;
+  return L;
+}
+
+static void check_invariants(const CacheManager& m) {
+  CacheStats s = m.stats();
+  const CacheLayout& L = m.layout();
+  int64_t want = 0;
+  for (int64_t c : s.slot_capacity) want += L.pages_for_tokens(c) * L.num_tensors();
+  CHECK(s.pages_mapped == want);
+  CHECK(s.pages_created == s.pages_mapped + s.pages_free);
+  CHECK(s.pages_created <= s.pages_budget);
+}
+
+static void phase_single_thread(uint64_t seed) {
+  CacheManager m(layout(), 48 * 4096, true, std::make_unique<HostBackend>());
+  std::mt19937_64 rng(seed);
+  std::vector<int64_t> live;
+  int64_t errors = 0;
+  for (int op = 0; op < 20000; ++op) {
+    try {
+      switch (rng() % 6) {
+        case 0: live.push_back(m.allocate(rng() % 300)); break;
+        case 1:
+          if (!live.empty()) m.grow_one(live[rng() % live.size()], rng() % 600);  // may exceed max_seq
+          break;
+        case 2:
+          if (!live.empty()) {
+            size_t i = rng() % live.size();
+            m.free(live[i]);
+            live.erase(live.begin() + i);
+          }
+          break;
+        case 3: m.trim(rng() % 2 ? -1 : static_cast<int64_t>(rng() % 20), rng() % 2); break;
+        case 4: m.free(static_cast<int64_t>(rng() % 12) - 2); break;  // often invalid
+        case 5:
+          m.backend().inject_failures(rng() % 2, rng() % 2);
+          if (!live.empty()) m.grow_one(live[rng() % live.size()], rng() % 512);
+          m.backend().inject_failures(0, 0);
+          break;
+      }
+    } catch (const Error&) {
+      m.backend().inject_failures(0, 0);
+      ++errors;
+    }
+    check_invariants(m);
+  }
+  m.close();
+  CHECK(m.stats().pages_created == 0 && m.stats().reserved_bytes == 0);
+  std::printf("single-thread: 20000 ops, %lld expected errors\n", static_cast<long long>(errors));
+}
+
+static void phase_threads() {
+  auto m = std::make_shared<CacheManager>(layout(), 64 * 4096, true, std::make_unique<HostBackend>());
+  const uint64_t id = ManagerRegistry::instance().add(m);
+  std::atomic<bool> stop{false};
+  std::atomic<int64_t> cycles{0};
+  const CacheLayout& L = m->layout();
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 6; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(t);
+      for (int i = 0; i < 400; ++i) {
+        int64_t slot;
+        try {
+          slot = ManagerRegistry::instance().find(id)->allocate(1 + rng() % 200);
+        } catch (const Error&) {
+          continue;  // no slot or pool exhausted right now
+        }
+        const int64_t cap = m->capacity(slot);
+        // Write a pattern into the slot's backed memory of every tensor, then verify it.
+        for (int64_t layer = 0; layer < L.num_layers; ++layer)
+          for (int kv = 0; kv < 2; ++kv) {
+            auto* p = reinterpret_cast<float*>(m->tensor_base(layer, kv) + slot * L.slot_bytes);
+            for (int64_t j = 0; j < cap * L.kv_heads * L.head_dim; ++j) p[j] = float(t * 1000 + i);
+          }
+        for (int64_t layer = 0; layer < L.num_layers; ++layer)
+          for (int kv = 0; kv < 2; ++kv) {
+            auto* p = reinterpret_cast<const float*>(m->tensor_base(layer, kv) + slot * L.slot_bytes);
+            for (int64_t j = 0; j < cap * L.kv_heads * L.head_dim; ++j) CHECK(p[j] == float(t * 1000 + i));
+          }
+        m->free(slot);
+        ++cycles;
+      }
+    });
+  }
+  threads.emplace_back([&] {
+    while (!stop) m->trim(-1, true);
+  });
+  threads.emplace_back([&] {
+    while (!stop) {
+      check_invariants(*m);
+      uint64_t other = ManagerRegistry::instance().add(m);
+      ManagerRegistry::instance().remove(other);
+    }
+  });
+  for (int t = 0; t < 6; ++t) threads[t].join();
+  stop = true;
+  for (size_t t = 6; t < threads.size(); ++t) threads[t].join();
+  check_invariants(*m);
+  ManagerRegistry::instance().remove(id);
+  m->close();
+  bool closed = false;
+  try {
+    ManagerRegistry::instance().find(id);
+  } catch (const Error& e) {
+    closed = e.kind() == ErrorKind::kClosed;
+  }
+  CHECK(closed);
+  std::printf("threads: %lld slot cycles\n", static_cast<long long>(cycles.load()));
+}
+
+int main() {
+  phase_single_thread(1);
+  phase_single_thread(2);
+  phase_threads();
+  std::printf("OK\n");
+  return 0;
+}
