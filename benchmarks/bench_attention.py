@@ -1,0 +1,451 @@
+"""Benchmark the vAttention attention kernels against JAX baselines on a GPU.
+
+    python benchmarks/bench_attention.py            # full sweep
+    python benchmarks/bench_attention.py --quick    # small subset (~3 min of GPU time)
+    python benchmarks/bench_attention.py --tune     # also sweep our decode tile/split knobs
+
+Decode: B in {1, 8, 32, 128} x context in {1K, 4K, 16K, 32K}, 32 q-heads / 8 kv-heads,
+D=128, bf16, every row at the full context. Timed in the same run, on the same K/V:
+
+* ``ours``: ``decode_attention`` on the token-major cache ``[B, ctx, 8, 128]``, rows
+  mapped to a shuffled slot order.
+* ``paged16`` / ``paged64``: ``jax.experimental.pallas.ops.gpu.paged_attention`` on
+  the same K/V laid out head-major in pages of 16 / 64 tokens, shuffled block table.
+* ``gqa_hm``: the kernel of ``jax.experimental.pallas.ops.gpu.decode_attention.gqa``
+  on a head-major copy (the transpose ``gqa`` itself would do is excluded).
+* ``xla``: dense attention in plain jnp (XLA fusions).
+* ``copy``: a device copy of the K/V bytes; bandwidth counts bytes read + written.
+
+Prefill: chunks of 512 and 2048 new tokens after a 4K prefix, ours (causal) vs
+``jax.nn.dot_product_attention(implementation="cudnn")`` on the same contiguous K/V
+(no mask: cuDNN's causal mask is top-left aligned, so it computes the full
+rectangle; TFLOP/s below count only the causal work for both).
+
+Timing: every measured call is a jitted executable that runs the op ``chain``
+times back to back on distinct inputs (no host sync in between), repeated
+``samples`` times with ``block_until_ready``; we report the median per op.
+Each function is checked against the fp32 reference (on a subset of rows)
+before it is timed. A baseline that fails (e.g. a deprecated API) is recorded
+with its error instead of stopping the run. Results go to
+``benchmarks/results/attention_<device>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import pathlib
+import platform
+import re
+import statistics
+import sys
+import time
+import traceback
+import warnings
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room for the VMM page pool
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from jax_vattention import attention as attn  # noqa: E402
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+HQ, HKV, D, DTYPE = 32, 8, 128, jnp.bfloat16
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+INTERPRET = False  # --smoke: run the Pallas kernels in interpret mode (CPU check of this script)
+
+
+# ------------------------------------------------------------------ timing --
+def time_op(make_calls, samples: int) -> float:
+    """Median seconds per op. ``make_calls()`` -> (jitted fn, args, ops per call)."""
+    fn, args, ops = make_calls()
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) / ops)
+    return statistics.median(times)
+
+
+def chained(op, qs, rest):
+    """One executable applying ``op(q_i, *rest)`` for each of the distinct ``qs``.
+
+    Big arrays (caches) must come in through ``rest``: never closed over, so that
+    jit takes them as arguments rather than as embedded constants.
+    """
+    f = jax.jit(lambda qs, *rest: tuple(op(q, *rest) for q in qs))
+    return f, (tuple(qs), *rest), len(qs)
+
+
+def distinct_qs(q, n):
+    return [q + jnp.asarray(i * 1e-3, q.dtype) for i in range(n)]
+
+
+def max_err(out, ref) -> float:
+    return float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+
+
+def run_baseline(name, record, fn):
+    try:
+        record[name] = fn()
+        gc.collect()  # drop the baseline's layout copies before the next one
+    except Exception as e:  # noqa: BLE001 - a failing baseline is a result, not a crash
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        record[name] = {"error": msg}
+        print(f"    {name}: FAILED {msg}", flush=True)
+        if os.environ.get("BENCH_TRACEBACK"):
+            traceback.print_exc()
+
+
+# ------------------------------------------------------------------ decode --
+def paged_layout(k, v, page, perm):
+    """Token-major [B, ctx, Hkv, D] -> head-major pages [Hkv, B*ctx/page, page, D] in shuffled order."""
+    b, ctx, hkv, d = k.shape
+    pps = ctx // page
+
+    def pages(x):
+        x = x.reshape(b, pps, page, hkv, d).transpose(3, 0, 1, 2, 4).reshape(hkv, b * pps, page, d)
+        return jnp.zeros_like(x).at[:, perm].set(x)  # logical page i lives at physical page perm[i]
+
+    table = perm.reshape(b, pps).astype(jnp.int32)
+    return pages(k), pages(v), table
+
+
+def decode_case(b, ctx, args, key, copy_peak_bw, tune):
+    rec = {"B": b, "context": ctx}
+    kv_bytes = 2 * b * ctx * HKV * D * 2
+    io_bytes = kv_bytes + 2 * b * HQ * D * 2
+    rec["kv_bytes"] = kv_bytes
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    k = jax.random.normal(k1, (b, ctx, HKV, D), DTYPE)
+    v = jax.random.normal(k2, (b, ctx, HKV, D), DTYPE)
+    q = jax.random.normal(k3, (b, HQ, D), DTYPE)
+    slots = jax.random.permutation(k4, b).astype(jnp.int32)  # row r reads slot slots[r]
+    lengths = jnp.full((b,), ctx, jnp.int32)
+    rows = np.unique(np.array([0, b // 2, b - 1]))
+    ref = attn.decode_attention_reference(q[rows], k, v, slots[rows], lengths[rows], max_len=ctx)
+    ident = jnp.arange(b, dtype=jnp.int32)  # for baselines that read row r from slot r
+    ref_ident = attn.decode_attention_reference(q[rows], k, v, ident[rows], lengths[rows], max_len=ctx)
+    qs = distinct_qs(q, args.chain)
+
+    def timed(op, rest, ref_=ref):
+        out = op(q, *rest)
+        err = max_err(out[rows], ref_)
+        t = time_op(lambda: chained(op, qs, rest), args.samples)
+        return {"us": t * 1e6, "GBps": io_bytes / t / 1e9, "max_err": err}
+
+    # ours
+    def ours(cfg=None):
+        cfg = cfg or {}
+        op = lambda q_, k_, v_: attn.decode_attention(q_, k_, v_, slots, lengths, max_len=ctx,
+                                                                       interpret=INTERPRET, **cfg)  # noqa: E731
+        attn.assert_close(op(q, k, v)[rows], ref, what=f"ours B={b} ctx={ctx} {cfg}")
+        r = timed(op, (k, v))
+        r["frac_peak_copy_bw"] = r["GBps"] * 1e9 / copy_peak_bw if copy_peak_bw else None
+        return r
+
+    run_baseline("ours", rec, ours)
+    print(f"  decode B={b:4d} ctx={ctx:6d} ours {rec['ours'].get('us', float('nan')):9.1f} us", flush=True)
+    if tune:
+        best = None
+        for bk in (32, 64, 128):
+            for ns in (None, 1, 2, 4, 8):
+                for nw in (4, 8):
+                    for st in (2, 3, 4):
+                        cfg = dict(block_k=bk, num_splits=ns, num_warps=nw, num_stages=st)
+                        r = {}
+                        run_baseline("t", r, lambda: ours(cfg))
+                        if "us" in r["t"] and (best is None or r["t"]["us"] < best[1]):
+                            best = (cfg, r["t"]["us"])
+        rec["tune_best"] = {"config": best[0], "us": best[1]} if best else None
+        print(f"    tune best {rec['tune_best']}", flush=True)
+
+    # JAX paged attention, pages of 16 and 64, shuffled block table
+    def paged(page):
+        from jax.experimental.pallas.ops.gpu import paged_attention as pa
+
+        perm = jax.random.permutation(jax.random.fold_in(key, page), b * ctx // page)
+        kp, vp, table = paged_layout(k, v, page, perm)
+        # the kernel's row r must see the same K/V as our row r (slot slots[r])
+        table = table[slots]
+        pps = ctx // page
+        op = lambda q_, kp_, vp_: pa.paged_attention(  # noqa: E731
+            q_, kp_, vp_, table, lengths, pages_per_compute_block=max(1, 128 // page), k_splits=math.gcd(16, pps),
+            interpret=INTERPRET)
+        return timed(op, (kp, vp))
+
+    run_baseline("paged16", rec, lambda: paged(16))
+    run_baseline("paged64", rec, lambda: paged(64))
+
+    # JAX decode_attention (gqa) kernel on a head-major copy
+    def gqa_hm():
+        import functools
+
+        from jax.experimental.pallas.ops.gpu import decode_attention as da
+
+        kh = jnp.swapaxes(k[slots], 1, 2)  # [B, Hkv, ctx, D], rows in our row order
+        vh = jnp.swapaxes(v[slots], 1, 2)
+        kv_len = jnp.broadcast_to(lengths[:, None], (b, HKV))
+        splits = 16 if ctx // 16 >= 128 else max(1, ctx // 128)
+        inner = functools.partial(
+            da.decode_attn_unbatched, sm_scale=1 / math.sqrt(D), block_h=16, block_k=128, k_splits=splits,
+            num_warps=None, num_stages=2, grid=None, interpret=INTERPRET, debug=False, return_residuals=False,
+            normalize_output=True)
+
+        def op(q_, kh_, vh_):
+            qr = q_.reshape(b, HKV, HQ // HKV, D)
+            o = jax.vmap(jax.vmap(inner))(qr, kh_, vh_, None, kv_len)
+            return o.reshape(b, HQ, D)
+
+        return timed(op, (kh, vh))
+
+    run_baseline("gqa_hm", rec, gqa_hm)
+
+    # XLA dense attention (plain jnp)
+    def xla():
+        def op(q_, kk, vv):  # row r reads slot r (a dense batch: no indirection)
+            qg = q_.reshape(b, HKV, HQ // HKV, D)
+            s = jnp.einsum("bhgd,bshd->bhgs", qg, kk, preferred_element_type=jnp.float32) / math.sqrt(D)
+            s = jnp.where(jnp.arange(ctx)[None, None, None] < lengths[:, None, None, None], s, -jnp.inf)
+            p = jax.nn.softmax(s, axis=-1)
+            o = jnp.einsum("bhgs,bshd->bhgd", p.astype(DTYPE), vv, preferred_element_type=jnp.float32)
+            return o.reshape(b, HQ, D).astype(DTYPE)
+
+        return timed(op, (k, v), ref_ident)
+
+    run_baseline("xla", rec, xla)
+
+    # device copy of the same K/V bytes (read + write)
+    def copy():
+        t = time_copy(kv_bytes // 2, args.samples)
+        return {"us": t * 1e6, "GBps_rw": kv_bytes * 2 / t / 1e9}
+
+    run_baseline("copy", rec, copy)
+    o = rec["ours"].get("us")
+    for name in ("paged16", "paged64", "gqa_hm", "xla", "copy"):
+        if o and "us" in rec[name]:
+            rec[name]["ours_over_this"] = o / rec[name]["us"]
+    return rec
+
+
+def time_copy(n_elems_bf16: int, samples: int, chain: int = 8) -> float:
+    """Seconds per copy of ``n_elems_bf16`` bf16 elements through ``x * s`` (s=1 at run time)."""
+    x = jnp.ones((n_elems_bf16,), DTYPE)
+    def f(x, s):
+        for _ in range(chain):  # the barrier keeps XLA from fusing the chain into one pass
+            x = jax.lax.optimization_barrier(x * s)
+        return x
+
+    f = jax.jit(f)
+    return time_op(lambda: (f, (x, jnp.asarray(1.0, DTYPE)), chain), samples)
+
+
+# ----------------------------------------------------------------- prefill --
+def prefill_case(b, chunk, prefix, args, key):
+    rec = {"B": b, "chunk": chunk, "prefix": prefix}
+    total = prefix + chunk
+    k1, k2, k3 = jax.random.split(key, 3)
+    k = jax.random.normal(k1, (b, total, HKV, D), DTYPE)
+    v = jax.random.normal(k2, (b, total, HKV, D), DTYPE)
+    q = jax.random.normal(k3, (b, chunk, HQ, D), DTYPE)
+    slots = jnp.arange(b, dtype=jnp.int32)
+    starts = jnp.full((b,), prefix, jnp.int32)
+    q_lens = jnp.full((b,), chunk, jnp.int32)
+    causal_flops = 4 * b * HQ * D * chunk * (prefix + (chunk + 1) / 2)
+    rec["causal_flops"] = causal_flops
+    chain = max(2, args.chain // 4)
+    qs = distinct_qs(q, chain)
+    sub = slice(0, 1)
+    ref = attn.chunked_prefill_attention_reference(q[sub, :256], k, v, slots[sub], starts[sub],
+                                                   jnp.minimum(q_lens[sub], 256))
+
+    def timed(op):
+        t = time_op(lambda: chained(op, qs, (k, v)), args.samples)
+        return {"us": t * 1e6, "TFLOPs_causal": causal_flops / t / 1e12}
+
+    def ours():
+        op = lambda q_, k_, v_: attn.chunked_prefill_attention(  # noqa: E731
+            q_, k_, v_, slots, starts, q_lens, max_len=total, interpret=INTERPRET)
+        attn.assert_close(op(q, k, v)[sub, :256], ref, what=f"prefill ours B={b} chunk={chunk}")
+        return timed(op)
+
+    def cudnn():
+        op = lambda q_, k_, v_: jax.nn.dot_product_attention(q_, k_, v_, implementation="cudnn")  # noqa: E731
+        jax.block_until_ready(op(q, k, v))
+        return timed(op)
+
+    run_baseline("ours", rec, ours)
+    run_baseline("cudnn_nomask", rec, cudnn)
+    if "us" in rec["ours"] and "us" in rec["cudnn_nomask"]:
+        rec["cudnn_nomask"]["ours_over_this"] = rec["ours"]["us"] / rec["cudnn_nomask"]["us"]
+    print(f"  prefill B={b} chunk={chunk} ours {rec['ours'].get('us', float('nan')):9.1f} us, "
+          f"cudnn {rec['cudnn_nomask'].get('us', float('nan')):9.1f} us", flush=True)
+    return rec
+
+
+# ----------------------------------------------------- ours on a VMM view --
+def vmm_case(b, ctx, args, key):
+    """Ours on a real KVCacheManager view vs the same data in a plain array."""
+    import jax_vattention as jv
+
+    cfg = jv.CacheConfig(num_layers=1, max_batch=b, max_seq=ctx, kv_heads=HKV, head_dim=D, dtype="bfloat16")
+    with jv.KVCacheManager(cfg) as m:
+        owned = [m.allocate(ctx) for _ in range(b)]  # back all ctx tokens of every slot
+        slots = jnp.asarray(owned, jnp.int32)[jax.random.permutation(key, b)]
+        kn = jax.random.normal(jax.random.fold_in(key, 1), (b, ctx, HKV, D), DTYPE)
+        vn = jax.random.normal(jax.random.fold_in(key, 2), (b, ctx, HKV, D), DTYPE)
+        lengths = jv.write(m, 0, kn, vn, slots, jnp.zeros(b, jnp.int32), jnp.full((b,), ctx, jnp.int32))
+        del kn, vn
+        q = jax.random.normal(jax.random.fold_in(key, 3), (b, HQ, D), DTYPE)
+        kc, vc = m.k[0], m.v[0]
+        op = lambda q_, kc, vc: attn.decode_attention(  # noqa: E731
+            q_, kc, vc, slots, lengths, max_len=ctx, interpret=INTERPRET)
+        out = op(q, kc, vc)
+        attn.assert_close(out[:2], attn.decode_attention_reference(q[:2], kc, vc, slots[:2], lengths[:2], max_len=ctx))
+        t = time_op(lambda: chained(op, distinct_qs(q, args.chain), (kc, vc)), args.samples)
+        jax.block_until_ready(out)
+        return {"B": b, "context": ctx, "us": t * 1e6, "GBps": (2 * b * ctx * HKV * D * 2) / t / 1e9}
+
+
+# ------------------------------------------------------------------ report --
+def fmt(x, spec=".1f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def cell(rec, name):
+    r = rec.get(name, {})
+    if "error" in r:
+        return "FAILED"
+    if "us" not in r:
+        return "n/a"
+    ratio = r.get("ours_over_this")
+    return f"{r['us']:.1f}" + (f" ({ratio:.2f}x)" if ratio is not None else "")
+
+
+def markdown(result) -> str:
+    lines = [f"# Attention kernels on {result['device']}", "",
+             f"jax {result['jax']}, {result['mode']} run, median of {result['samples']} samples x chain "
+             f"{result['chain']}; peak device copy bandwidth (read+write): "
+             f"{fmt(result['copy_peak_GBps'])} GB/s.", "",
+             "## Decode (32 q-heads / 8 kv-heads, D=128, bf16, all rows at full context)", "",
+             "Times in us; (x) = ours / baseline, < 1 means ours is faster.", "",
+             "| B | ctx | ours us | ours GB/s | % peak copy BW | paged16 | paged64 | gqa (head-major) | xla dense "
+             "| copy same bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["decode"]:
+        if "skipped" in r:
+            lines.append(f"| {r['B']} | {r['context']} | skipped: {r['skipped']} | | | | | | | |")
+            continue
+        o = r.get("ours", {})
+        frac = o.get("frac_peak_copy_bw")
+        lines.append(f"| {r['B']} | {r['context']} | {fmt(o.get('us'))} | {fmt(o.get('GBps'), '.0f')} | "
+                     f"{fmt(None if frac is None else 100 * frac, '.0f')} | {cell(r, 'paged16')} | "
+                     f"{cell(r, 'paged64')} | {cell(r, 'gqa_hm')} | {cell(r, 'xla')} | {cell(r, 'copy')} |")
+    lines += ["", "## Prefill chunk after a prefix (causal; cuDNN computes the unmasked rectangle)", "",
+              "| B | chunk | prefix | ours us | ours TFLOP/s | cudnn us | cudnn TFLOP/s | ours/cudnn |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in result["prefill"]:
+        o, c = r.get("ours", {}), r.get("cudnn_nomask", {})
+        lines.append(f"| {r['B']} | {r['chunk']} | {r['prefix']} | {fmt(o.get('us'))} | "
+                     f"{fmt(o.get('TFLOPs_causal'))} | {'FAILED' if 'error' in c else fmt(c.get('us'))} | "
+                     f"{fmt(c.get('TFLOPs_causal'))} | {fmt(c.get('ours_over_this'), '.2f')} |")
+    if result.get("vmm"):
+        v = result["vmm"]
+        lines += ["", "## Ours on a real KVCacheManager view", "",
+                  f"{v}" if "error" in v else f"B={v['B']} ctx={v['context']}: {v['us']:.1f} us, {v['GBps']:.0f} GB/s"]
+    lines += ["", "## Targets", ""] + [f"- {t}" for t in result["targets"]]
+    errors = [f"{r.get('B')}/{r.get('context', r.get('chunk'))} {n}: {x['error']}"
+              for r in result["decode"] + result["prefill"] for n, x in r.items() if isinstance(x, dict) and "error" in x]
+    if errors:
+        lines += ["", "## Failures", ""] + [f"- {e}" for e in errors]
+    return "\n".join(lines) + "\n"
+
+
+def targets(result):
+    out = []
+    for r in result["decode"]:
+        o = r.get("ours", {})
+        if "us" not in o:
+            continue
+        if r["B"] == 32 and r["context"] == 4096 and "us" in r.get("paged16", {}):
+            ratio = r["paged16"]["ours_over_this"]
+            out.append(f"B=32 ctx=4096: ours/paged16 = {ratio:.2f} (target <= 0.67): {'PASS' if ratio <= 0.67 else 'FAIL'}")
+        if r["B"] >= 8 and r["context"] >= 4096 and o.get("frac_peak_copy_bw"):
+            f = o["frac_peak_copy_bw"]
+            out.append(f"B={r['B']} ctx={r['context']}: {100 * f:.0f}% of peak copy BW (target >= 85%): "
+                       f"{'PASS' if f >= 0.85 else 'FAIL'}")
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small subset (~3 min of GPU time)")
+    p.add_argument("--tune", action="store_true", help="sweep our decode knobs on each decode shape")
+    p.add_argument("--samples", type=int, default=None)
+    p.add_argument("--chain", type=int, default=None, help="ops per timed executable")
+    p.add_argument("--no-vmm", action="store_true", help="skip the run on a real KVCacheManager view")
+    p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny CPU run of the script itself
+    args = p.parse_args()
+    global INTERPRET
+    INTERPRET = args.smoke
+    args.samples = args.samples or (10 if args.quick else 25)
+    args.chain = args.chain or (10 if args.quick else 20)
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        print(f"warning: no GPU ({dev}); Pallas kernels cannot run outside interpret mode", file=sys.stderr)
+    key = jax.random.key(0)
+    if args.smoke:
+        args.samples, args.chain = 2, 2
+        decode_shapes, prefill_shapes = [(2, 256)], [(1, 64, 128)]
+    elif args.quick:
+        decode_shapes = [(32, 4096), (1, 16384), (8, 4096)]
+        prefill_shapes = [(1, 512, 4096)]
+    else:
+        decode_shapes = [(b, c) for b in (1, 8, 32, 128) for c in (1024, 4096, 16384, 32768)]
+        prefill_shapes = [(b, c, 4096) for b in (1, 4) for c in (512, 2048)]
+    limit = (dev.memory_stats() or {}).get("bytes_limit") if dev.platform == "gpu" else None
+
+    result = {"device": dev.device_kind, "platform": platform.platform(), "jax": jax.__version__,
+              "mode": "smoke" if args.smoke else "quick" if args.quick else "full", "samples": args.samples, "chain": args.chain,
+              "decode": [], "prefill": [], "vmm": None}
+    if not args.no_vmm:
+        try:
+            result["vmm"] = vmm_case(*((2, 256) if args.smoke else (32, 4096)), args, jax.random.fold_in(key, 99))
+        except Exception as e:  # noqa: BLE001
+            result["vmm"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+        print(f"  vmm: {result['vmm']}", flush=True)
+    n = (1 << 20) if args.smoke else (1 << 30)
+    copy_peak = 2 * n * 2 / time_copy(n, args.samples)  # 2 GiB buffer, read + write
+    result["copy_peak_GBps"] = copy_peak / 1e9
+    print(f"device {dev.device_kind}: peak copy {copy_peak / 1e9:.0f} GB/s (read+write)", flush=True)
+    for i, (b, ctx) in enumerate(decode_shapes):
+        need = 2 * b * ctx * HKV * D * 2 * 3.2  # cache + one baseline layout copy + temporaries
+        if limit and need > 0.9 * limit:
+            result["decode"].append({"B": b, "context": ctx, "skipped": f"needs ~{need / 2**30:.0f} GiB"})
+            print(f"  decode B={b} ctx={ctx}: skipped (memory)", flush=True)
+            continue
+        result["decode"].append(decode_case(b, ctx, args, jax.random.fold_in(key, i), copy_peak, args.tune))
+    for i, (b, chunk, prefix) in enumerate(prefill_shapes):
+        result["prefill"].append(prefill_case(b, chunk, prefix, args, jax.random.fold_in(key, 1000 + i)))
+    result["targets"] = targets(result)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9]+", "_", dev.device_kind).strip("_").lower() or "device"
+    suffix = "_smoke" if args.smoke else "_quick" if args.quick else ""
+    stem = (pathlib.Path("/tmp") if args.smoke else RESULTS) / f"attention_{name}{suffix}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Attention kernels over the vAttention cache ``[MB, S, Hkv, D]`` (issue 3).
+
+* ``decode_attention``: one query token per row, GQA-packed, split-K (flash
+  decoding) with a combine step; Pallas kernel (Triton backend, see decode.py).
+* ``chunked_prefill_attention``: causal chunks over cached prefixes, padded
+  ``[B, Tmax, Hq, D]`` layout (see prefill.py).
+* ``*_reference``: plain-jnp fp32 references that read only within lengths.
+* ``*_dpa``: the same through ``jax.nn.dot_product_attention`` (portability).
+
+All of them read each slot only below its length (rounded up to the KV block
+for the kernels); see ``common.py`` for the page-size requirement.
+"""
+
+from .common import check_block_fits_pages, tokens_per_page
+from .decode import DecodeConfig, decode_attention
+from .portable import chunked_prefill_attention_dpa, decode_attention_dpa
+from .prefill import PrefillConfig, chunked_prefill_attention
+from .reference import chunked_prefill_attention_reference, decode_attention_reference
+from .tolerances import TOLERANCES, assert_close
+
+__all__ = [
+    "TOLERANCES",
+    "DecodeConfig",
+    "PrefillConfig",
+    "assert_close",
+    "check_block_fits_pages",
+    "chunked_prefill_attention",
+    "chunked_prefill_attention_dpa",
+    "chunked_prefill_attention_reference",
+    "decode_attention",
+    "decode_attention_dpa",
+    "decode_attention_reference",
+    "tokens_per_page",
+]

@@ -1,0 +1,79 @@
+"""Plain-jnp references for the kernels, safe on a sparsely mapped cache.
+
+They never touch memory past a row's length: positions ``[0, W)`` of a fixed
+window are *clipped* to ``length - 1`` before the gather (so every gathered token
+is a valid one) and the clipped duplicates are masked out of the softmax. Only
+the ``[B, W, Hkv, D]`` window is gathered, never a whole slot, and all maths is
+fp32. Requirements: ``lengths >= 1`` and valid (non-negative) slots.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from . import common
+
+
+def gather_window(cache, slots, lengths, window: int):
+    """``cache[slots[b], min(t, len_b - 1)]`` for ``t < window``: ``[B, W, Hkv, D]``.
+
+    Reads only tokens below each row's length. Also returns the ``[B, W]`` mask of
+    positions that are real (``t < len_b``).
+    """
+    pos = jnp.arange(window, dtype=jnp.int32)[None, :]
+    idx = jnp.minimum(pos, jnp.maximum(lengths[:, None], 1) - 1)
+    return cache[slots[:, None], idx], pos < lengths[:, None]
+
+
+def _attend(q, k, v, mask, sm_scale, soft_cap):
+    """q [B, T, Hq, D]; k/v [B, W, Hkv, D]; mask [B, T, W] -> [B, T, Hq, D] fp32."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    qf = q.astype(jnp.float32).reshape(b, t, hkv, g, d)
+    s = jnp.einsum("btkgd,bwkd->bkgtw", qf, k.astype(jnp.float32), precision="highest") * sm_scale
+    s = common.capped_logits(s, soft_cap)
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bkgtw,bwkd->btkgd", p, v.astype(jnp.float32), precision="highest")
+    return o.reshape(b, t, hq, d)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "max_len"))
+def decode_attention_reference(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, soft_cap=None, max_len=None):
+    """Reference for ``decode_attention`` (same arguments and semantics)."""
+    _, seq, hkv, d = common.check_cache(k_cache, v_cache)
+    common.check_heads(q.shape[1], hkv)
+    window = seq if max_len is None else min(int(max_len), seq)
+    lengths = jnp.minimum(lengths, window)
+    k, mask = gather_window(k_cache, slots, lengths, window)
+    v, _ = gather_window(v_cache, slots, lengths, window)
+    o = _attend(q[:, None], k, v, mask[:, None, :], common.default_sm_scale(d, sm_scale), soft_cap)
+    return o[:, 0].astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "max_len"))
+def chunked_prefill_attention_reference(q, k_cache, v_cache, slots, starts, q_lens, *, sm_scale=None,
+                                        soft_cap=None, max_len=None):
+    """Reference for ``chunked_prefill_attention`` (padded ``q [B, Tmax, Hq, D]``).
+
+    Query ``t < q_lens[b]`` of row b sits at absolute position ``starts[b] + t``
+    and attends to cache tokens ``[0, starts[b] + t]``. Padding queries
+    (``t >= q_lens[b]``) give zeros. ``max_len`` bounds ``starts + q_lens``.
+    """
+    _, seq, hkv, d = common.check_cache(k_cache, v_cache)
+    common.check_heads(q.shape[2], hkv)
+    window = seq if max_len is None else min(int(max_len), seq)
+    kv_lens = jnp.minimum(starts + q_lens, window)
+    k, kv_mask = gather_window(k_cache, slots, kv_lens, window)
+    v, _ = gather_window(v_cache, slots, kv_lens, window)
+    t = jnp.arange(q.shape[1], dtype=jnp.int32)
+    qpos = starts[:, None] + t[None, :]  # [B, T]
+    causal = jnp.arange(window, dtype=jnp.int32)[None, None, :] <= qpos[:, :, None]
+    mask = causal & kv_mask[:, None, :]
+    o = _attend(q, k, v, mask, common.default_sm_scale(d, sm_scale), soft_cap)
+    q_ok = t[None, :] < q_lens[:, None]
+    return jnp.where(q_ok[:, :, None, None], o, 0.0).astype(q.dtype)
