@@ -154,7 +154,7 @@ NB_MODULE(_core, m) {
           nb::arg("max_pages"), nb::arg("release_physical"), G())
       .def(
           "tensor_view",
-          [](Manager& s, int64_t layer, int64_t kv, uint8_t dtype_code, uint8_t dtype_bits) {
+          [](Manager& s, int64_t layer, int64_t kv, uint8_t dtype_code, uint8_t dtype_bits, nb::handle owner) {
             CacheManager& mm = s.m();
             const CacheLayout& L = mm.layout();
             void* addr = reinterpret_cast<void*>(mm.tensor_base(layer, kv));
@@ -168,9 +168,11 @@ NB_MODULE(_core, m) {
               device_id = b->device_ordinal();
             }
 #endif
-            // No owner: the Python manager deletes every view before close().
-            return nb::ndarray<>(addr, 4, shape, nb::handle(), nullptr, dt, device_type, device_id);
+            // `owner` is released when jax no longer uses the memory (after the
+            // view is deleted and computations using it finished); close() waits for it.
+            return nb::ndarray<>(addr, 4, shape, owner, nullptr, dt, device_type, device_id);
           },
+          nb::arg("layer"), nb::arg("kv"), nb::arg("dtype_code"), nb::arg("dtype_bits"), nb::arg("owner").none() = nb::none(),
           nb::rv_policy::reference)
       .def("capacity", [](Manager& s, int64_t slot) { return s.m().capacity(slot); })
       .def("allocated", [](Manager& s, int64_t slot) { return s.m().allocated(slot); })

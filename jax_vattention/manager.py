@@ -23,6 +23,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
+import warnings
+import weakref
 
 import jax
 import numpy as np
@@ -65,6 +68,40 @@ class _DLPackTensor:
 
     def __dlpack_device__(self):
         return self._device
+
+
+class _ViewToken:
+    """The DLPack owner of one view; jax drops it once the view's memory is no longer in use."""
+
+
+class _ViewTracker:
+    """Counts views whose memory jax may still touch.
+
+    jax releases a DLPack producer's owner only after the array was deleted
+    *and* every computation already enqueued with it has finished, so waiting
+    for the count to reach zero is waiting for in-flight reads of the cache.
+    Holds no reference to the manager (the finalizers would keep it alive).
+    """
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._alive = 0
+
+    def token(self) -> _ViewToken:
+        token = _ViewToken()
+        with self._cv:
+            self._alive += 1
+        weakref.finalize(token, self._release)
+        return token
+
+    def _release(self):
+        with self._cv:
+            self._alive -= 1
+            self._cv.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        with self._cv:  # waiting releases the GIL, so jax's threads can drop their holds
+            return self._cv.wait_for(lambda: self._alive == 0, timeout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +168,7 @@ class KVCacheManager:
         assert self._native.max_seq == self.max_seq, (self._native.max_seq, self.max_seq)
         self.backend = backend
         self.id = int(self._native.id)
+        self._views = _ViewTracker()
         if backend == "cuda":
             self._check_device_headroom()
         try:
@@ -143,7 +181,10 @@ class KVCacheManager:
     # -- views ---------------------------------------------------------------
     def _view(self, layer: int, kv: int) -> jax.Array:
         code, bits = SUPPORTED_DTYPES[self.config.dtype]
-        producer = _DLPackTensor(lambda: self._native.tensor_view(layer, kv, code, bits), self.backend, self.device)
+        token = self._views.token()  # after this call, only jax's hold on the capsule keeps it alive
+        producer = _DLPackTensor(
+            lambda: self._native.tensor_view(layer, kv, code, bits, token), self.backend, self.device
+        )
         array = jax.dlpack.from_dlpack(producer)
         address = self._native.tensor_address(layer, kv)
         if array.unsafe_buffer_pointer() != address:  # never silently work on a copy
@@ -248,13 +289,30 @@ class KVCacheManager:
     def closed(self) -> bool:
         return self._native.closed
 
+    # Seconds close() waits for computations still reading the views.
+    _close_timeout_s = 60.0
+
     def close(self) -> None:
-        """Delete the views, then unmap and release every page and reservation."""
+        """Delete the views, wait for computations still using them, then unmap and release everything.
+
+        Closing while a dispatched computation still reads the cache blocks
+        until it finishes (unmapping under it would crash the process). A view
+        kept alive elsewhere (a zero-copy numpy array of it, a jit constant)
+        holds close() for ``_close_timeout_s``; then it warns and releases.
+        """
         if self._native.closed:
             return
         for view in (*getattr(self, "k", ()), *getattr(self, "v", ())):
             if not view.is_deleted():
                 view.delete()
+        views = getattr(self, "_views", None)
+        if views is not None and not views.wait(self._close_timeout_s):
+            warnings.warn(
+                f"KVCacheManager.close(): a cache view was still in use after {self._close_timeout_s:.0f} s; "
+                "releasing the cache memory anyway",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._native.close()
 
     def __enter__(self) -> KVCacheManager:

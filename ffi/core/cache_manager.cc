@@ -43,6 +43,7 @@ CacheManager::~CacheManager() {
 }
 
 void CacheManager::close() {
+  std::unique_lock<std::shared_mutex> access(access_mu_);  // wait for host writes in flight
   std::lock_guard<std::mutex> lock(mu_);
   if (closed_) return;
   closed_ = true;

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <vector>
 
 #include "backend.h"
@@ -69,6 +70,12 @@ class CacheManager {
   uint64_t capacity_version() const;
   // Throws unless tokens [start, start+count) of slot are allocated and backed.
   void check_write(int64_t slot, int64_t start, int64_t count) const;
+  // Host code that touches the mapped memory outside the manager's own calls
+  // (the CPU write handler) holds this from its checks to its last store;
+  // close() takes it exclusively, so it never unmaps under a running copy.
+  std::shared_lock<std::shared_mutex> memory_access() const {
+    return std::shared_lock<std::shared_mutex>(access_mu_);
+  }
   CacheStats stats() const;
 
  private:
@@ -100,6 +107,7 @@ class CacheManager {
   bool closed_ = false;
   int64_t creates_ = 0, destroys_ = 0, maps_ = 0, unmaps_ = 0;
   mutable std::mutex mu_;
+  mutable std::shared_mutex access_mu_;  // taken before mu_, never after it
 };
 
 }  // namespace vattn

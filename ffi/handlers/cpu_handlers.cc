@@ -25,6 +25,7 @@ ffi::Error WriteCpu(uint64_t manager_id, int64_t layer, ffi::AnyBuffer k_new, ff
                     I32Vec counts, I32Out out) {
   return guarded("write", [&] {
     auto m = ManagerRegistry::instance().find(manager_id);
+    const auto access = m->memory_access();  // close() cannot unmap until the copies are done
     const CacheLayout& L = m->layout();
     const WriteShape ws = check_write_args(L, layer, k_new, v_new, slots.element_count(), starts.element_count(),
                                            counts.element_count());

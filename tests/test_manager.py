@@ -1,0 +1,676 @@
+"""KVCacheManager core logic through the Python API (host backend, no jit).
+
+Everything here is checked against expectations derived independently of the
+library: page counts from token lengths, memory contents through ctypes over
+the raw tensor addresses, and mapping state from /proc/self/maps.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import math
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import jax_vattention as jv
+from jax_vattention import ops
+from jax_vattention.errors import (
+    BackendError,
+    CacheClosedError,
+    CacheValueError,
+    PoolExhaustedError,
+    SlotStateError,
+)
+
+PAGE = 4096  # host mapping granularity
+
+
+def make_config(**overrides) -> jv.CacheConfig:
+    # 2 layers x [4, 128, 2, 16] float32: 128 B per token, 32 tokens per page, 4 pages per slot.
+    kw = dict(num_layers=2, max_batch=4, max_seq=128, kv_heads=2, head_dim=16, dtype="float32", page_bytes=PAGE)
+    kw.update(overrides)
+    return jv.CacheConfig(**kw)
+
+
+@pytest.fixture
+def manager():
+    with jv.KVCacheManager(make_config()) as m:
+        yield m
+
+
+# -- independent expectations --------------------------------------------------
+
+
+def pages_for(cfg: jv.CacheConfig, tokens: int) -> int:
+    """Pages one tensor needs to back tokens [0, tokens)."""
+    return math.ceil(tokens * cfg.token_bytes / cfg.page_bytes)
+
+
+def tokens_backed(m: jv.KVCacheManager, pages: int) -> int:
+    return min(m.max_seq, pages * m.config.page_bytes // m.config.token_bytes)
+
+
+def num_tensors(m: jv.KVCacheManager) -> int:
+    return 2 * m.config.num_layers
+
+
+# -- raw memory access (independent of jax) ------------------------------------
+
+
+def token_address(m, layer: int, kv: int, slot: int, pos: int) -> int:
+    return m._native.tensor_address(layer, kv) + slot * m._native.slot_bytes + pos * m.config.token_bytes
+
+
+def read_raw(m, layer: int, kv: int, slot: int, start: int, count: int) -> np.ndarray:
+    """Tokens [start, start+count) of one slot, copied out of the mapping. -> [count, Hkv, D]"""
+    cfg = m.config
+    buf = (ctypes.c_uint8 * (count * cfg.token_bytes)).from_address(token_address(m, layer, kv, slot, start))
+    return np.frombuffer(bytes(buf), dtype=cfg.jnp_dtype).reshape(count, cfg.kv_heads, cfg.head_dim)
+
+
+def write_raw(m, layer: int, kv: int, slot: int, start: int, values: np.ndarray) -> None:
+    """Store values [count, Hkv, D] at tokens [start, ...) of a slot with memmove."""
+    values = np.ascontiguousarray(values, dtype=m.config.jnp_dtype)
+    ctypes.memmove(token_address(m, layer, kv, slot, start), values.ctypes.data, values.nbytes)
+
+
+def fill_slot(m, slot: int, tokens: int, seed: int) -> dict:
+    """Write distinct random data into tokens [0, tokens) of every tensor; returns it by (layer, kv)."""
+    cfg = m.config
+    rng = np.random.default_rng(seed)
+    data = {}
+    for layer in range(cfg.num_layers):
+        for kv in (0, 1):
+            x = rng.standard_normal((tokens, cfg.kv_heads, cfg.head_dim)).astype(cfg.jnp_dtype)  # [T, Hkv, D]
+            write_raw(m, layer, kv, slot, 0, x)
+            data[layer, kv] = x
+    return data
+
+
+def assert_slot_data(m, slot: int, data: dict) -> None:
+    for (layer, kv), x in data.items():
+        got = read_raw(m, layer, kv, slot, 0, x.shape[0])
+        np.testing.assert_array_equal(got.view(np.uint8), x.view(np.uint8), err_msg=f"layer {layer} kv {kv}")
+
+
+# -- /proc/self/maps -----------------------------------------------------------
+
+
+class MemoryMaps:
+    """A snapshot of /proc/self/maps: (start, end, perms, name) regions sorted by start."""
+
+    def __init__(self):
+        self.regions = []
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                self.regions.append((lo, hi, parts[1], parts[5].strip() if len(parts) > 5 else ""))
+        self.starts = [r[0] for r in self.regions]
+
+    def at(self, addr: int):
+        i = bisect.bisect_right(self.starts, addr) - 1
+        if i >= 0 and self.regions[i][0] <= addr < self.regions[i][1]:
+            return self.regions[i]
+        return None
+
+    def overlapping(self, lo: int, hi: int):
+        return [r for r in self.regions if r[0] < hi and lo < r[1]]
+
+
+def is_pool_page(region) -> bool:
+    return region is not None and region[2] == "rw-s" and "jax_vattention_pool" in region[3]
+
+
+def is_reserved_hole(region) -> bool:
+    return region is not None and region[2] == "---p"
+
+
+# -- the core invariant ----------------------------------------------------------
+
+
+def assert_consistent(m: jv.KVCacheManager, pages: dict[int, int], allocated: set[int]) -> None:
+    """pages: expected mapped pages per tensor for each slot (missing = 0)."""
+    cfg, T = m.config, num_tensors(m)
+    s = m.stats()
+    expected = [pages.get(i, 0) for i in range(cfg.max_batch)]
+    assert s.pages_mapped == sum(expected) * T
+    assert s.mapped_bytes == s.pages_mapped * cfg.page_bytes
+    assert s.pages_mapped_free_slots == sum(p for i, p in enumerate(expected) if i not in allocated) * T
+    assert s.slot_capacity == tuple(tokens_backed(m, p) for p in expected)
+    assert s.slot_allocated == tuple(i in allocated for i in range(cfg.max_batch))
+    assert s.live_slots == len(allocated)
+    assert s.pages_created == s.pages_mapped + s.pages_free
+    assert s.maps - s.unmaps == s.pages_mapped
+    assert s.creates - s.destroys == s.pages_created
+    for i in range(cfg.max_batch):
+        assert m.capacity(i) == tokens_backed(m, expected[i])
+        assert m.allocated(i) == (i in allocated)
+    # The mappings themselves: pages [0, p) of every tensor are pool pages, page p is a hole.
+    maps = MemoryMaps()
+    per_slot = m._native.pages_per_slot
+    for layer in range(cfg.num_layers):
+        for kv in (0, 1):
+            base = m._native.tensor_address(layer, kv)
+            for i, p in enumerate(expected):
+                for page in range(per_slot):
+                    region = maps.at(base + i * m._native.slot_bytes + page * cfg.page_bytes)
+                    ok = is_pool_page(region) if page < p else is_reserved_hole(region)
+                    assert ok, f"layer {layer} kv {kv} slot {i} page {page} (expect {p} mapped): {region}"
+
+
+# -- construction, views, rounding --------------------------------------------------
+
+
+def test_views_are_zero_copy(manager):
+    cfg = manager.config
+    assert len(manager.k) == len(manager.v) == cfg.num_layers
+    addresses = []
+    for layer in range(cfg.num_layers):
+        for kv, view in ((0, manager.k[layer]), (1, manager.v[layer])):
+            assert view.shape == (cfg.max_batch, manager.max_seq, cfg.kv_heads, cfg.head_dim)  # [MB, S, Hkv, D]
+            assert view.dtype == cfg.jnp_dtype
+            assert view.unsafe_buffer_pointer() == manager._native.tensor_address(layer, kv)
+            addresses.append(manager._native.tensor_address(layer, kv))
+    # 2L distinct, non-overlapping, page-aligned reservations.
+    tensor_bytes = cfg.max_batch * manager._native.slot_bytes
+    addresses.sort()
+    assert all(a % PAGE == 0 for a in addresses)
+    assert all(b - a >= tensor_bytes for a, b in zip(addresses, addresses[1:]))
+
+
+def test_view_reads_what_was_stored_raw(manager):
+    slot = manager.allocate(40)
+    data = fill_slot(manager, slot, 40, seed=1)
+    # The jax view and the raw pointer see the same bytes (only the mapped pages are read).
+    got = np.asarray(jax.lax.slice(manager.v[1], (slot, 0, 0, 0), (slot + 1, 40, 2, 16)))[0]
+    np.testing.assert_array_equal(got, data[1, 1])
+
+
+def test_fresh_manager_reserves_but_maps_nothing(manager):
+    s = manager.stats()
+    cfg = manager.config
+    assert s.reserved_bytes == num_tensors(manager) * cfg.max_batch * manager._native.slot_bytes
+    assert s.pages_created == s.pages_mapped == s.maps == 0
+    assert s.pages_budget == 2 * cfg.num_layers * cfg.max_batch * 4  # default pool: every slot at max_seq
+    assert_consistent(manager, {}, set())
+
+
+@pytest.mark.parametrize(
+    "kv_heads, head_dim, dtype, max_seq, expected",
+    [
+        (2, 16, "float32", 128, 128),  # 128 B tokens divide the page: no rounding
+        (2, 16, "float32", 100, 128),  # rounded up to whole pages (32 tokens each)
+        (3, 16, "float32", 100, 128),  # 192 B tokens: lcm(192, 4096) = 64 tokens
+        (3, 16, "float32", 64, 64),
+        (5, 8, "bfloat16", 10, 256),  # 80 B tokens: lcm(80, 4096) = 256 tokens
+    ],
+)
+def test_max_seq_rounding_is_reported(kv_heads, head_dim, dtype, max_seq, expected):
+    cfg = make_config(kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, max_seq=max_seq)
+    with jv.KVCacheManager(cfg) as m:
+        assert m.max_seq == expected == m._native.max_seq
+        assert m._native.slot_bytes == expected * cfg.token_bytes
+        assert m._native.slot_bytes % PAGE == 0
+        assert m.k[0].shape[1] == expected
+        assert (f"rounded from {max_seq}" in repr(m)) == (expected != max_seq)
+        # The whole padded range is usable.
+        slot = m.allocate()
+        m.grow(slot, m.max_seq)
+        assert m.capacity(slot) == m.max_seq
+        assert_consistent(m, {slot: pages_for(cfg, m.max_seq)}, {slot})
+
+
+def test_tokens_straddling_pages_are_fully_backed():
+    # 192 B tokens: token 21 spans bytes [4032, 4224), across the first page boundary.
+    cfg = make_config(kv_heads=3, max_seq=128)
+    with jv.KVCacheManager(cfg) as m:
+        slot = m.allocate(21)
+        assert m.capacity(slot) == 21  # floor(4096 / 192)
+        assert_consistent(m, {slot: 1}, {slot})
+        m.grow(slot, 22)
+        assert m.capacity(slot) == 42
+        assert_consistent(m, {slot: 2}, {slot})
+        data = fill_slot(m, slot, 22, seed=3)  # would fault if the straddling token were half backed
+        assert_slot_data(m, slot, data)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(num_layers=0), dict(max_batch=-1), dict(max_seq=0), dict(head_dim=True), dict(dtype="int8"),
+     dict(dtype="float64"), dict(page_bytes=0), dict(pool_bytes=0), dict(max_seq=2**31)],
+)
+def test_bad_config_is_rejected(overrides):
+    with pytest.raises(CacheValueError):
+        make_config(**overrides)
+
+
+@pytest.mark.parametrize("overrides", [dict(page_bytes=PAGE + 512), dict(pool_bytes=PAGE - 1)])
+def test_bad_config_is_rejected_by_the_core(overrides):
+    with pytest.raises(CacheValueError, match="granularity|smaller than one page"):
+        jv.KVCacheManager(make_config(**overrides))
+
+
+# -- the page-count invariant over random operation sequences -------------------------
+
+# Token counts around page boundaries (32 tokens per page) make best-fit choices matter.
+TOKENS = st.one_of(st.sampled_from([0, 1, 32, 33, 64, 65, 96, 128]), st.integers(0, 128))
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("allocate"), TOKENS),
+        st.tuples(st.just("grow"), st.integers(0, 5), TOKENS),
+        st.tuples(st.just("free"), st.integers(0, 5)),
+        st.tuples(st.just("trim")),
+    ),
+    max_size=25,
+)
+
+
+def best_fit(mapped: list[int], allocated: set[int], need: int) -> int | None:
+    """Reference policy: fewest mapped pages that cover `need`, else most mapped; lowest index on ties."""
+    free = [i for i in range(len(mapped)) if i not in allocated]
+    if not free:
+        return None
+    fitting = [i for i in free if mapped[i] >= need]
+    if fitting:
+        return min(fitting, key=lambda i: (mapped[i], i))
+    return max(free, key=lambda i: (mapped[i], -i))
+
+
+def pick_slot(k: int, allocated: set[int]) -> int:
+    """k < 4 names the k-th live slot (mostly valid operations); k >= 4 any slot (often invalid)."""
+    live = sorted(allocated)
+    return live[k % len(live)] if k < 4 and live else k % 4
+
+
+@pytest.mark.parametrize("deferred", [True, False])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops_list=OPS)
+def test_page_accounting_matches_a_reference_model(deferred, ops_list):
+    cfg = make_config(deferred_reclaim=deferred)
+    with jv.KVCacheManager(cfg) as m:
+        mapped = [0] * cfg.max_batch  # reference: pages per tensor of each slot
+        allocated: set[int] = set()
+        for op in ops_list:
+            if op[0] == "allocate":
+                want = best_fit(mapped, allocated, pages_for(cfg, op[1]))
+                if want is None:
+                    with pytest.raises(SlotStateError):
+                        m.allocate(op[1])
+                    continue
+                assert m.allocate(op[1]) == want
+                allocated.add(want)
+                mapped[want] = max(mapped[want], pages_for(cfg, op[1]))
+            elif op[0] == "grow":
+                slot, tokens = pick_slot(op[1], allocated), op[2]
+                if slot not in allocated:
+                    with pytest.raises(SlotStateError):
+                        m.grow(slot, tokens)
+                    continue
+                m.grow(slot, tokens)
+                mapped[slot] = max(mapped[slot], pages_for(cfg, tokens))  # never shrinks
+            elif op[0] == "free":
+                slot = pick_slot(op[1], allocated)
+                if slot not in allocated:
+                    with pytest.raises(SlotStateError):
+                        m.free(slot)
+                    continue
+                m.free(slot)
+                allocated.discard(slot)
+                if not deferred:
+                    mapped[slot] = 0
+            else:
+                reclaimable = sum(mapped[i] for i in range(cfg.max_batch) if i not in allocated)
+                assert m.trim() == reclaimable * num_tensors(m)
+                mapped = [p if i in allocated else 0 for i, p in enumerate(mapped)]
+            assert_consistent(m, dict(enumerate(mapped)), allocated)
+
+
+# -- close() -------------------------------------------------------------------------
+
+
+def test_close_releases_every_page_and_reservation():
+    m = jv.KVCacheManager(make_config())
+    cfg = m.config
+    a, b = m.allocate(100), m.allocate(5)
+    m.free(b)  # deferred pages of a free slot must be released too
+    fill_slot(m, a, 100, seed=0)
+    tensor_bytes = cfg.max_batch * m._native.slot_bytes
+    bases = [m._native.tensor_address(layer, kv) for layer in range(cfg.num_layers) for kv in (0, 1)]
+    ranges = [(base, base + tensor_bytes) for base in bases]
+    before = MemoryMaps()
+    for lo, hi in ranges:  # the checker sees the reservations while open
+        kinds = {r[2] for r in before.overlapping(lo, hi)}
+        assert kinds == {"rw-s", "---p"}, kinds
+    assert m.stats().pages_created > 0
+
+    m.close()
+    after = MemoryMaps()  # read right away, before anything else can reuse the addresses
+    for lo, hi in ranges:
+        leftovers = [r for r in after.overlapping(lo, hi) if is_reserved_hole(r) or "jax_vattention_pool" in r[3]]
+        assert not leftovers, leftovers
+    s = m.stats()
+    assert m.closed
+    assert s.reserved_bytes == 0
+    assert s.pages_created == s.pages_mapped == s.pages_free == s.mapped_bytes == s.physical_bytes == 0
+    assert s.creates == s.destroys and s.maps == s.unmaps
+    assert all(v.is_deleted() for v in (*m.k, *m.v))
+    m.close()  # idempotent
+
+
+def test_close_gives_up_waiting_for_a_view_held_elsewhere():
+    # A zero-copy numpy array keeps jax's hold on the view: close() waits for it
+    # (in-flight computations release theirs), then warns and releases anyway.
+    m = jv.KVCacheManager(make_config())
+    m._close_timeout_s = 0.2
+    held = np.asarray(m.k[0])  # no read: nothing is mapped
+    with pytest.warns(RuntimeWarning, match="still in use"):
+        m.close()
+    assert m.stats().reserved_bytes == 0
+    del held
+
+
+def test_context_manager_closes():
+    with jv.KVCacheManager(make_config()) as m:
+        m.allocate(10)
+    assert m.closed and m.stats().reserved_bytes == 0
+
+
+def test_use_after_close_raises_cache_closed():
+    m = jv.KVCacheManager(make_config())
+    slot = m.allocate(1)
+    m.close()
+    calls = [
+        lambda: m.allocate(),
+        lambda: m.grow(slot, 2),
+        lambda: m.free(slot),
+        lambda: m.trim(),
+        lambda: m.capacity(slot),
+        lambda: m.allocated(slot),
+        lambda: m.check_device_errors(),
+        lambda: m._inject_failures(creates=1),
+        lambda: m.cache([slot], [1]),
+        lambda: ops.grow(m, np.array([slot], np.int32), np.array([2], np.int32)),
+        lambda: ops.write(m, 0, np.zeros((1, 1, 2, 16), np.float32), np.zeros((1, 1, 2, 16), np.float32),
+                          np.array([slot], np.int32), np.array([0], np.int32), np.array([1], np.int32)),
+        lambda: m._native.tensor_address(0, 0),
+    ]
+    for i, call in enumerate(calls):
+        with pytest.raises(CacheClosedError):
+            call()
+            pytest.fail(f"call #{i} did not raise")
+
+
+# -- bad input: right exception, process survives, other slots intact -------------------
+
+
+@pytest.fixture
+def populated(manager):
+    """A manager with two slots holding known data: (manager, {slot: data})."""
+    a = manager.allocate(50)
+    b = manager.allocate(33)
+    return manager, {a: fill_slot(manager, a, 50, seed=10), b: fill_slot(manager, b, 33, seed=11)}
+
+
+def assert_all_intact(m, contents: dict) -> None:
+    for slot, data in contents.items():
+        assert_slot_data(m, slot, data)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda m: m.grow(4, 1), CacheValueError, r"slot 4 is out of range \[0, 4\)"),
+        (lambda m: m.grow(-1, 1), CacheValueError, "out of range"),
+        (lambda m: m.free(7), CacheValueError, "out of range"),
+        (lambda m: m.capacity(-2), CacheValueError, "out of range"),
+        (lambda m: m.allocated(4), CacheValueError, "out of range"),
+        (lambda m: m.grow(2, 1), SlotStateError, "not allocated"),
+        (lambda m: m.free(3), SlotStateError, "not allocated"),
+        (lambda m: m.grow(0, 129), CacheValueError, r"max_seq=128"),
+        (lambda m: m.grow(0, -1), CacheValueError, "outside"),
+        (lambda m: m.allocate(129), CacheValueError, r"max_seq=128"),
+        (lambda m: m.grow(0, 2.5), CacheValueError, "must be an int"),
+        (lambda m: m.grow(True, 1), CacheValueError, "must be an int"),
+        (lambda m: m.free("0"), CacheValueError, "must be an int"),
+    ],
+)
+def test_bad_slot_or_length_raises_and_preserves_data(populated, call, error, message):
+    m, contents = populated
+    before = m.stats()
+    with pytest.raises(error, match=message):
+        call(m)
+    assert m.stats() == before
+    assert_all_intact(m, contents)
+    assert_consistent(m, {0: 2, 1: 2}, {0, 1})
+
+
+def test_double_free_raises_and_preserves_data(populated):
+    m, contents = populated
+    m.free(1)
+    with pytest.raises(SlotStateError, match="double free"):
+        m.free(1)
+    assert_slot_data(m, 0, contents[0])
+    assert_consistent(m, {0: 2, 1: 2}, {0})
+
+
+def test_max_seq_limit_is_the_padded_one():
+    cfg = make_config(max_seq=100)  # padded to 128
+    with jv.KVCacheManager(cfg) as m:
+        slot = m.allocate(m.max_seq)  # 128 > requested 100 is fine
+        assert m.capacity(slot) == 128
+        with pytest.raises(CacheValueError, match="max_seq=128"):
+            m.grow(slot, m.max_seq + 1)
+        assert m.capacity(slot) == 128
+
+
+def test_all_slots_in_use(manager):
+    slots = [manager.allocate() for _ in range(4)]
+    assert sorted(slots) == [0, 1, 2, 3]
+    with pytest.raises(SlotStateError, match="all 4 slots are in use"):
+        manager.allocate()
+    manager.free(2)
+    assert manager.allocate() == 2
+
+
+def test_pool_exhausted_reports_pages_needed_and_free():
+    # Budget: 12 pages = 3 page indices across the 4 tensors.
+    cfg = make_config(pool_bytes=12 * PAGE)
+    with jv.KVCacheManager(cfg) as m:
+        a = m.allocate(32)  # 1 page per tensor -> 4 pages
+        data = fill_slot(m, a, 32, seed=5)
+        b = m.allocate()
+        before = m.stats()
+        with pytest.raises(PoolExhaustedError, match=r"needs 12 pages but only 8 are free") as info:
+            m.grow(b, 96)  # 3 pages per tensor
+        assert isinstance(info.value, MemoryError)
+        assert m.stats() == before  # all or nothing
+        assert_slot_data(m, a, data)
+        m.grow(b, 64)  # what fits still works
+        assert_consistent(m, {a: 1, b: 2}, {a, b})
+        with pytest.raises(PoolExhaustedError):
+            m.allocate(1)  # the failed allocate must not leak its slot
+        assert_consistent(m, {a: 1, b: 2}, {a, b})
+        assert_slot_data(m, a, data)
+
+
+# -- deferred reclamation, best fit, trim ------------------------------------------------
+
+
+def test_free_keeps_pages_and_allocate_reuses_them_without_mapping(manager):
+    a = manager.allocate(70)  # 3 pages
+    data = fill_slot(manager, a, 70, seed=7)
+    manager.free(a)
+    s = manager.stats()
+    assert s.pages_mapped_free_slots == 3 * 4 > 0
+    assert_consistent(manager, {a: 3}, set())
+    reused = manager.allocate(min_tokens=60)
+    assert reused == a
+    after = manager.stats()
+    assert (after.maps, after.creates, after.unmaps) == (s.maps, s.creates, s.unmaps)
+    assert after.pages_mapped_free_slots == 0
+    assert_consistent(manager, {a: 3}, {a})
+    assert_slot_data(manager, a, data)  # the same physical pages are still there
+
+
+def test_allocate_picks_the_best_fitting_free_slot():
+    with jv.KVCacheManager(make_config(max_batch=5)) as m:
+        sizes = {0: 1, 1: 4, 2: 2, 3: 3}  # pages each slot keeps after free
+        for slot, pages in sizes.items():
+            assert m.allocate(pages * 32) == slot
+        for slot in sizes:
+            m.free(slot)
+        maps = m.stats().maps
+        assert m.allocate(0) == 4  # nothing needed: take the empty slot, keep deferred pages
+        assert m.allocate(40) == 2  # needs 2 pages: smallest covering slot is 2 (not 3 or 1)
+        assert m.allocate(65) == 3  # needs 3 pages: slot 3
+        assert m.allocate(1) == 0  # needs 1: slot 0 (1 page) over slot 1 (4 pages)
+        assert m.stats().maps == maps
+        assert m.allocate(10) == 1
+        assert_consistent(m, {0: 1, 1: 4, 2: 2, 3: 3}, {0, 1, 2, 3, 4})
+
+
+def test_allocate_without_a_fitting_slot_takes_the_largest():
+    with jv.KVCacheManager(make_config()) as m:
+        for slot, pages in {0: 1, 1: 2, 2: 1}.items():
+            assert m.allocate(pages * 32) == slot
+        for slot in (0, 1, 2):
+            m.free(slot)
+        maps = m.stats().maps
+        assert m.allocate(128) == 1  # 4 pages wanted, slot 1 has the most (2)
+        assert m.stats().maps == maps + 2 * 4  # only the missing 2 pages x 4 tensors
+        assert_consistent(m, {0: 1, 1: 4, 2: 1}, {1})
+
+
+def test_no_deferred_reclaim_unmaps_on_free():
+    with jv.KVCacheManager(make_config(deferred_reclaim=False)) as m:
+        a = m.allocate(100)
+        unmaps = m.stats().unmaps
+        m.free(a)
+        s = m.stats()
+        assert s.pages_mapped == s.pages_mapped_free_slots == 0
+        assert s.unmaps == unmaps + 4 * 4
+        assert s.pages_free == 16 and s.pages_created == 16  # pages return to the pool, not the OS
+        assert_consistent(m, {}, set())
+        b = m.allocate(100)
+        assert m.stats().creates == s.creates  # pool pages are reused
+        assert_consistent(m, {b: 4}, {b})
+
+
+def test_trim_unmaps_free_slots_and_release_physical_drops_pages(manager):
+    a, b, c = manager.allocate(100), manager.allocate(40), manager.allocate(10)
+    data = fill_slot(manager, b, 40, seed=9)
+    manager.free(a)
+    manager.free(c)
+    assert manager.stats().pages_mapped_free_slots == (4 + 1) * 4
+    assert manager.trim() == (4 + 1) * 4
+    s = manager.stats()
+    assert s.pages_mapped_free_slots == 0
+    assert s.pages_free == 20 and s.pages_created == 28
+    assert_consistent(manager, {b: 2}, {b})
+    assert_slot_data(manager, b, data)  # the live slot is untouched
+    assert manager.trim() == 0
+
+    manager.free(b)
+    assert manager.trim(release_physical=True) == 2 * 4
+    s = manager.stats()
+    assert s.pages_created == s.pages_free == s.pages_mapped == 0
+    assert s.destroys == s.creates == 28
+    assert_consistent(manager, {}, set())
+    # Pages can be created again afterwards.
+    d = manager.allocate(128)
+    assert_consistent(manager, {d: 4}, {d})
+
+
+def test_trim_with_a_page_limit(manager):
+    a = manager.allocate(128)
+    manager.free(a)
+    assert manager.trim(max_pages=4) == 4  # one page index of each of the 4 tensors, from the tail
+    assert_consistent(manager, {a: 3}, set())
+    assert manager.trim(max_pages=0) == 0
+    assert_consistent(manager, {a: 3}, set())
+
+
+def test_grow_reclaims_deferred_pages_under_pool_pressure():
+    cfg = make_config(pool_bytes=16 * PAGE)  # 4 page indices x 4 tensors
+    with jv.KVCacheManager(cfg) as m:
+        a = m.allocate(64)  # 2 pages -> 8
+        keep = m.allocate(1)  # 1 page -> 4, data that must survive the reclaim
+        data = fill_slot(m, keep, 32, seed=12)
+        m.free(a)
+        b = m.allocate(0)
+        assert b not in (a, keep)  # best fit for 0 tokens: an empty slot
+        assert m.stats().pages_created == 12
+        # b needs 2 pages per tensor = 8, only 4 left in the budget: 4 come from a's tail.
+        m.grow(b, 64)
+        s = m.stats()
+        assert s.pages_created == 16 and s.pages_free == 0
+        assert_consistent(m, {a: 1, b: 2, keep: 1}, {b, keep})
+        assert_slot_data(m, keep, data)
+        # Now the pool is full of live pages, except a's last page index.
+        m.grow(b, 96)
+        assert_consistent(m, {b: 3, keep: 1}, {b, keep})
+        with pytest.raises(PoolExhaustedError, match="needs 4 pages but only 0 are free"):
+            m.grow(b, 128)
+        assert_consistent(m, {b: 3, keep: 1}, {b, keep})
+        assert_slot_data(m, keep, data)
+
+
+# -- fault injection -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", [dict(creates=1), dict(maps=1)])
+def test_backend_failure_rolls_back_and_retry_succeeds(populated, fault):
+    m, contents = populated  # slots 0 and 1 live with 2 pages each
+    slot = m.allocate()
+    m._inject_failures(**fault)
+    with pytest.raises(BackendError, match="injected"):
+        m.grow(slot, 80)
+    s = m.stats()
+    assert s.pages_mapped % num_tensors(m) == 0
+    assert_consistent(m, {0: 2, 1: 2}, {0, 1, slot})
+    assert_all_intact(m, contents)
+    m.grow(slot, 80)  # the retry succeeds
+    assert_consistent(m, {0: 2, 1: 2, slot: 3}, {0, 1, slot})
+    assert_all_intact(m, contents)
+
+
+def test_create_failure_in_the_middle_of_a_page_index_is_rolled_back(populated):
+    m, contents = populated
+    slot = m.allocate()
+    # A failed map returns its freshly created page to the free list: 1 page on it.
+    m._inject_failures(maps=1)
+    with pytest.raises(BackendError):
+        m.grow(slot, 1)
+    assert m.stats().pages_free == 1
+    # Now tensor 0 maps the free-list page and tensor 1 fails to create one:
+    # the page already mapped into tensor 0 must be unmapped again.
+    m._inject_failures(creates=1)
+    with pytest.raises(BackendError, match="create_page"):
+        m.grow(slot, 1)
+    s = m.stats()
+    assert s.pages_free == 1 and s.maps - s.unmaps == s.pages_mapped
+    assert_consistent(m, {0: 2, 1: 2}, {0, 1, slot})  # includes the /proc/self/maps hole check
+    m.grow(slot, 1)
+    assert_consistent(m, {0: 2, 1: 2, slot: 1}, {0, 1, slot})
+    assert_all_intact(m, contents)
+
+
+def test_failed_allocate_does_not_take_the_slot(manager):
+    manager._inject_failures(creates=1)
+    with pytest.raises(BackendError):
+        manager.allocate(10)
+    assert manager.stats().live_slots == 0
+    assert manager.allocate(10) == 0
+    assert_consistent(manager, {0: 1}, {0})
+
+
+def test_errors_are_vattention_errors():
+    for cls in (BackendError, CacheClosedError, CacheValueError, PoolExhaustedError, SlotStateError):
+        assert issubclass(cls, jv.VAttentionError)
+    assert issubclass(CacheValueError, ValueError) and issubclass(PoolExhaustedError, MemoryError)
