@@ -33,7 +33,10 @@ ffi::Error guarded(const char* op, F&& body) {
       case ErrorKind::kClosed: code = ffi::ErrorCode::kFailedPrecondition; break;
       case ErrorKind::kBackend: code = ffi::ErrorCode::kInternal; break;
     }
-    return ffi::Error(code, std::string(e.python_name()) + ": " + op + ": " + e.what());
+    // Core messages usually name the operation already ("grow: slot 3 ..."); don't repeat it.
+    const std::string what = e.what(), prefix = std::string(op) + ":";
+    const std::string body = what.rfind(prefix, 0) == 0 ? what : prefix + " " + what;
+    return ffi::Error(code, std::string(e.python_name()) + ": " + body);
   } catch (const std::exception& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("VAttentionError: ") + op + ": " + e.what());
   }
