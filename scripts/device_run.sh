@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device-machine session: build, then the named steps; logs and result files go to $OUT.
+#   bash scripts/device_run.sh tests bench-alloc bench-attention-quick
+# Steps: tests (whole suite: GPU + CPU), gpu-tests (marker gpu only), demo, generate,
+#        bench-alloc, bench-alloc-quick, bench-attention, bench-attention-quick,
+#        bench-generate, bench-generate-quick
+set -uo pipefail
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+OUT=${OUT:-/tmp/vattn-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  exit 1
+fi
+summary() { grep -v -E "^E[0-9]{4}|Source Location|cuda_status.cc|^$" "$1" | tail -"${2:-25}"; }
+status=0
+for step in "$@"; do
+  echo "=== $step"
+  case "$step" in
+    tests) python3 -m pytest -q -ra tests > "$OUT/tests.log" 2>&1 || status=1; summary "$OUT/tests.log" 30 ;;
+    gpu-tests) python3 -m pytest -q -ra -m gpu tests > "$OUT/gpu_tests.log" 2>&1 || status=1; summary "$OUT/gpu_tests.log" 30 ;;
+    demo) python3 -m jax_vattention.cli demo 2>&1 | tail -20 ;;
+    generate) python3 -m jax_vattention.cli generate 2>&1 | tail -20 ;;
+    bench-alloc) python3 benchmarks/bench_alloc.py > "$OUT/bench_alloc.log" 2>&1 || status=1; summary "$OUT/bench_alloc.log" ;;
+    bench-alloc-quick) python3 benchmarks/bench_alloc.py --quick > "$OUT/bench_alloc.log" 2>&1 || status=1; summary "$OUT/bench_alloc.log" ;;
+    bench-attention) python3 benchmarks/bench_attention.py > "$OUT/bench_attention.log" 2>&1 || status=1; summary "$OUT/bench_attention.log" 40 ;;
+    bench-attention-quick) python3 benchmarks/bench_attention.py --quick > "$OUT/bench_attention.log" 2>&1 || status=1; summary "$OUT/bench_attention.log" 40 ;;
+    bench-generate) python3 benchmarks/bench_generate.py > "$OUT/bench_generate.log" 2>&1 || status=1; summary "$OUT/bench_generate.log" ;;
+    bench-generate-quick) python3 benchmarks/bench_generate.py --quick > "$OUT/bench_generate.log" 2>&1 || status=1; summary "$OUT/bench_generate.log" ;;
+    *) echo "unknown step $step"; status=2 ;;
+  esac
+done
+exit $status
