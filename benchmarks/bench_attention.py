@@ -2,7 +2,7 @@
 
     python benchmarks/bench_attention.py            # full sweep
     python benchmarks/bench_attention.py --quick    # small subset (~3 min of GPU time)
-    python benchmarks/bench_attention.py --tune     # also sweep our decode tile/split knobs
+    python benchmarks/bench_attention.py --quick --tune   # also sweep our kernels' knobs (~15 min)
 
 Decode: B in {1, 8, 32, 128} x context in {1K, 4K, 16K, 32K}, 32 q-heads / 8 kv-heads,
 D=128, bf16, every row at the full context. Timed in the same run, on the same K/V:
@@ -33,6 +33,7 @@ with its error instead of stopping the run. Results go to
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -106,17 +107,20 @@ def run_baseline(name, record, fn):
 
 
 # ------------------------------------------------------------------ decode --
+@functools.partial(jax.jit, static_argnames="page")
+def paged_copy(x, inv, page):
+    """Token-major [B, ctx, Hkv, D] -> head-major pages [Hkv, B*ctx/page, page, D]; physical page p
+    holds logical page inv[p] (one gather + transpose, no intermediate full-size buffers)."""
+    b, ctx, hkv, d = x.shape
+    return x.reshape(b * ctx // page, page, hkv, d)[inv].transpose(2, 0, 1, 3)
+
+
 def paged_layout(k, v, page, perm):
-    """Token-major [B, ctx, Hkv, D] -> head-major pages [Hkv, B*ctx/page, page, D] in shuffled order."""
-    b, ctx, hkv, d = k.shape
-    pps = ctx // page
-
-    def pages(x):
-        x = x.reshape(b, pps, page, hkv, d).transpose(3, 0, 1, 2, 4).reshape(hkv, b * pps, page, d)
-        return jnp.zeros_like(x).at[:, perm].set(x)  # logical page i lives at physical page perm[i]
-
-    table = perm.reshape(b, pps).astype(jnp.int32)
-    return pages(k), pages(v), table
+    """Pages in shuffled order: logical page i (slot i // pps, page i % pps) lives at physical perm[i]."""
+    b, ctx = k.shape[:2]
+    inv = jnp.argsort(perm)
+    table = perm.reshape(b, ctx // page).astype(jnp.int32)
+    return paged_copy(k, inv, page), paged_copy(v, inv, page), table
 
 
 def decode_case(b, ctx, args, key, copy_peak_bw, tune):
@@ -136,10 +140,11 @@ def decode_case(b, ctx, args, key, copy_peak_bw, tune):
     ref_ident = attn.decode_attention_reference(q[rows], k, v, ident[rows], lengths[rows], max_len=ctx)
     qs = distinct_qs(q, args.chain)
 
-    def timed(op, rest, ref_=ref):
-        out = op(q, *rest)
+    def timed(op, rest, ref_=ref, q_scale=None):
+        q0, qs0 = (q, qs) if q_scale is None else (q * q_scale, [x * q_scale for x in qs])
+        out = op(q0, *rest)
         err = max_err(out[rows], ref_)
-        t = time_op(lambda: chained(op, qs, rest), args.samples)
+        t = time_op(lambda: chained(op, qs0, rest), args.samples)
         return {"us": t * 1e6, "GBps": io_bytes / t / 1e9, "max_err": err}
 
     # ours
@@ -158,13 +163,12 @@ def decode_case(b, ctx, args, key, copy_peak_bw, tune):
         best = None
         for bk in (32, 64, 128):
             for ns in (None, 1, 2, 4, 8):
-                for nw in (4, 8):
-                    for st in (2, 3, 4):
-                        cfg = dict(block_k=bk, num_splits=ns, num_warps=nw, num_stages=st)
-                        r = {}
-                        run_baseline("t", r, lambda: ours(cfg))
-                        if "us" in r["t"] and (best is None or r["t"]["us"] < best[1]):
-                            best = (cfg, r["t"]["us"])
+                for nw, st in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3)):
+                    cfg = dict(block_k=bk, num_splits=ns, num_warps=nw, num_stages=st)
+                    r = {}
+                    run_baseline("t", r, lambda: ours(cfg))
+                    if "us" in r["t"] and (best is None or r["t"]["us"] < best[1]):
+                        best = (cfg, r["t"]["us"])
         rec["tune_best"] = {"config": best[0], "us": best[1]} if best else None
         print(f"    tune best {rec['tune_best']}", flush=True)
 
@@ -180,7 +184,7 @@ def decode_case(b, ctx, args, key, copy_peak_bw, tune):
         op = lambda q_, kp_, vp_: pa.paged_attention(  # noqa: E731
             q_, kp_, vp_, table, lengths, pages_per_compute_block=max(1, 128 // page), k_splits=math.gcd(16, pps),
             interpret=INTERPRET)
-        return timed(op, (kp, vp))
+        return timed(op, (kp, vp), q_scale=1 / math.sqrt(D))  # paged_attention applies no logit scale
 
     run_baseline("paged16", rec, lambda: paged(16))
     run_baseline("paged64", rec, lambda: paged(64))
@@ -191,8 +195,8 @@ def decode_case(b, ctx, args, key, copy_peak_bw, tune):
 
         from jax.experimental.pallas.ops.gpu import decode_attention as da
 
-        kh = jnp.swapaxes(k[slots], 1, 2)  # [B, Hkv, ctx, D], rows in our row order
-        vh = jnp.swapaxes(v[slots], 1, 2)
+        head_major = jax.jit(lambda x: jnp.swapaxes(x[slots], 1, 2))  # [B, Hkv, ctx, D], rows in our order
+        kh, vh = head_major(k), head_major(v)
         kv_len = jnp.broadcast_to(lengths[:, None], (b, HKV))
         splits = 16 if ctx // 16 >= 128 else max(1, ctx // 128)
         inner = functools.partial(
@@ -223,9 +227,10 @@ def decode_case(b, ctx, args, key, copy_peak_bw, tune):
 
     run_baseline("xla", rec, xla)
 
-    # device copy of the same K/V bytes (read + write)
+    # device copy of the same K/V bytes (read + write), capped at 4 GiB (bandwidth has saturated by then)
     def copy():
-        t = time_copy(kv_bytes // 2, args.samples)
+        nbytes = min(kv_bytes, 4 << 30)
+        t = time_copy(nbytes // 2, args.samples) * kv_bytes / nbytes
         return {"us": t * 1e6, "GBps_rw": kv_bytes * 2 / t / 1e9}
 
     run_baseline("copy", rec, copy)
@@ -249,7 +254,7 @@ def time_copy(n_elems_bf16: int, samples: int, chain: int = 8) -> float:
 
 
 # ----------------------------------------------------------------- prefill --
-def prefill_case(b, chunk, prefix, args, key):
+def prefill_case(b, chunk, prefix, args, key, tune=False):
     rec = {"B": b, "chunk": chunk, "prefix": prefix}
     total = prefix + chunk
     k1, k2, k3 = jax.random.split(key, 3)
@@ -271,10 +276,11 @@ def prefill_case(b, chunk, prefix, args, key):
         t = time_op(lambda: chained(op, qs, (k, v)), args.samples)
         return {"us": t * 1e6, "TFLOPs_causal": causal_flops / t / 1e12}
 
-    def ours():
+    def ours(cfg=None):
+        cfg = cfg or {}
         op = lambda q_, k_, v_: attn.chunked_prefill_attention(  # noqa: E731
-            q_, k_, v_, slots, starts, q_lens, max_len=total, interpret=INTERPRET)
-        attn.assert_close(op(q, k, v)[sub, :256], ref, what=f"prefill ours B={b} chunk={chunk}")
+            q_, k_, v_, slots, starts, q_lens, max_len=total, interpret=INTERPRET, **cfg)
+        attn.assert_close(op(q, k, v)[sub, :256], ref, what=f"prefill ours B={b} chunk={chunk} {cfg}")
         return timed(op)
 
     def cudnn():
@@ -284,6 +290,18 @@ def prefill_case(b, chunk, prefix, args, key):
 
     run_baseline("ours", rec, ours)
     run_baseline("cudnn_nomask", rec, cudnn)
+    if tune:
+        best = None
+        for bm in (64, 128):
+            for bk in (32, 64, 128):
+                for nw, st in ((4, 2), (4, 3), (8, 2), (8, 3)):
+                    cfg = dict(block_m=bm, block_k=bk, num_warps=nw, num_stages=st)
+                    r = {}
+                    run_baseline("t", r, lambda: ours(cfg))
+                    if "us" in r["t"] and (best is None or r["t"]["us"] < best[1]):
+                        best = (cfg, r["t"]["us"])
+        rec["tune_best"] = {"config": best[0], "us": best[1]} if best else None
+        print(f"    tune best {rec['tune_best']}", flush=True)
     if "us" in rec["ours"] and "us" in rec["cudnn_nomask"]:
         rec["cudnn_nomask"]["ours_over_this"] = rec["ours"]["us"] / rec["cudnn_nomask"]["us"]
     print(f"  prefill B={b} chunk={chunk} ours {rec['ours'].get('us', float('nan')):9.1f} us, "
@@ -327,7 +345,8 @@ def cell(rec, name):
     if "us" not in r:
         return "n/a"
     ratio = r.get("ours_over_this")
-    return f"{r['us']:.1f}" + (f" ({ratio:.2f}x)" if ratio is not None else "")
+    wrong = " WRONG(max_err %.3g)" % r["max_err"] if r.get("max_err") is not None and r["max_err"] > 0.05 else ""
+    return f"{r['us']:.1f}" + (f" ({ratio:.2f}x)" if ratio is not None else "") + wrong
 
 
 def markdown(result) -> str:
@@ -361,6 +380,14 @@ def markdown(result) -> str:
         v = result["vmm"]
         lines += ["", "## Ours on a real KVCacheManager view", "",
                   f"{v}" if "error" in v else f"B={v['B']} ctx={v['context']}: {v['us']:.1f} us, {v['GBps']:.0f} GB/s"]
+    tuned = [(kind, r) for kind in ("decode", "prefill") for r in result[kind] if r.get("tune_best")]
+    if tuned:
+        lines += ["", "## Tuning (--tune): best configuration per shape", "",
+                  "| kernel | shape | default us | best us | best config |", "|---|---|---|---|---|"]
+        for kind, r in tuned:
+            shape = f"B={r['B']} " + (f"ctx={r['context']}" if kind == "decode" else f"chunk={r['chunk']}")
+            lines.append(f"| {kind} | {shape} | {fmt(r.get('ours', {}).get('us'))} | {r['tune_best']['us']:.1f} | "
+                         f"`{r['tune_best']['config']}` |")
     lines += ["", "## Targets", ""] + [f"- {t}" for t in result["targets"]]
     errors = [f"{r.get('B')}/{r.get('context', r.get('chunk'))} {n}: {x['error']}"
               for r in result["decode"] + result["prefill"] for n, x in r.items() if isinstance(x, dict) and "error" in x]
@@ -388,7 +415,7 @@ def targets(result):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small subset (~3 min of GPU time)")
-    p.add_argument("--tune", action="store_true", help="sweep our decode knobs on each decode shape")
+    p.add_argument("--tune", action="store_true", help="sweep our kernels' knobs on each shape (slow; use with --quick)")
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--chain", type=int, default=None, help="ops per timed executable")
     p.add_argument("--no-vmm", action="store_true", help="skip the run on a real KVCacheManager view")
@@ -427,14 +454,14 @@ def main():
     result["copy_peak_GBps"] = copy_peak / 1e9
     print(f"device {dev.device_kind}: peak copy {copy_peak / 1e9:.0f} GB/s (read+write)", flush=True)
     for i, (b, ctx) in enumerate(decode_shapes):
-        need = 2 * b * ctx * HKV * D * 2 * 3.2  # cache + one baseline layout copy + temporaries
+        need = 2 * b * ctx * HKV * D * 2 * 2.2  # cache + one baseline's layout copy + temporaries
         if limit and need > 0.9 * limit:
             result["decode"].append({"B": b, "context": ctx, "skipped": f"needs ~{need / 2**30:.0f} GiB"})
             print(f"  decode B={b} ctx={ctx}: skipped (memory)", flush=True)
             continue
         result["decode"].append(decode_case(b, ctx, args, jax.random.fold_in(key, i), copy_peak, args.tune))
     for i, (b, chunk, prefix) in enumerate(prefill_shapes):
-        result["prefill"].append(prefill_case(b, chunk, prefix, args, jax.random.fold_in(key, 1000 + i)))
+        result["prefill"].append(prefill_case(b, chunk, prefix, args, jax.random.fold_in(key, 1000 + i), args.tune))
     result["targets"] = targets(result)
 
     RESULTS.mkdir(parents=True, exist_ok=True)

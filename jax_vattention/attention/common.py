@@ -68,6 +68,29 @@ def check_block_fits_pages(block_k: int, page_bytes: int, kv_heads: int, head_di
         )
 
 
+def default_block_k(head_dim: int, seq_len: int | None = None) -> int:
+    """64 tokens for D=128 (32 KiB of K+V per bf16 tile pair), 128 for D=64; halved
+    (down to 16) until it divides the slot length ``S`` when that is given."""
+    block_k = 64 if head_dim == 128 else 128
+    while seq_len and seq_len % block_k and block_k > 16:
+        block_k //= 2
+    return block_k
+
+
+def check_tiles_fit_slot(seq_len: int, block_k: int, masked_loads: bool) -> None:
+    """Unmasked tile reads (interpret mode) need ``S % block_k == 0``.
+
+    A plain tile read near the end of a slot whose length is not a multiple of the
+    block would be clamped (shifted) by ``dynamic_slice`` and misalign rows with
+    their mask. Row-masked GPU loads have no such constraint.
+    """
+    if not masked_loads and seq_len % block_k:
+        raise ValueError(
+            f"max_seq={seq_len} is not a multiple of block_k={block_k}; pick a block_k that divides it "
+            "(the vAttention manager rounds max_seq to whole pages, so this only affects plain arrays)"
+        )
+
+
 def default_sm_scale(head_dim: int, sm_scale: float | None) -> float:
     return float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(head_dim)
 

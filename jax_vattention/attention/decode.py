@@ -75,7 +75,8 @@ class DecodeConfig:
 
 
 def choose_config(batch, kv_heads, group, max_len, head_dim, *, block_k=None, num_splits=None,
-                  num_warps=None, num_stages=None, num_sms=None, min_blocks_per_split=4) -> DecodeConfig:
+                  num_warps=None, num_stages=None, num_sms=None, min_blocks_per_split=4,
+                  seq_len=None) -> DecodeConfig:
     """Tile and split-K parameters from the batch size and the length bucket.
 
     Splits are added until there are about two programs per SM (B * Hkv programs
@@ -87,7 +88,7 @@ def choose_config(batch, kv_heads, group, max_len, head_dim, *, block_k=None, nu
     if block_h > 64:
         head_blocks, block_h = cdiv(group, 64), 64
     if block_k is None:
-        block_k = 64 if head_dim == 128 else 128
+        block_k = common.default_block_k(head_dim, seq_len)
     if block_k < 16 or block_k & (block_k - 1):
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
     num_blocks = cdiv(max(int(max_len), 1), block_k)
@@ -108,7 +109,7 @@ def choose_config(batch, kv_heads, group, max_len, head_dim, *, block_k=None, nu
 def _decode_kernel(slots_ref, lens_ref, q_ref, k_ref, v_ref, *out_refs, cfg: DecodeConfig,
                    sm_scale: float, soft_cap, normalize: bool, masked_loads: bool):
     b, hb, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    kv_head = hb // cfg.head_blocks
+    kv_head = lax.div(hb, cfg.head_blocks) if cfg.head_blocks > 1 else hb
     slot = slots_ref[b]
     length = lens_ref[b]  # already clamped to [0, max_len]; 0 for padding rows
     head_dim = q_ref.shape[-1]
@@ -197,7 +198,9 @@ def decode_attention(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, soft
     max_len = seq if max_len is None else min(int(max_len), seq)
     scale = common.default_sm_scale(d, sm_scale)
     cfg = choose_config(batch, hkv, group, max_len, d, block_k=block_k, num_splits=num_splits,
-                        num_warps=num_warps, num_stages=num_stages, num_sms=num_sms)
+                        num_warps=num_warps, num_stages=num_stages, num_sms=num_sms, seq_len=seq)
+    masked_loads = (not interpret) if masked_loads is None else masked_loads
+    common.check_tiles_fit_slot(seq, cfg.block_k, masked_loads)
 
     lens = jnp.where(slots >= 0, jnp.clip(lengths, 0, max_len), 0).astype(jnp.int32)
     slots_c = jnp.clip(slots, 0, mb - 1).astype(jnp.int32)  # padding rows read nothing anyway
@@ -225,7 +228,7 @@ def decode_attention(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, soft
             pl.BlockSpec((None, None, None, cfg.block_h), lambda b, h, s: (b, h, s, 0)),
         ]
     kernel = functools.partial(_decode_kernel, cfg=cfg, sm_scale=scale, soft_cap=soft_cap, normalize=normalize,
-                               masked_loads=(not interpret) if masked_loads is None else masked_loads)
+                               masked_loads=masked_loads)
     whole = pl.no_block_spec  # slots/lengths/cache: whole-array refs, indexed in the body
     outs = pl.pallas_call(
         kernel,

@@ -54,11 +54,12 @@ class PrefillConfig:
         return self.block_m // self.group_pad
 
 
-def choose_config(group, head_dim, *, block_m=None, block_k=None, num_warps=None, num_stages=None) -> PrefillConfig:
+def choose_config(group, head_dim, *, block_m=None, block_k=None, num_warps=None, num_stages=None,
+                  seq_len=None) -> PrefillConfig:
     gp = next_pow2(group)
     block_m = max(block_m or 128, gp, 16)
     if block_k is None:
-        block_k = 64 if head_dim == 128 else 128
+        block_k = common.default_block_k(head_dim, seq_len)
     for name, x in (("block_m", block_m), ("block_k", block_k)):
         if x < 16 or x & (x - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {x}")
@@ -136,7 +137,10 @@ def chunked_prefill_attention(q, k_cache, v_cache, slots, starts, q_lens, *, sm_
     for name, x in (("slots", slots), ("starts", starts), ("q_lens", q_lens)):
         common.check_rows(name, x, batch)
     limit = seq if max_len is None else min(int(max_len), seq)
-    cfg = choose_config(group, d, block_m=block_m, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+    cfg = choose_config(group, d, block_m=block_m, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+                        seq_len=seq)
+    masked_loads = (not interpret) if masked_loads is None else masked_loads
+    common.check_tiles_fit_slot(seq, cfg.block_k, masked_loads)
     scale = common.default_sm_scale(d, sm_scale)
 
     live = slots >= 0
@@ -152,7 +156,7 @@ def chunked_prefill_attention(q, k_cache, v_cache, slots, starts, q_lens, *, sm_
     qf = qf.transpose(0, 2, 1, 3, 4).reshape(batch, hkv, tpad * gp, d).astype(k_cache.dtype)
 
     kernel = functools.partial(_prefill_kernel, cfg=cfg, sm_scale=scale, soft_cap=soft_cap,
-                               masked_loads=(not interpret) if masked_loads is None else masked_loads)
+                               masked_loads=masked_loads)
     whole = pl.no_block_spec
     tile = pl.BlockSpec((None, None, cfg.block_m, d), lambda i, h, b: (b, h, num_qb - 1 - i, 0))
     of = pl.pallas_call(
