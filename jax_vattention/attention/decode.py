@@ -8,16 +8,19 @@ That backend is deprecated in 0.11 (a DeprecationWarning at lowering) in favour
 of Mosaic GPU (``jax.experimental.pallas.mosaic_gpu``), but it is the pragmatic
 choice today, because:
 
-* It is what JAX's own GPU decode / paged-attention kernels use in 0.11.2: the
-  patterns here (dynamic scalar loads, row-masked tile loads, ``fori_loop`` with a
-  data-dependent trip count, ``dot_general`` with fp32 accumulation on tiles of
-  16+ rows) are known to compile on H100 (Triton emits wgmma on sm_90).
+* It is what JAX's own GPU decode / paged-attention kernels use in 0.11.2, and
+  this kernel only uses the patterns those do (dynamic scalar loads, row-masked
+  tile loads, ``fori_loop`` with a data-dependent trip count, ``dot_general``
+  with fp32 accumulation on power-of-two tiles of >= 16 rows). A CPU test lowers
+  both kernels to Triton IR for an abstract H100; only the PTX compilation and
+  the timing need the GPU.
 * It tests on CPU: the generic HLO interpreter (``interpret=True``) reads the
   cache operand in place, so the subprocess test over a real, partly PROT_NONE
   host cache proves the kernel's access pattern (a stray read segfaults).
-  Mosaic GPU's interpreter (``InterpretGPUParams``) instead allocates a simulated
-  GMEM buffer per operand and copies each input into it, i.e. it reads the
-  *whole* sparse cache and cannot run on it at all.
+  Mosaic GPU's interpreter (``plgpu.InterpretGPUParams``) does run on CPU in
+  0.11.2, but only for whole-array refs (it asserts trivial BlockSpec windows),
+  and it allocates a simulated GMEM buffer per operand and copies each input
+  into it: it reads the *whole* sparse cache, so it cannot run on it at all.
 * Mosaic GPU on Hopper wants warpgroup-sized (M=64) wgmma tiles, TMA boxes with
   swizzled SMEM layouts, and explicit barriers; decode has 1-8 query rows per
   KV head, so it needs the transposed formulation (K.q^T, then V^T.P) plus a
