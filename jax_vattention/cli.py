@@ -1,4 +1,11 @@
-"""Command line: ``jax-vattention demo``.
+"""Command line: ``jax-vattention demo`` and ``jax-vattention generate``.
+
+``generate`` runs a Llama-family model (``models`` package) on the vAttention
+cache: by default the ``tiny`` preset with seeded random weights (no download),
+or ``--model DIR`` for a local Hugging Face checkpoint. It prints the generated
+ids (or text, when the directory has ``tokenizer.json``), tokens/s, and the
+physical KV memory actually mapped vs what a static ``batch x max_seq`` cache
+would hold.
 
 The demo opens a vAttention cache, admits a few requests of ragged prompt
 lengths, runs a jit-compiled ``lax.while_loop`` of decode steps that grows each
@@ -95,6 +102,153 @@ def run_demo(args) -> int:
     return 0
 
 
+# -- generate -------------------------------------------------------------------
+def add_generate_parser(sub) -> None:
+    g = sub.add_parser(
+        "generate", help="generate with a Llama-family model on the vAttention cache",
+        description="Generate with a Llama-family model on the vAttention cache. Without --model: the tiny preset "
+                    "(or --preset) with seeded random weights, no download needed.")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="DIR", help="local Hugging Face directory (config.json + *.safetensors)")
+    src.add_argument("--preset", default="tiny", help="model shape with random weights (default: tiny)")
+    g.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="text prompt (needs tokenizer.json)")
+    g.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
+                   help="prompt as token ids, e.g. '1 2 3' or '1,2,3' (repeatable)")
+    g.add_argument("--num-prompts", type=int, default=4, help="random prompts when none are given (default 4)")
+    g.add_argument("--prompt-len", type=int, default=48, help="longest random prompt (default 48)")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-seq", type=int, default=None, help="cache tokens per slot (default 32768, capped by the model)")
+    g.add_argument("--max-batch", type=int, default=None, help="cache slots (default: number of prompts)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights and cache (auto: bfloat16 on GPU, float32 on CPU)")
+    g.add_argument("--cache", default="vattention", choices=["vattention", "static"],
+                   help="vAttention cache or the static [batch, max_seq] baseline")
+    g.add_argument("--page-bytes", type=int, default=None, help="page size (default 2 MiB on GPU, 64 KiB on CPU)")
+    g.add_argument("--attention", default="auto", choices=["auto", "kernel", "reference"])
+    g.add_argument("--interpret", action="store_true", help="run the Pallas kernels in interpret mode (CPU)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0, help="weights (presets), random prompts and sampling")
+    g.add_argument("--stop", type=int, action="append", default=None, metavar="ID",
+                   help="stop token id (repeatable; default: the model's eos ids)")
+    g.add_argument("--ignore-eos", action="store_true", help="no stop tokens: every request runs to its budget")
+    g.add_argument("--prefill-chunk", type=int, default=None, help="prefill at most this many tokens per call")
+    g.add_argument("--decode-chunk", type=int, default=None, help="decode steps per jitted call")
+    g.add_argument("--progress", default="auto", choices=["auto", "on", "off"],
+                   help="tqdm bar over decode chunks (auto: when max_new_tokens >= 128)")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise SystemExit(f"error: --prompt-ids expects integers, got {text!r}") from None
+
+
+def run_generate(args) -> int:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to the page pool
+    import jax
+    import numpy as np
+
+    import jax_vattention as jv
+    import models
+    from models.errors import ModelError
+
+    try:
+        return _generate(args, jax, np, jv, models)
+    except (ModelError, jv.VAttentionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _generate(args, jax, np, jv, models) -> int:
+    platform = jax.devices()[0].platform
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if platform == "gpu" else "float32")
+    tokenizer = None
+    if args.model:
+        model = models.load_model(args.model, dtype=dtype)
+        tokenizer = models.load_tokenizer(args.model)
+        source = f"{args.model} ({model.config.architecture})"
+    else:
+        cfg = models.get_preset(args.preset)
+        model = models.random_model(cfg, seed=args.seed, dtype=dtype)
+        source = f"preset {args.preset!r}, random weights (seed {args.seed})"
+    cfg = model.config
+    print(f"model: {source}, {models.config.param_count_str(cfg)} params, {dtype} on {platform}")
+
+    prompts = [_parse_ids(p) for p in args.prompt_ids]
+    if args.prompt:
+        if tokenizer is None:
+            raise models.GenerationInputError("text prompts need a model directory with tokenizer.json; "
+                                              "pass --prompt-ids instead")
+        prompts += [tokenizer.encode(p).ids for p in args.prompt]
+    if not prompts:
+        if args.num_prompts <= 0 or args.prompt_len <= 0:
+            raise models.GenerationInputError("--num-prompts and --prompt-len must be positive")
+        rng = np.random.default_rng(args.seed)
+        lens = rng.integers(max(1, args.prompt_len // 4), args.prompt_len + 1, size=args.num_prompts)
+        lens[0] = args.prompt_len
+        prompts = [rng.integers(0, cfg.vocab_size, size=int(n)).tolist() for n in lens]
+    max_seq = args.max_seq or min(32768, cfg.max_position_embeddings)
+    max_batch = args.max_batch or len(prompts)
+    # Validate before any memory is reserved: bad input leaves nothing behind.
+    models.check_requests(prompts, args.max_new_tokens, vocab_size=cfg.vocab_size, max_seq=max_seq,
+                          max_batch=max_batch, sliding_window=cfg.sliding_window)
+    sampling = models.SamplingConfig(args.temperature, args.top_k, args.top_p)
+    progress = args.progress == "on" or (args.progress == "auto" and args.max_new_tokens >= 128)
+    decode_chunk = args.decode_chunk or (max(8, args.max_new_tokens // 20) if progress else None)
+    gen = models.Generator(model, attn=models.AttentionSpec(impl=args.attention, interpret=args.interpret))
+    stop = [] if args.ignore_eos else args.stop
+    kw = dict(max_new_tokens=args.max_new_tokens, stop_tokens=stop, sampling=sampling,
+              key=jax.random.key(args.seed), prefill_chunk=args.prefill_chunk, decode_chunk=decode_chunk,
+              progress=progress)
+    page_bytes = args.page_bytes or (2 * MIB if platform == "gpu" else 64 << 10)
+    if args.cache == "static":
+        cache = models.static_cache_for(cfg, max_batch=max_batch, max_seq=max_seq, dtype=dtype)
+        result = gen.generate(prompts, cache, **kw)
+        stats = None
+    else:
+        cache_cfg = models.cache_config_for(cfg, max_batch=max_batch, max_seq=max_seq, dtype=dtype,
+                                            page_bytes=page_bytes)
+        with jv.KVCacheManager(cache_cfg) as manager:
+            result = gen.generate(prompts, manager, **kw)
+            stats = manager.stats()
+        assert manager.stats().reserved_bytes == 0 and manager.stats().pages_mapped == 0
+    _report(result, prompts, tokenizer, cfg, stats, max_seq, args.cache)
+    return 0
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / MIB:,.2f} MiB" if nbytes >= MIB else f"{nbytes / 1024:,.1f} KiB"
+
+
+def _report(result, prompts, tokenizer, cfg, stats, max_seq, cache_kind) -> None:
+    for i, (p, toks) in enumerate(zip(prompts, result.tokens)):
+        reason = result.finish_reasons[i]
+        if tokenizer is not None:
+            text = tokenizer.decode(toks)
+            print(f"[{i}] prompt {len(p)} tokens -> {len(toks)} new ({reason}): {text!r}")
+        else:
+            print(f"[{i}] prompt {len(p)} tokens -> {len(toks)} new ({reason}): {toks}")
+    n = result.num_generated
+    print(f"generated {n} tokens for {len(prompts)} requests: prefill {result.prefill_seconds * 1e3:.1f} ms, "
+          f"decode {result.decode_seconds * 1e3:.1f} ms ({result.decode_steps} steps in the jitted loop), "
+          f"compile {result.compile_seconds:.1f} s")
+    print(f"throughput: {result.tokens_per_second:,.1f} tokens/s overall, "
+          f"{result.decode_tokens_per_second:,.1f} tokens/s in decode")
+    print(f"KV memory ({cfg.num_layers} layers x K/V, {cache_kind} cache):")
+    if stats is not None:
+        print(f"  physical mapped at the end  {_size(result.mapped_bytes)}  ({stats.pages_mapped} pages of "
+              f"{_size(stats.page_bytes)})")
+        print(f"  reserved (virtual)          {_size(stats.reserved_bytes)}")
+    print(f"  tokens cached               {_size(result.needed_bytes)}  (lengths {result.cache_lengths})")
+    ratio = f" = {result.static_bytes / result.mapped_bytes:.1f}x the mapped memory" if result.mapped_bytes else ""
+    print(f"  static cache {len(prompts)} x {max_seq:<9} {_size(result.static_bytes)}{ratio}")
+    if stats is not None:
+        print("closed: nothing reserved or mapped")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="jax-vattention", description="vAttention KV caches for JAX")
     sub = parser.add_subparsers(dest="command")
@@ -107,11 +261,14 @@ def main(argv=None) -> int:
     demo.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     demo.add_argument("--prompts", type=int, nargs="+", default=[100, 3000, 5000, 700])
     demo.add_argument("--new-tokens", type=int, nargs="+", default=[300, 1200, 50, 900])
+    add_generate_parser(sub)
     args = parser.parse_args(argv)
     if args.command in (None, "demo"):
         if args.command is None:
             args = parser.parse_args(["demo", *(argv or sys.argv[1:])])
         return run_demo(args)
+    if args.command == "generate":
+        return run_generate(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -1,0 +1,66 @@
+"""Llama-family models (Llama, Mistral, Qwen2) in Flax NNX on the vAttention KV cache.
+
+    from models import Generator, load_model, random_model, get_preset
+    model = load_model("/path/to/hf-dir", dtype="bfloat16")      # or random_model(get_preset("tiny"))
+    with jax_vattention.KVCacheManager(cache_config_for(model.config, ...)) as manager:
+        result = Generator(model).generate(prompts, manager, max_new_tokens=64)
+
+Modules: ``config`` (ModelConfig, presets), ``layers`` (norms, projections,
+RoPE) and ``llama`` (the decoder), ``attention`` (kernels or jnp over the cache), ``static_cache``
+(the XLA-allocated baseline), ``loading`` (HF safetensors), ``sampling``,
+``decode`` (jit programs), ``generate`` (the host loop).
+"""
+
+from __future__ import annotations
+
+from .attention import AttentionSpec
+from .config import PRESETS, ModelConfig, RopeScaling, get_preset
+from .decode import decode_step, prefill
+from .errors import CheckpointError, GenerationInputError, ModelError, UnknownPresetError, UnsupportedModelError
+from .generate import GenerationResult, Generator, check_requests, generate
+from .llama import LlamaForCausalLM, abstract_model, random_model
+from .loading import load_model, load_tokenizer
+from .sampling import SamplingConfig
+from .static_cache import StaticKVCache
+
+
+def cache_config_for(cfg: ModelConfig, *, max_batch: int, max_seq: int, dtype="bfloat16", **kwargs):
+    """A ``jax_vattention.CacheConfig`` shaped for ``cfg`` (layers, kv heads, head_dim)."""
+    import jax_vattention as jv
+
+    return jv.CacheConfig(num_layers=cfg.num_layers, max_batch=max_batch, max_seq=max_seq,
+                          kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=dtype, **kwargs)
+
+
+def static_cache_for(cfg: ModelConfig, *, max_batch: int, max_seq: int, dtype="bfloat16") -> StaticKVCache:
+    """A zeroed ``StaticKVCache`` shaped for ``cfg``."""
+    return StaticKVCache.create(cfg.num_layers, max_batch, max_seq, cfg.num_kv_heads, cfg.head_dim, dtype)
+
+
+__all__ = [
+    "PRESETS",
+    "AttentionSpec",
+    "CheckpointError",
+    "GenerationInputError",
+    "GenerationResult",
+    "Generator",
+    "LlamaForCausalLM",
+    "ModelConfig",
+    "ModelError",
+    "RopeScaling",
+    "SamplingConfig",
+    "StaticKVCache",
+    "UnknownPresetError",
+    "UnsupportedModelError",
+    "abstract_model",
+    "cache_config_for",
+    "check_requests",
+    "decode_step",
+    "generate",
+    "get_preset",
+    "load_model",
+    "load_tokenizer",
+    "prefill",
+    "random_model",
+    "static_cache_for",
+]

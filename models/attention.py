@@ -1,0 +1,149 @@
+"""Attention over a KV cache ``[MB, S, Hkv, D]`` for the model: kernels or jnp, chosen statically.
+
+Two implementations, one contract (read slot ``slots[b]`` only below the row's
+length, which must come from ``KVCache.write``):
+
+* ``"kernel"``: ``jax_vattention.attention.decode_attention`` (one query per
+  row) and ``chunked_prefill_attention`` (Pallas; ``interpret=True`` on CPU).
+  They take bf16/fp16 caches with ``head_dim`` 64 or 128.
+* ``"reference"``: the jnp functions below, fp32 maths, any cache dtype and
+  head_dim. They gather a ``[B, W, Hkv, D]`` window whose positions are clipped
+  below each row's length, so they never touch an unmapped page; ``W`` is
+  ``AttentionSpec.max_len`` (a static bound on the context) or the cache length.
+  The attention package's own ``*_reference`` functions do the same but accept
+  only bf16/fp16 caches with head_dim 64/128, and the fp32 parity tests need
+  fp32 caches, hence this generalisation (cross-checked against them in tests).
+
+``"auto"`` picks the kernels on a GPU when the dtype and head_dim allow, else the
+reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jax_vattention import attention as vattn
+from jax_vattention.attention import common as vattn_common
+
+KERNEL_DTYPES = ("bfloat16", "float16")
+KERNEL_HEAD_DIMS = (64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """Static choice of attention implementation (a jit static argument)."""
+
+    impl: str = "auto"  # "auto" | "kernel" | "reference"
+    interpret: bool = False  # run the Pallas kernels in the HLO interpreter (CPU)
+    max_len: int | None = None  # static bound on any row's cached length (window / grid size)
+    block_k: int | None = None  # KV tile of the kernels; must divide tokens-per-page
+
+    def __post_init__(self):
+        if self.impl not in ("auto", "kernel", "reference"):
+            raise ValueError(f"AttentionSpec.impl must be 'auto', 'kernel' or 'reference', got {self.impl!r}")
+
+    def resolve(self, dtype, head_dim: int, platform: str) -> AttentionSpec:
+        """Replace ``"auto"`` by what runs on ``platform`` for this dtype and head_dim."""
+        kernel_ok = jnp.dtype(dtype).name in KERNEL_DTYPES and head_dim in KERNEL_HEAD_DIMS
+        if self.impl == "kernel" and not kernel_ok:
+            raise ValueError(
+                f"the attention kernels need a {KERNEL_DTYPES} cache with head_dim in {KERNEL_HEAD_DIMS}; "
+                f"got {jnp.dtype(dtype).name}, head_dim={head_dim} (use impl='reference')")
+        if self.impl != "auto":
+            return self
+        impl = "kernel" if (platform == "gpu" and kernel_ok) else "reference"
+        return dataclasses.replace(self, impl=impl)
+
+    def kernel_block_k(self, head_dim: int, seq_len: int) -> int:
+        """The KV tile the kernels will use on slots of ``seq_len`` tokens (their default when ``block_k`` is None)."""
+        if self.block_k:
+            return self.block_k
+        default = getattr(vattn_common, "default_block_k", None)
+        return default(head_dim, seq_len) if default else (64 if head_dim == 128 else 128)
+
+    def with_max_len(self, max_len: int | None) -> AttentionSpec:
+        return dataclasses.replace(self, max_len=max_len)
+
+
+def default_platform() -> str:
+    """Platform of the device jit places computations on (honours ``jax.default_device``)."""
+    dev = jax.config.jax_default_device
+    if isinstance(dev, str):
+        return jax.devices(dev)[0].platform
+    return (dev if dev is not None else jax.devices()[0]).platform
+
+
+# -- jnp reference (any dtype, fp32 maths) -------------------------------------
+def gather_window(cache: jax.Array, slots: jax.Array, lengths: jax.Array, window: int) -> jax.Array:
+    """``cache[slots[b], min(t, len_b - 1)]`` for ``t < window``: ``[B, W, Hkv, D]``, below lengths only."""
+    pos = jnp.arange(window, dtype=jnp.int32)[None, :]  # [1, W]
+    idx = jnp.minimum(pos, jnp.maximum(lengths[:, None], 1) - 1)  # [B, W]
+    return cache[slots[:, None], idx]
+
+
+def _attend(q, k, v, mask, scale):
+    """q [B, T, Hq, D]; k/v [B, W, Hkv, D]; mask [B, T, W] -> [B, T, Hq, D] fp32."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    qf = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)  # [B, T, Hkv, G, D]
+    s = jnp.einsum("btkgd,bwkd->bkgtw", qf, k.astype(jnp.float32), precision="highest") * scale
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)  # [B, Hkv, G, T, W]
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bkgtw,bwkd->btkgd", p, v.astype(jnp.float32), precision="highest")
+    return o.reshape(b, t, hq, d)
+
+
+def prefill_attention_reference(q, k_cache, v_cache, slots, starts, q_lens, *, window: int):
+    """Causal attention of ``q [B, T, Hq, D]`` (tokens ``starts + t``) over cache tokens ``[0, starts + q_lens)``."""
+    kv_lens = starts + q_lens  # [B]
+    k = gather_window(k_cache, slots, kv_lens, window)  # [B, W, Hkv, D]
+    v = gather_window(v_cache, slots, kv_lens, window)
+    t = jnp.arange(q.shape[1], dtype=jnp.int32)
+    w = jnp.arange(window, dtype=jnp.int32)
+    qpos = starts[:, None] + t[None, :]  # [B, T]
+    mask = (w[None, None, :] <= qpos[:, :, None]) & (w[None, None, :] < kv_lens[:, None, None])  # [B, T, W]
+    o = _attend(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]))
+    q_ok = t[None, :] < q_lens[:, None]
+    return jnp.where(q_ok[:, :, None, None], o, 0.0).astype(q.dtype)
+
+
+def decode_attention_reference(q, k_cache, v_cache, slots, lengths, *, window: int):
+    """Attention of one query per row ``q [B, Hq, D]`` over cache tokens ``[0, lengths)``."""
+    ones = jnp.ones_like(lengths)
+    return prefill_attention_reference(q[:, None], k_cache, v_cache, slots, lengths - 1, ones, window=window)[:, 0]
+
+
+def dense_causal_attention(q, k, v):
+    """No cache: ``q [B, T, Hq, D]`` over ``k/v [B, T, Hkv, D]`` of the same tokens, causal by index."""
+    t = q.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    mask = jnp.broadcast_to(causal, (q.shape[0], t, t))
+    return _attend(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1])).astype(q.dtype)
+
+
+# -- dispatch ------------------------------------------------------------------
+def cache_attention(q, k_cache, v_cache, slots, lengths, num_new, spec: AttentionSpec):
+    """Attention of the pending tokens over the cache after their K/V were written.
+
+    q: ``[B, T, Hq, D]``; row b's first ``num_new[b]`` queries are the tokens at
+    positions ``[lengths[b] - num_new[b], lengths[b])`` (``lengths`` as returned
+    by the write). With ``T == 1`` this is a decode step: each row's query sits
+    at ``lengths - 1`` (rows with ``num_new == 0`` give a result that is ignored).
+    Returns ``[B, T, Hq, D]`` in q's dtype; padding queries give 0.
+    """
+    if spec.impl == "auto":
+        spec = spec.resolve(k_cache.dtype, q.shape[-1], default_platform())
+    window = min(spec.max_len or k_cache.shape[1], k_cache.shape[1])
+    decode = q.shape[1] == 1
+    if spec.impl == "kernel":
+        kw = dict(max_len=spec.max_len, interpret=spec.interpret, block_k=spec.block_k)
+        if decode:
+            return vattn.decode_attention(q[:, 0], k_cache, v_cache, slots, lengths, **kw)[:, None]
+        return vattn.chunked_prefill_attention(q, k_cache, v_cache, slots, lengths - num_new, num_new, **kw)
+    if decode:
+        return decode_attention_reference(q[:, 0], k_cache, v_cache, slots, lengths, window=window)[:, None]
+    return prefill_attention_reference(q, k_cache, v_cache, slots, lengths - num_new, num_new, window=window)

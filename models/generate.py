@@ -1,0 +1,374 @@
+"""Host-side generation: validate requests, admit them into cache slots, prefill, run the decode loop.
+
+    gen = Generator(model)
+    with jv.KVCacheManager(cfg) as manager:
+        result = gen.generate([[1, 2, 3], [4, 5]], manager, max_new_tokens=[16, 8], stop_tokens=[2])
+
+``cache`` is a ``KVCacheManager`` (vAttention: each request gets a slot, its pages
+are mapped by the grow calls inside the compiled prefill and decode programs
+and the slot is freed afterwards) or a ``StaticKVCache`` (the baseline; its
+buffers are donated, ``result.static_cache`` holds them afterwards).
+
+Every request is checked before anything is allocated, so bad input leaves
+nothing mapped. Programs are compiled ahead of time (``lower().compile()``),
+once per shape, and - for the vAttention cache - checked with
+``jax_vattention.hlo.assert_no_cache_copy`` before they ever run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_vattention import KVCacheManager, VAttentionError
+from jax_vattention.attention import check_block_fits_pages
+from jax_vattention.hlo import assert_no_cache_copy, cache_sized_copies
+
+from . import decode as dec
+from .attention import AttentionSpec
+from .errors import GenerationInputError, UnsupportedModelError
+from .sampling import SamplingConfig, row_keys
+from .static_cache import StaticKVCache
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per request (a stop token, if hit, is the last one)
+    finish_reasons: list[str]  # "stop" or "length"
+    prompt_lengths: list[int]
+    cache_lengths: list[int]  # tokens each request holds in the cache at the end
+    slot_capacity: list[int] | None  # tokens backed per request's slot at the end (vAttention)
+    prefill_seconds: float
+    decode_seconds: float
+    compile_seconds: float
+    decode_steps: int
+    mapped_bytes: int | None  # physical KV bytes mapped at the end, before slots are freed (vAttention)
+    needed_bytes: int  # bytes the cached tokens occupy
+    static_bytes: int  # what a static [requests, max_seq] cache holds
+    static_cache: StaticKVCache | None = None
+
+    @property
+    def num_generated(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens produced by the decode loop (all but each request's first) per second."""
+        n = self.num_generated - len(self.tokens)
+        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        total = self.prefill_seconds + self.decode_seconds
+        return self.num_generated / total if total > 0 else float("nan")
+
+
+def _bucket(n: int, cap: int, minimum: int = 16) -> int:
+    """``n`` rounded up to a power of two (>= minimum), at most ``cap``: limits recompilation."""
+    return min(max(minimum, 1 << max(0, int(n) - 1).bit_length()), cap)
+
+
+def _per_request(value, n: int, what: str) -> list:
+    if isinstance(value, (list, tuple, np.ndarray)):
+        if len(value) != n:
+            raise GenerationInputError(f"{what} has {len(value)} values for {n} prompts")
+        return list(value)
+    return [value] * n
+
+
+def check_requests(prompts, max_new_tokens, *, vocab_size: int, max_seq: int, max_batch: int,
+                   sliding_window: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Validate prompts and budgets before anything is allocated; returns (prompts, max_new [B])."""
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple, np.ndarray)) or len(prompts) == 0:
+        raise GenerationInputError("prompts must be a non-empty list of token-id sequences")
+    if len(prompts) > max_batch:
+        raise GenerationInputError(f"{len(prompts)} prompts exceed the cache's max_batch={max_batch}")
+    out = []
+    for i, p in enumerate(prompts):
+        arr = np.asarray(p)
+        if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+            raise GenerationInputError(f"prompt {i} must be a non-empty 1-D sequence of token ids, got {p!r:.80}")
+        if arr.min() < 0 or arr.max() >= vocab_size:
+            raise GenerationInputError(f"prompt {i} has token ids outside [0, vocab_size={vocab_size})")
+        if arr.size > max_seq:
+            raise GenerationInputError(f"prompt {i} has {arr.size} tokens, longer than max_seq={max_seq}")
+        out.append(arr.astype(np.int32))
+    budgets = _per_request(max_new_tokens, len(out), "max_new_tokens")
+    for i, m in enumerate(budgets):
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m <= 0:
+            raise GenerationInputError(f"max_new_tokens must be a positive int, got {m!r} for prompt {i}")
+        need = out[i].size + int(m) - 1  # the last sampled token is never written
+        if need > max_seq:
+            raise GenerationInputError(
+                f"prompt {i}: {out[i].size} prompt tokens + max_new_tokens={m} need {need} cache tokens, "
+                f"more than max_seq={max_seq}")
+        if sliding_window is not None and need > sliding_window:
+            raise UnsupportedModelError(
+                f"prompt {i} needs {need} tokens of context, beyond the model's sliding_window={sliding_window} "
+                "(sliding-window attention is not implemented)")
+    return out, np.asarray(budgets, np.int32)
+
+
+def check_compiled(text: str, manager, *, strict: bool) -> None:
+    """Refuse a compiled program that copies a cache tensor.
+
+    ``strict``: ``jax_vattention.hlo.assert_no_cache_copy`` - no copy or transpose
+    at least as large as a cache tensor. Used for the decode loop, where every
+    activation is far smaller than the cache. A prefill's activations (e.g. the
+    kernels' GQA re-layout of ``q [B, T, Hq, D]``, or the reference's scores
+    ``[B, Hq, T, W]``) can legitimately exceed a small cache, so prefill programs
+    are checked for copies of exactly a cache tensor's element count, which is
+    what a copy of the view has, in any layout.
+    """
+    if strict:
+        assert_no_cache_copy(text, manager)
+        return
+    c = manager.config
+    elements = c.max_batch * manager.max_seq * c.kv_heads * c.head_dim
+    found = [n for n in cache_sized_copies(text, elements) if n == elements]
+    if found:
+        raise VAttentionError(
+            f"the compiled prefill copies {len(found)} buffer(s) of exactly a cache tensor's {elements} elements; "
+            "on a sparsely mapped cache that copy reads unmapped memory")
+
+
+def _stop_matrix(stop_tokens, n: int, default: Sequence[int]) -> np.ndarray:
+    if stop_tokens is None:
+        rows = [list(default)] * n
+    elif len(stop_tokens) and isinstance(stop_tokens[0], (list, tuple, np.ndarray)):
+        rows = [list(s) for s in _per_request(list(stop_tokens), n, "stop_tokens")]
+    else:
+        rows = [list(stop_tokens)] * n
+    width = max(1, max(len(r) for r in rows))
+    mat = np.full((n, width), -1, np.int32)
+    for i, r in enumerate(rows):
+        mat[i, : len(r)] = r
+    return mat
+
+
+class Generator:
+    """Compiles and runs generation for one model; reuse it across calls to reuse compilations."""
+
+    def __init__(self, model, *, attn: AttentionSpec = AttentionSpec(), check_copies: bool = True):
+        self.config = model.config
+        self.graphdef, self.params = nnx.split(model)
+        self.attn = attn
+        self.check_copies = check_copies
+        self._compiled: dict = {}
+
+    # -- compilation -------------------------------------------------------
+    def compiled_programs(self) -> dict[str, list]:
+        """The compiled executables so far, by program name ("prefill", "start", "decode")."""
+        out: dict[str, list] = {}
+        for key, (compiled, _) in self._compiled.items():
+            out.setdefault(key[0], []).append(compiled)
+        return out
+
+    def _compile(self, name, jitted, manager, static: dict, *args, model: bool = True):
+        """AOT-compile ``jitted`` once per argument signature (graphdef prepended when ``model``)."""
+        leaves, tree = jax.tree.flatten(args)
+        key = (name, tuple(sorted(static.items())), tree, tuple((x.shape, x.dtype) for x in leaves))
+        hit = self._compiled.get(key)
+        if hit is None:
+            t0 = time.perf_counter()
+            lead = (self.graphdef,) if model else ()
+            compiled = jitted.lower(*lead, *args, **static).compile()
+            if manager is not None and self.check_copies:
+                check_compiled(compiled.as_text(), manager, strict=name == "decode")
+            hit = self._compiled[key] = (compiled, time.perf_counter() - t0)
+            self._compile_seconds += hit[1]
+        return hit[0]
+
+    def _spec(self, dtype, platform: str, max_len: int, manager) -> AttentionSpec:
+        spec = self.attn.resolve(dtype, self.config.head_dim, platform).with_max_len(max_len)
+        if spec.impl == "kernel" and manager is not None:
+            c = manager.config
+            try:
+                block_k = spec.kernel_block_k(c.head_dim, manager.max_seq)
+                check_block_fits_pages(block_k, c.page_bytes, c.kv_heads, c.head_dim, dtype)
+            except ValueError as e:
+                raise GenerationInputError(f"attention kernels cannot run on this cache: {e}") from None
+        return spec
+
+    # -- generation --------------------------------------------------------
+    def generate(self, prompts, cache, *, max_new_tokens, stop_tokens=None, sampling: SamplingConfig = SamplingConfig(),
+                 key=None, row_seeds=None, prefill_chunk: int | None = None, decode_chunk: int | None = None,
+                 progress: bool = False, premap: bool = False) -> GenerationResult:
+        """Generate for every prompt; see the module docstring.
+
+        Args:
+          prompts: list of token-id sequences (ragged).
+          cache: ``KVCacheManager`` or ``StaticKVCache``.
+          max_new_tokens: int or one per prompt (>= 1).
+          stop_tokens: ids that end a request (one list for all, or one list per
+            prompt); default the config's eos ids. The stop token is returned.
+          sampling: greedy by default; temperature / top-k / top-p otherwise.
+          key: PRNG key (default ``jax.random.key(0)``); ``row_seeds`` (default
+            ``range(B)``) derive each request's key, so a request samples the same
+            tokens alone or batched.
+          prefill_chunk: prefill at most this many tokens per row per program call.
+          decode_chunk: decode steps per program call (default: all in one call);
+            the host checks progress between calls, never per token.
+          progress: show a tqdm bar over decode steps.
+          premap: map every page a request can need before prefill (host-side
+            ``manager.grow``), so the in-graph grow calls find nothing to map: the
+            baseline for measuring what in-graph growth costs.
+        """
+        cfg = self.config
+        manager = cache if isinstance(cache, KVCacheManager) else None
+        if manager is None and not isinstance(cache, StaticKVCache):
+            raise TypeError(f"cache must be a KVCacheManager or a StaticKVCache, got {type(cache).__name__}")
+        if manager is not None:
+            c = manager.config
+            max_seq, max_batch, dtype = manager.max_seq, c.max_batch, c.jnp_dtype
+            shape = (c.num_layers, c.kv_heads, c.head_dim)
+            platform = manager.device.platform
+            free = sum(not a for a in manager.stats().slot_allocated)
+            itemsize = c.itemsize
+        else:
+            max_batch, max_seq = cache.k[0].shape[:2]
+            dtype, itemsize = cache.k[0].dtype, cache.k[0].dtype.itemsize
+            shape = (len(cache.k), *cache.k[0].shape[2:])
+            platform = next(iter(cache.k[0].devices())).platform
+            free = max_batch
+        if shape != (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim):
+            raise GenerationInputError(
+                f"cache shape (layers, kv_heads, head_dim)={shape} does not fit the model "
+                f"{(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)}")
+        prompts, max_new = check_requests(prompts, max_new_tokens, vocab_size=cfg.vocab_size, max_seq=max_seq,
+                                          max_batch=max_batch, sliding_window=cfg.sliding_window)
+        if not isinstance(sampling, SamplingConfig):
+            raise GenerationInputError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+        n = len(prompts)
+        if n > free:
+            raise GenerationInputError(f"{n} prompts but only {free} free slots in the cache")
+        lens = np.array([p.size for p in prompts], np.int32)
+        stop_ids = jnp.asarray(_stop_matrix(stop_tokens, n, cfg.eos_token_ids))
+        spec = self._spec(dtype, platform, _bucket(int((lens + max_new - 1).max()), max_seq), manager)
+        width = _bucket(int(lens.max()), max_seq, minimum=8)
+        if prefill_chunk is not None:
+            if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk <= 0:
+                raise GenerationInputError(f"prefill_chunk must be a positive int, got {prefill_chunk!r}")
+            width = min(width, prefill_chunk)
+        seeds = np.arange(n) if row_seeds is None else np.asarray(row_seeds)
+        keys = row_keys(jax.random.key(0) if key is None else key, jnp.asarray(seeds, jnp.uint32))
+        self._compile_seconds = 0.0
+
+        slots = []
+        try:
+            if manager is not None:
+                slots = [manager.allocate() for _ in range(n)]
+                if premap:
+                    for slot, need in zip(slots, lens + max_new - 1):
+                        manager.grow(slot, int(need))
+                kv = manager.cache(slots, np.zeros(n, np.int32))
+            else:
+                kv = cache.with_rows(np.arange(n), np.zeros(n, np.int32))
+            return self._run(kv, manager, prompts, lens, max_new, stop_ids, keys, spec, sampling, width,
+                             decode_chunk, progress, max_seq, itemsize, slots)
+        except BaseException:
+            if manager is not None and slots and not manager.closed:
+                for s in slots:
+                    manager.free(s)
+                slots = []
+                manager.trim()  # an aborted run leaves nothing mapped
+            raise
+        finally:
+            if manager is not None and not manager.closed:
+                for s in slots:
+                    manager.free(s)
+
+    def _run(self, kv, manager, prompts, lens, max_new, stop_ids, keys, spec, sampling, width, decode_chunk,
+             progress, max_seq, itemsize, slots):
+        cfg = self.config
+        n = len(prompts)
+        prefill_fn, decode_fn = dec.programs(manager is None)
+        padded = np.zeros((n, -(-int(lens.max()) // width) * width), np.int32)
+        for i, p in enumerate(prompts):
+            padded[i, : p.size] = p
+        logits = jnp.zeros((n, cfg.vocab_size), jnp.float32)
+        remaining = lens.copy()
+        chunks = []
+        for off in range(0, padded.shape[1], width):
+            counts = np.minimum(remaining, width).astype(np.int32)
+            remaining -= counts
+            chunks.append((jnp.asarray(padded[:, off: off + width]), jnp.asarray(counts)))
+        prefill_c = self._compile("prefill", prefill_fn, manager, dict(attn=spec), self.params, kv, *chunks[0], logits)
+
+        out_len = _bucket(int(max_new.max()), 1 << 30, minimum=8)  # buffer width: few distinct shapes
+        max_new_d = jnp.asarray(max_new)
+        start_c = self._compile("start", dec.start_program, None, dict(out_len=out_len, sampling=sampling),
+                                logits, keys, max_new_d, stop_ids, model=False)
+
+        t0 = time.perf_counter()
+        for tokens, counts in chunks:
+            logits, exported = prefill_c(self.params, kv, tokens, counts, logits)
+            kv = dec.import_cache(kv, exported)
+        carry = start_c(logits, keys, max_new_d, stop_ids)
+        jax.block_until_ready(carry)
+        prefill_s = time.perf_counter() - t0
+
+        total = int(max_new.max()) - 1
+        chunk = total if not decode_chunk else int(decode_chunk)
+        decode_s, step = 0.0, 0
+        if total > 0 and not bool(carry.done.all()):
+            static = dict(attn=spec, sampling=sampling)
+            args = (self.params, kv, carry, jnp.int32(0), max_new_d, stop_ids, keys)
+            decode_c = self._compile("decode", decode_fn, manager, static, *args)
+            bar = _progress_bar(total, progress)
+            t0 = time.perf_counter()
+            while step < total:
+                end = min(step + chunk, total)
+                carry, exported = decode_c(self.params, kv, carry, jnp.int32(end), max_new_d, stop_ids, keys)
+                kv = dec.import_cache(kv, exported)
+                new_step, all_done = int(carry.step), bool(carry.done.all())  # one sync per chunk
+                if bar is not None:
+                    bar.update(new_step - step)
+                step = new_step
+                if all_done:
+                    break
+            jax.block_until_ready(carry)
+            decode_s = time.perf_counter() - t0
+            if bar is not None:
+                bar.close()
+
+        out, n_gen = np.asarray(carry.out), np.asarray(carry.n_gen)
+        stops = np.asarray(stop_ids)
+        tokens = [out[i, : n_gen[i]].tolist() for i in range(n)]
+        reasons = ["stop" if t and t[-1] in stops[i] else "length" for i, t in enumerate(tokens)]
+        cache_lengths = np.asarray(kv.lengths).tolist()
+        mapped = capacity = None
+        if manager is not None:
+            manager.check_device_errors()
+            mapped = manager.stats().mapped_bytes
+            capacity = [manager.capacity(s) for s in slots]
+        per_token = cfg.kv_bytes_per_token(itemsize)
+        return GenerationResult(
+            tokens=tokens, finish_reasons=reasons, prompt_lengths=lens.tolist(), cache_lengths=cache_lengths,
+            slot_capacity=capacity, prefill_seconds=prefill_s, decode_seconds=decode_s,
+            compile_seconds=self._compile_seconds, decode_steps=step, mapped_bytes=mapped,
+            needed_bytes=sum(cache_lengths) * per_token, static_bytes=n * max_seq * per_token,
+            static_cache=None if manager is not None else kv,
+        )
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="step", desc="decode", leave=False)
+
+
+def generate(model, prompts, cache, **kwargs) -> GenerationResult:
+    """One-shot ``Generator(model).generate(prompts, cache, **kwargs)`` (compiles every call)."""
+    attn = kwargs.pop("attn", AttentionSpec())
+    return Generator(model, attn=attn).generate(prompts, cache, **kwargs)

@@ -1,0 +1,154 @@
+"""The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2) in Flax NNX, on an explicit KV cache.
+
+The cache is an argument, never module state::
+
+    cache = cache.grow(cache.lengths + counts)       # back the new tokens (maps pages in-graph)
+    logits, cache = model(tokens, positions, cache)  # writes K/V of the pending tokens, attends
+
+``tokens``/``positions`` are ``[B, T]``; row b's first ``cache.state.num_new[b]``
+tokens are real (the ones ``grow`` made pending), the rest padding. ``cache`` is
+a ``jax_vattention.KVCache`` (vAttention: writes through the FFI call, returns
+the same views) or a ``StaticKVCache`` (functional writes, returns new
+buffers), or ``None`` for a plain causal forward over ``tokens``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .attention import AttentionSpec, cache_attention, dense_causal_attention
+from .config import ModelConfig
+from .layers import MLP, Embed, Linear, RMSNorm, apply_rope, model_inverse_frequencies
+from .static_cache import StaticKVCache
+
+
+@functools.lru_cache(maxsize=64)
+def _inv_freq(cfg: ModelConfig):
+    return model_inverse_frequencies(cfg)
+
+
+def write_kv(cache, layer: int, k: jax.Array, v: jax.Array):
+    """Store the pending tokens' K/V in ``layer``; returns ``(lengths [B], cache)``.
+
+    The lengths come out of the write (the FFI call for a vAttention cache) and
+    are what the attention must read with, so reads are ordered after it.
+    """
+    if isinstance(cache, StaticKVCache):
+        return cache.write(layer, k, v)
+    return cache.write(layer, k, v), cache
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, init_std: float, rngs: nnx.Rngs):
+        h, d = cfg.hidden_size, cfg.head_dim
+        kw = dict(dtype=dtype, init_std=init_std, rngs=rngs)
+        self.q_proj = Linear(h, cfg.num_heads * d, use_bias=cfg.qkv_bias, **kw)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, use_bias=cfg.qkv_bias, **kw)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, use_bias=cfg.qkv_bias, **kw)
+        self.o_proj = Linear(cfg.num_heads * d, h, use_bias=cfg.o_bias, **kw)
+        self.cfg = cfg
+        self.layer = layer
+
+    def __call__(self, x, positions, cache, attn: AttentionSpec):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)  # [B, T, Hq, D]
+        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, Hkv, D]
+        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, Hkv, D]
+        inv_freq = _inv_freq(cfg)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if cache is None:
+            o = dense_causal_attention(q, k, v)  # [B, T, Hq, D]
+        else:
+            dtype = cache.k[self.layer].dtype
+            lengths, cache = write_kv(cache, self.layer, k.astype(dtype), v.astype(dtype))
+            kc, vc = cache.k[self.layer], cache.v[self.layer]  # [MB, S, Hkv, D], read below lengths only
+            o = cache_attention(q, kc, vc, cache.slots, lengths, cache.state.num_new, attn)  # [B, T, Hq, D]
+        return self.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(x.dtype)), cache
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, init_std: float, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(cfg, layer, dtype=dtype, init_std=init_std, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, dtype=dtype,
+                       init_std=init_std, rngs=rngs)
+
+    def __call__(self, x, positions, cache, attn: AttentionSpec):
+        a, cache = self.self_attn(self.input_layernorm(x), positions, cache, attn)
+        x = x + a  # [B, T, H]
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, init_std: float, rngs: nnx.Rngs):
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, init_std=init_std, rngs=rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, i, dtype=dtype, init_std=init_std, rngs=rngs) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Decoder + LM head. ``dtype`` is the parameter and activation dtype (fp32 or bf16)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype).name
+        self.model = LlamaModel(cfg, dtype=dtype, init_std=init_std, rngs=rngs)
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, init_std=init_std, rngs=rngs)
+
+    def __call__(self, tokens, positions, cache=None, *, attn: AttentionSpec = AttentionSpec(), logit_index=None):
+        """Forward ``tokens [B, T]`` at ``positions [B, T]``.
+
+        Args:
+          cache: a grown ``KVCache`` / ``StaticKVCache`` (see the module docstring) or None.
+          attn: static attention choice (kernels or jnp reference, context bound).
+          logit_index: optional ``[B] int32``; if given, logits only for token
+            ``logit_index[b]`` of each row (``[B, V]``), instead of all ``[B, T, V]``.
+        Returns:
+          ``(logits, cache)``; logits in the model dtype. A vAttention cache comes
+          back unchanged (its K/V were written in place), a static one with new buffers.
+        """
+        x = self.model.embed_tokens(tokens)  # [B, T, H]
+        for layer in self.model.layers:
+            x, cache = layer(x, positions, cache, attn)
+        x = self.model.norm(x)  # [B, T, H]
+        if logit_index is not None:
+            x = jnp.take_along_axis(x, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # [B, H]
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(x), cache
+        return self.lm_head(x), cache
+
+
+def random_model(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.float32, init_std: float = 0.02) -> LlamaForCausalLM:
+    """A model with seeded random weights (presets, tests, benchmarks)."""
+    return LlamaForCausalLM(cfg, dtype=dtype, init_std=init_std, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32) -> LlamaForCausalLM:
+    """The model's structure with ``ShapeDtypeStruct`` leaves (no memory), for loading checkpoints."""
+    return nnx.eval_shape(lambda: LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(params=0)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _full_logits(graphdef, params, tokens, positions):
+    return nnx.merge(graphdef, params)(tokens, positions)[0]
+
+
+def full_logits(model: LlamaForCausalLM, tokens, positions=None) -> jax.Array:
+    """Jitted cache-free causal forward: logits ``[B, T, V]`` of ``tokens [B, T]`` (positions default 0..T-1)."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    graphdef, params = nnx.split(model)
+    return _full_logits(graphdef, params, tokens, positions)

@@ -1,0 +1,143 @@
+"""Load a Llama-family model from a local Hugging Face directory (``config.json`` + ``*.safetensors``).
+
+    model = load_model("/path/to/Llama-3.2-1B", dtype="bfloat16")
+
+* Single-file (``model.safetensors``) and sharded checkpoints
+  (``model.safetensors.index.json`` naming the shard of every tensor).
+* Tensors are read one at a time with the safetensors library onto the default
+  jax device, transposed to the ``[in, out]`` kernel layout where needed and
+  converted to ``dtype`` (fp32 or bf16), whatever dtype the file stores.
+* Every problem is a ``CheckpointError`` (or ``UnsupportedModelError``) naming
+  the file and tensor: a missing directory, config or shard, a corrupt file, a
+  missing tensor, a shape mismatch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .llama import LlamaForCausalLM, abstract_model
+
+LOAD_DTYPES = ("float32", "bfloat16", "float16")
+# Buffers some checkpoints carry that are not parameters (recomputed from the config).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """HF tensor name of an NNX parameter path, and whether the tensor is stored transposed."""
+    parts = [str(p) for p in path]
+    leaf = parts[-1]
+    if leaf == "kernel":
+        return ".".join(parts[:-1] + ["weight"]), True
+    if leaf == "embedding":
+        return ".".join(parts[:-1] + ["weight"]), False
+    return ".".join(parts), False
+
+
+def checkpoint_files(directory: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file that holds it."""
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: corrupt index ({type(e).__name__}: {e})") from None
+        files = {}
+        for name, shard in weight_map.items():
+            path = directory / shard
+            if not path.is_file():
+                raise CheckpointError(f"{index}: shard {shard!r} (holding {name!r}) is missing")
+            files[name] = path
+        return files
+    shards = sorted(directory.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{directory}: no *.safetensors files (only safetensors checkpoints are supported)")
+    files = {}
+    for shard in shards:
+        for name in _open(shard, safe_open).keys():
+            files[name] = shard
+    return files
+
+
+def _open(path: Path, safe_open):
+    try:
+        return safe_open(str(path), framework="flax")
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError variants
+        raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
+
+
+def load_model(directory: str | Path, *, dtype="float32", config: ModelConfig | None = None) -> LlamaForCausalLM:
+    """A ``LlamaForCausalLM`` with the checkpoint's weights, converted to ``dtype``."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"model directory {str(directory)!r} does not exist")
+    dtype = jnp.dtype(dtype).name
+    if dtype not in LOAD_DTYPES:
+        raise CheckpointError(f"dtype must be one of {LOAD_DTYPES}, got {dtype!r}")
+    cfg = config or ModelConfig.from_hf_json(directory)
+    files = checkpoint_files(directory)
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=dtype))
+    flat = nnx.to_flat_state(abstract_state)
+    handles: dict[Path, object] = {}
+    wanted = set()
+    loaded = []
+    for path, var in flat:
+        name, transposed = hf_name(path)
+        wanted.add(name)
+        if name not in files:
+            raise CheckpointError(
+                f"{directory}: tensor {name!r} is missing from the checkpoint (config {cfg.architecture}, "
+                f"{cfg.num_layers} layers, tie_word_embeddings={cfg.tie_word_embeddings})")
+        file = files[name]
+        if file not in handles:
+            handles[file] = _open(file, safe_open)
+        try:
+            tensor = handles[file].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} ({type(e).__name__}: {e})") from None
+        want = tuple(var.shape)
+        got = tuple(tensor.shape)
+        expect = want[::-1] if transposed else want
+        if got != expect:
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {list(got)}, the config implies {list(expect)}")
+        value = _convert(tensor, transposed, dtype)
+        loaded.append((path, var.replace(value)))
+    extra = sorted(n for n in files if n not in wanted and not n.endswith(IGNORED_SUFFIXES)
+                   and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    if extra:
+        warnings.warn(f"{directory}: ignoring {len(extra)} tensor(s) the model does not use: {extra[:5]}",
+                      stacklevel=2)
+    state = nnx.from_flat_state(loaded)
+    return nnx.merge(graphdef, state)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _convert(tensor, transposed: bool, dtype: str):
+    x = tensor.T if transposed else tensor
+    return x.astype(dtype)
+
+
+def load_tokenizer(directory: str | Path):
+    """The ``tokenizers.Tokenizer`` of ``directory/tokenizer.json``, or None if there is none."""
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})") from None

@@ -1,0 +1,362 @@
+"""Generation on the vAttention cache (host backend: memory past a slot's mapped pages is PROT_NONE).
+
+Consistency: full-sequence forward == prefill + single-token decode steps;
+vAttention cache == static cache; batched == one request at a time. Memory:
+finished rows stop growing and nothing beyond the pages the tokens need is
+mapped. Bad input: clear errors, nothing left mapped. Most tests use the jnp
+reference attention (fp32); one runs the Pallas kernels in interpret mode.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jax_vattention as jv
+import models
+from jax_vattention import attention as vattn
+from jax_vattention.hlo import assert_no_cache_copy
+from models import AttentionSpec, GenerationInputError, SamplingConfig
+from models import decode as dec
+from models.attention import decode_attention_reference, prefill_attention_reference
+from models.sampling import filter_logits
+from models.testing import assert_same_greedy, rel_error
+
+CFG = models.get_preset("tiny").replace(vocab_size=128, hidden_size=64, intermediate_size=128, head_dim=16,
+                                         tie_word_embeddings=False)
+REF = AttentionSpec(impl="reference")
+PAGE = 4096  # 2 kv heads x 16 x fp32 = 128 B per token: 32 tokens per page
+TPP = PAGE // (CFG.num_kv_heads * CFG.head_dim * 4)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return models.random_model(CFG, seed=0, init_std=0.25)
+
+
+@pytest.fixture(scope="module")
+def gen(model):
+    return models.Generator(model, attn=REF)
+
+
+@pytest.fixture
+def rng():
+    seed = np.random.SeedSequence().entropy
+    print(f"rng seed {seed}")
+    return np.random.default_rng(seed)
+
+
+def manager(max_batch=4, max_seq=96, **kw):
+    kw.setdefault("page_bytes", PAGE)
+    return jv.KVCacheManager(models.cache_config_for(CFG, max_batch=max_batch, max_seq=max_seq, dtype="float32", **kw))
+
+
+def ragged_prompts(rng, n=4, shortest=1, longest=29):
+    lens = rng.integers(shortest, longest + 1, size=n)
+    lens[rng.integers(n)] = longest  # fixes the padded width (one compilation for all tests)
+    return [rng.integers(0, CFG.vocab_size, size=int(k)).tolist() for k in lens]
+
+
+def random_budgets(rng, n=4, low=1, high=32):
+    budgets = rng.integers(low, high + 1, size=n)
+    budgets[rng.integers(n)] = high  # fixes the output width and the attention window
+    return budgets.tolist()
+
+
+def pages(tokens):
+    return -(-tokens // TPP)
+
+
+# -- consistency -----------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["vattention", "static"])
+def test_forward_equals_prefill_plus_decode_steps(model, rng, kind):
+    """Chunked prefill of ragged prefixes, then N teacher-forced decode steps, vs one causal forward (fp32)."""
+    B, T, N = 3, 40, 12
+    tokens = rng.integers(0, CFG.vocab_size, size=(B, T)).astype(np.int32)
+    prefix = rng.integers(1, T - N, size=B).astype(np.int32)
+    full = np.asarray(models.llama.full_logits(model, tokens))  # [B, T, V]
+    graphdef, params = nnx.split(model)
+    spec = REF.with_max_len(64)
+
+    def prefill_fn(params, cache, toks, counts):
+        logits, cache = models.prefill(nnx.merge(graphdef, params), toks, counts, cache, spec)
+        return logits, dec.export_cache(cache)
+
+    def step_fn(params, cache, toks):
+        _, logits, cache = models.decode_step(nnx.merge(graphdef, params), toks, cache, spec)
+        return logits, dec.export_cache(cache)
+
+    prefill_fn, step_fn = jax.jit(prefill_fn), jax.jit(step_fn)
+    with manager() as m:
+        if kind == "vattention":
+            slots = [m.allocate() for _ in range(B)][::-1]
+            cache = m.cache(slots, np.zeros(B, np.int32))
+        else:
+            cache = models.static_cache_for(CFG, max_batch=4, max_seq=96, dtype="float32").with_rows(
+                [2, 0, 3], np.zeros(B, np.int32))
+        got, want = [], []
+        width, done = 8, np.zeros(B, np.int32)
+        last = np.zeros((B, CFG.vocab_size), np.float32)
+        while (done < prefix).any():  # chunks of 8: rows finish their prefix at different chunks
+            counts = np.minimum(prefix - done, width).astype(np.int32)
+            chunk = np.zeros((B, width), np.int32)
+            for b in range(B):
+                chunk[b, : counts[b]] = tokens[b, done[b]: done[b] + counts[b]]
+            logits, exported = prefill_fn(params, cache, jnp.asarray(chunk), jnp.asarray(counts))
+            cache = dec.import_cache(cache, exported)
+            last = np.where((counts > 0)[:, None], np.asarray(logits), last)
+            done += counts
+        got.append(last)
+        want.append(full[np.arange(B), prefix - 1])
+        for i in range(N):
+            pos = prefix + i
+            logits, exported = step_fn(params, cache, jnp.asarray(tokens[np.arange(B), pos]))
+            cache = dec.import_cache(cache, exported)
+            got.append(np.asarray(logits))
+            want.append(full[np.arange(B), pos])
+        np.testing.assert_array_equal(np.asarray(cache.lengths), prefix + N)
+        if kind == "vattention":
+            assert [m.capacity(s) for s in slots] == [pages(int(n)) * TPP for n in prefix + N]
+    err = rel_error(np.stack(got), np.stack(want))
+    assert err <= 1e-5, f"prefill + decode vs full forward: rel. error {err:.2e}"
+
+
+def test_vattention_and_static_cache_same_greedy_tokens(model, gen, rng):
+    prompts = ragged_prompts(rng)
+    budgets = random_budgets(rng)
+    with manager() as m:
+        a = gen.generate(prompts, m, max_new_tokens=budgets, stop_tokens=[])
+    static = models.static_cache_for(CFG, max_batch=4, max_seq=96, dtype="float32")
+    b = gen.generate(prompts, static, max_new_tokens=budgets, stop_tokens=[])
+    assert [len(t) for t in a.tokens] == budgets
+    assert_same_greedy(a.tokens, b.tokens, prompts, model, what="vattention vs static")
+    assert b.static_cache is not None and b.static_cache.nbytes == a.static_bytes
+    assert a.mapped_bytes < a.static_bytes
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.8, top_k=20, top_p=0.9)],
+                         ids=["greedy", "sampled"])
+def test_batched_equals_one_at_a_time(model, gen, rng, sampling):
+    # Lengths and budgets keep every single-request run in one shape bucket (one compilation).
+    prompts = ragged_prompts(rng, shortest=17)
+    budgets = random_budgets(rng, low=17)
+    key = jax.random.key(int(rng.integers(2**31)))
+    with manager() as m:
+        batched = gen.generate(prompts, m, max_new_tokens=budgets, stop_tokens=[], sampling=sampling, key=key)
+        single = [gen.generate([p], m, max_new_tokens=n, stop_tokens=[], sampling=sampling, key=key,
+                               row_seeds=[i]).tokens[0] for i, (p, n) in enumerate(zip(prompts, budgets))]
+        assert m.stats().live_slots == 0
+    if sampling.greedy:
+        assert_same_greedy(batched.tokens, single, prompts, model, what="batched vs single")
+    else:
+        assert batched.tokens == single
+
+
+def test_stop_tokens_budgets_and_memory(gen, rng):
+    """Per-request budgets and stop tokens; finished rows stop growing; mapped == what the tokens need."""
+    prompts = ragged_prompts(rng)
+    budgets = [1, 5, 32, 19]
+    with manager() as m:
+        free = gen.generate(prompts, m, max_new_tokens=budgets, stop_tokens=[])
+        assert [len(t) for t in free.tokens] == budgets and set(free.finish_reasons) == {"length"}
+        stop = free.tokens[2][6]
+        cut = free.tokens[2].index(stop) + 1
+        stops = [[], [], [stop], []]  # per request
+        m.trim()  # unmap the pages the freed slots keep (deferred reclamation): count only this run's
+        r = gen.generate(prompts, m, max_new_tokens=budgets, stop_tokens=stops)
+        assert r.tokens[2] == free.tokens[2][:cut] and r.finish_reasons[2] == "stop"
+        assert [r.tokens[i] for i in (0, 1, 3)] == [free.tokens[i] for i in (0, 1, 3)]
+        lengths = np.array([len(p) for p in prompts]) + np.array([len(t) for t in r.tokens]) - 1
+        assert r.cache_lengths == lengths.tolist()
+        assert r.slot_capacity == [pages(int(n)) * TPP for n in lengths]  # the stopped row stopped growing
+        tensors = 2 * CFG.num_layers
+        assert r.mapped_bytes == tensors * sum(pages(int(n)) for n in lengths) * PAGE
+        token_bytes = CFG.num_kv_heads * CFG.head_dim * 4
+        assert r.mapped_bytes <= tensors * (int(lengths.sum()) * token_bytes + len(prompts) * PAGE)
+        assert r.needed_bytes == int(lengths.sum()) * tensors * token_bytes
+        assert r.decode_steps == max(len(t) for t in r.tokens) - 1
+        assert m.stats().live_slots == 0  # slots freed after the run
+
+
+def test_stop_on_eos_from_config(model, rng):
+    """Default stop tokens are the config's eos ids; a row that stops early is padded by nothing."""
+    prompts = ragged_prompts(rng)
+    g = models.Generator(model, attn=REF)
+    with manager() as m:
+        free = g.generate(prompts, m, max_new_tokens=24, stop_tokens=[])
+        eos = free.tokens[0][3]
+        g.config = CFG.replace(eos_token_ids=(eos,))
+        r = g.generate(prompts, m, max_new_tokens=24)
+    for got, ref in zip(r.tokens, free.tokens):
+        want = ref[: ref.index(eos) + 1] if eos in ref else ref
+        assert got == want
+
+
+def test_chunked_prefill_and_chunked_decode_loop(model, gen, rng):
+    prompts = ragged_prompts(rng)
+    with manager() as m:
+        whole = gen.generate(prompts, m, max_new_tokens=30, stop_tokens=[])
+        chunked = gen.generate(prompts, m, max_new_tokens=30, stop_tokens=[], prefill_chunk=8, decode_chunk=7,
+                               progress=True)
+        again = gen.generate(prompts, m, max_new_tokens=30, stop_tokens=[])
+    assert again.compile_seconds == 0.0  # compiled once per shape, reused
+    assert_same_greedy(whole.tokens, chunked.tokens, prompts, model, what="chunked")
+    assert chunked.decode_steps == whole.decode_steps == 29
+
+
+def test_sampling_settings(gen, rng):
+    prompts = ragged_prompts(rng)
+    key = jax.random.key(int(rng.integers(2**31)))
+    with manager() as m:
+        run = lambda s, k=key: gen.generate(prompts, m, max_new_tokens=16, stop_tokens=[], sampling=s, key=k).tokens
+        greedy = run(SamplingConfig())
+        assert run(SamplingConfig(temperature=1.0, top_k=1)) == greedy
+        hot = SamplingConfig(temperature=1.5)
+        a = run(hot)
+        assert run(hot) == a  # same key, same tokens
+        assert run(hot, jax.random.key(int(rng.integers(2**31)) + 1)) != a
+        assert a != greedy
+
+
+def test_filter_logits_matches_numpy(rng):
+    logits = rng.standard_normal((5, 50)).astype(np.float32) * 3
+    for k, p in [(7, 1.0), (0, 0.6), (10, 0.3), (0, 1.0)]:
+        got = np.asarray(filter_logits(jnp.asarray(logits), SamplingConfig(temperature=0.7, top_k=k, top_p=p)))
+        for row, out in zip(logits / 0.7, got):
+            order = np.argsort(-row)
+            keep = np.zeros(50, bool)
+            keep[order[: k or 50]] = True
+            probs = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+            before = np.cumsum(probs[order]) - probs[order]
+            if p < 1.0:  # top_p == 1 means no nucleus cut (the cumsum can round past 1)
+                keep[order[before >= p]] = False
+            assert np.array_equal(np.isfinite(out), keep), (k, p)
+            np.testing.assert_allclose(out[keep], row[keep], rtol=1e-6)
+
+
+# -- copy-free compiled programs ---------------------------------------------------
+def test_compiled_prefill_and_decode_loop_copy_no_cache(model):
+    graphdef, params = nnx.split(model)
+    spec = REF.with_max_len(64)
+    # The size-based check needs a cache larger than any activation: [4, 512, 2, 16] = 64Ki elements.
+    with manager(max_batch=4, max_seq=512) as m:
+        cache = m.cache([m.allocate() for _ in range(3)], np.zeros(3, np.int32))
+        tokens, counts = jnp.zeros((3, 16), jnp.int32), jnp.array([3, 16, 9], jnp.int32)
+        logits = jnp.zeros((3, CFG.vocab_size), jnp.float32)
+        text = dec.prefill_program.lower(graphdef, params, cache, tokens, counts, logits, attn=spec).compile().as_text()
+        assert_no_cache_copy(text, m)
+        assert "vattn_grow" in text and "vattn_write" in text
+        keys = jax.random.split(jax.random.key(0), 3)
+        stop = jnp.full((3, 1), -1, jnp.int32)
+        carry = dec.start_carry(logits, keys, jnp.full((3,), 8), stop, 8, SamplingConfig())
+        lowered = dec.decode_program.lower(graphdef, params, cache, carry, jnp.int32(7), jnp.full((3,), 8), stop,
+                                           keys, attn=spec, sampling=SamplingConfig(temperature=1.0, top_p=0.9))
+        text = lowered.compile().as_text()
+        assert_no_cache_copy(text, m)
+        assert "while" in text and "vattn_grow" in text
+        # Negative control: returning a view from a top-level jit is a cache-sized copy.
+        bad = jax.jit(lambda c: (c.k[0], c.state)).lower(cache).compile().as_text()
+        with pytest.raises(jv.VAttentionError, match="cache-sized"):
+            assert_no_cache_copy(bad, m)
+        for s in np.asarray(cache.slots):
+            m.free(int(s))
+
+
+# -- bad input ---------------------------------------------------------------------
+@pytest.mark.parametrize("prompts,budget,match", [
+    ([[1] * 97], 1, "97 tokens, longer than max_seq=96"),
+    ([[1] * 90, [2]], 8, "90 prompt tokens \\+ max_new_tokens=8 need 97"),
+    ([[1, 2]], 0, "max_new_tokens must be a positive int, got 0"),
+    ([[1, 2]], -3, "got -3"),
+    ([[1, 2], [3]], [4, 0], "got 0 for prompt 1"),
+    ([[1, 2], [3]], [4], "1 values for 2 prompts"),
+    ([[1, 2], []], 4, "prompt 1 must be a non-empty"),
+    ([[1, 128]], 4, "outside \\[0, vocab_size=128\\)"),
+    ([[1]] * 5, 4, "5 prompts exceed the cache's max_batch=4"),
+    ([], 4, "non-empty list"),
+])
+def test_bad_requests_leave_nothing_mapped(gen, prompts, budget, match):
+    with manager() as m:
+        with pytest.raises(GenerationInputError, match=match):
+            gen.generate(prompts, m, max_new_tokens=budget)
+        st = m.stats()
+        assert st.pages_mapped == 0 and st.live_slots == 0 and st.maps == 0
+
+
+def test_bad_settings(gen, model):
+    with pytest.raises(GenerationInputError, match="top_p"):
+        SamplingConfig(temperature=1.0, top_p=0.0)
+    with pytest.raises(GenerationInputError, match="temperature"):
+        SamplingConfig(temperature=-1.0)
+    with manager() as m:
+        slots = [m.allocate() for _ in range(3)]
+        with pytest.raises(GenerationInputError, match="only 1 free slots"):
+            gen.generate([[1], [2]], m, max_new_tokens=2)
+        for s in slots:
+            m.free(s)
+        m.trim()
+        with pytest.raises(models.UnsupportedModelError, match="sliding_window=16"):
+            models.Generator(models.random_model(CFG.replace(sliding_window=16))).generate([[1] * 10], m,
+                                                                                         max_new_tokens=8)
+        assert m.stats().pages_mapped == 0
+    other = jv.CacheConfig(num_layers=3, max_batch=2, max_seq=64, kv_heads=2, head_dim=16, dtype="float32",
+                           page_bytes=PAGE)
+    with jv.KVCacheManager(other) as m:
+        with pytest.raises(GenerationInputError, match="does not fit the model"):
+            gen.generate([[1]], m, max_new_tokens=2)
+    with pytest.raises(TypeError, match="KVCacheManager or a StaticKVCache"):
+        gen.generate([[1]], object(), max_new_tokens=2)
+
+
+def test_pool_exhausted_in_decode_loop_cleans_up(gen, rng):
+    """Growth past the page budget fails inside the jitted loop; the slots are freed and unmapped."""
+    tensors = 2 * CFG.num_layers
+    with manager(max_batch=2, max_seq=96, pool_bytes=tensors * 2 * PAGE) as m:  # 2 pages per tensor
+        prompt = rng.integers(0, CFG.vocab_size, size=20).tolist()
+        with pytest.raises(jax.errors.JaxRuntimeError, match="PoolExhaustedError"):
+            gen.generate([prompt], m, max_new_tokens=60, stop_tokens=[])  # needs 3 pages per tensor
+        st = m.stats()
+        assert st.pages_mapped == 0 and st.live_slots == 0
+        ok = gen.generate([prompt], m, max_new_tokens=40, stop_tokens=[])  # fits: the manager still works
+        assert len(ok.tokens[0]) == 40
+
+
+# -- attention implementations -----------------------------------------------------
+def test_jnp_reference_matches_package_reference(rng):
+    """models.attention's any-dtype jnp attention agrees with the attention package's bf16 references."""
+    mb, seq, hkv, d, hq = 4, 64, 2, 64, 8
+    k = jnp.asarray(rng.standard_normal((mb, seq, hkv, d)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((mb, seq, hkv, d)), jnp.bfloat16)
+    slots = jnp.array([3, 0, 2], jnp.int32)
+    lengths = jnp.asarray(rng.integers(1, seq + 1, size=3), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((3, hq, d)), jnp.bfloat16)
+    vattn.assert_close(decode_attention_reference(q, k, v, slots, lengths, window=seq),
+                       vattn.decode_attention_reference(q, k, v, slots, lengths), what="decode")
+    q_lens = jnp.minimum(lengths, 12)
+    qp = jnp.asarray(rng.standard_normal((3, 12, hq, d)), jnp.bfloat16)
+    vattn.assert_close(prefill_attention_reference(qp, k, v, slots, lengths - q_lens, q_lens, window=seq),
+                       vattn.chunked_prefill_attention_reference(qp, k, v, slots, lengths - q_lens, q_lens),
+                       what="prefill")
+
+
+def test_pallas_kernels_in_interpret_mode_match_reference(rng):
+    """bf16, head_dim 64: the Pallas decode + chunked-prefill kernels (interpret mode) vs the jnp reference."""
+    cfg = CFG.replace(hidden_size=128, head_dim=64, intermediate_size=128)
+    model = models.random_model(cfg, seed=int(rng.integers(1000)), init_std=0.2, dtype=jnp.bfloat16)
+    prompts = [rng.integers(0, cfg.vocab_size, size=int(n)).tolist() for n in (5, 37, 1)]
+    cache_cfg = models.cache_config_for(cfg, max_batch=3, max_seq=96, dtype="bfloat16", page_bytes=8192)
+    out = {}
+    for impl in ("kernel", "reference"):
+        g = models.Generator(model, attn=AttentionSpec(impl=impl, interpret=True, block_k=32))
+        with jv.KVCacheManager(cache_cfg) as m:  # 32 tokens per page: block_k=32 reads only mapped pages
+            out[impl] = g.generate(prompts, m, max_new_tokens=[12, 20, 30], stop_tokens=[], prefill_chunk=16)
+    assert [len(t) for t in out["kernel"].tokens] == [12, 20, 30]
+    # bf16 logits of magnitude ~8 are quantised in steps of 1/16; the two attention paths round differently.
+    assert_same_greedy(out["kernel"].tokens, out["reference"].tokens, prompts, model, tie_tol=0.3,
+                       what="kernel vs reference (bf16)")
+    with jv.KVCacheManager(cache_cfg.__class__(**{**cache_cfg.__dict__, "page_bytes": 4096})) as m:
+        g = models.Generator(model, attn=AttentionSpec(impl="kernel", interpret=True, block_k=32))
+        with pytest.raises(GenerationInputError, match="does not divide"):  # 16 tokens per page < block_k
+            g.generate(prompts, m, max_new_tokens=4)
+        assert m.stats().pages_mapped == 0
