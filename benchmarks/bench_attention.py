@@ -82,8 +82,17 @@ def chained(op, qs, rest):
     Big arrays (caches) must come in through ``rest``: never closed over, so that
     jit takes them as arguments rather than as embedded constants.
     """
-    f = jax.jit(lambda qs, *rest: tuple(op(q, *rest) for q in qs))
-    return f, (tuple(qs), *rest), len(qs)
+    def f(qs, *rest):
+        out = None
+        for q in qs:
+            if out is not None:
+                # Each op depends on the previous one, so XLA cannot fuse the
+                # chain (sibling fusion would read K/V once for all of them).
+                q = q + (out * 1e-3).astype(q.dtype)
+            out = op(q, *rest)
+        return out
+
+    return jax.jit(f), (tuple(qs), *rest), len(qs)
 
 
 def distinct_qs(q, n):
