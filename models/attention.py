@@ -7,7 +7,7 @@ length, which must come from ``KVCache.write``):
   row) and ``chunked_prefill_attention`` (Pallas; ``interpret=True`` on CPU).
   They take bf16/fp16 caches with ``head_dim`` 64 or 128.
 * ``"reference"``: the jnp functions below, fp32 maths, any cache dtype and
-  head_dim. They gather a ``[B, W, Hkv, D]`` window whose positions are clipped
+  head_dim. They gather a ``[B, Hkv, W, D]`` window whose positions are clipped
   below each row's length, so they never touch an unmapped page; ``W`` is
   ``AttentionSpec.max_len`` (a static bound on the context) or the cache length.
   The attention package's own ``*_reference`` functions do the same but accept
@@ -79,28 +79,34 @@ def default_platform() -> str:
 
 # -- jnp reference (any dtype, fp32 maths) -------------------------------------
 def gather_window(cache: jax.Array, slots: jax.Array, lengths: jax.Array, window: int) -> jax.Array:
-    """``cache[slots[b], min(t, len_b - 1)]`` for ``t < window``: ``[B, W, Hkv, D]``, below lengths only."""
+    """``cache[slots[b], min(t, len_b - 1), h]`` for ``t < window``: ``[B, Hkv, W, D]``, below lengths only.
+
+    Gathered head-major, the layout the score and value products consume, so
+    XLA needs no transposed copy of the window (which, for a full batch at a
+    full-length window, is as large as a cache tensor).
+    """
     pos = jnp.arange(window, dtype=jnp.int32)[None, :]  # [1, W]
     idx = jnp.minimum(pos, jnp.maximum(lengths[:, None], 1) - 1)  # [B, W]
-    return cache[slots[:, None], idx]
+    heads = jnp.arange(cache.shape[2], dtype=jnp.int32)
+    return cache[slots[:, None, None], idx[:, None, :], heads[None, :, None]]  # [B, Hkv, W, D]
 
 
 def _attend(q, k, v, mask, scale):
-    """q [B, T, Hq, D]; k/v [B, W, Hkv, D]; mask [B, T, W] -> [B, T, Hq, D] fp32."""
+    """q [B, T, Hq, D]; k/v [B, Hkv, W, D]; mask [B, T, W] -> [B, T, Hq, D] fp32."""
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    qf = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)  # [B, T, Hkv, G, D]
-    s = jnp.einsum("btkgd,bwkd->bkgtw", qf, k.astype(jnp.float32), precision="highest") * scale
+    hkv = k.shape[1]
+    qf = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, D]
+    s = jnp.einsum("bkgtd,bkwd->bkgtw", qf, k.astype(jnp.float32), precision="highest") * scale
     s = jnp.where(mask[:, None, None], s, -jnp.inf)  # [B, Hkv, G, T, W]
     p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bkgtw,bwkd->btkgd", p, v.astype(jnp.float32), precision="highest")
-    return o.reshape(b, t, hq, d)
+    o = jnp.einsum("bkgtw,bkwd->bkgtd", p, v.astype(jnp.float32), precision="highest")
+    return o.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
 
 
 def prefill_attention_reference(q, k_cache, v_cache, slots, starts, q_lens, *, window: int):
     """Causal attention of ``q [B, T, Hq, D]`` (tokens ``starts + t``) over cache tokens ``[0, starts + q_lens)``."""
     kv_lens = starts + q_lens  # [B]
-    k = gather_window(k_cache, slots, kv_lens, window)  # [B, W, Hkv, D]
+    k = gather_window(k_cache, slots, kv_lens, window)  # [B, Hkv, W, D]
     v = gather_window(v_cache, slots, kv_lens, window)
     t = jnp.arange(q.shape[1], dtype=jnp.int32)
     w = jnp.arange(window, dtype=jnp.int32)
@@ -122,6 +128,7 @@ def dense_causal_attention(q, k, v):
     t = q.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))
     mask = jnp.broadcast_to(causal, (q.shape[0], t, t))
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
     return _attend(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1])).astype(q.dtype)
 
 

@@ -26,9 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_vattention import KVCacheManager, VAttentionError
+from jax_vattention import KVCacheManager
 from jax_vattention.attention import check_block_fits_pages
-from jax_vattention.hlo import assert_no_cache_copy, cache_sized_copies
 
 from . import decode as dec
 from .attention import AttentionSpec
@@ -117,29 +116,6 @@ def check_requests(prompts, max_new_tokens, *, vocab_size: int, max_seq: int, ma
     return out, np.asarray(budgets, np.int32)
 
 
-def check_compiled(text: str, manager, *, strict: bool) -> None:
-    """Refuse a compiled program that copies a cache tensor.
-
-    ``strict``: ``jax_vattention.hlo.assert_no_cache_copy`` - no copy or transpose
-    at least as large as a cache tensor. Used for the decode loop, where every
-    activation is far smaller than the cache. A prefill's activations (e.g. the
-    kernels' GQA re-layout of ``q [B, T, Hq, D]``, or the reference's scores
-    ``[B, Hq, T, W]``) can legitimately exceed a small cache, so prefill programs
-    are checked for copies of exactly a cache tensor's element count, which is
-    what a copy of the view has, in any layout.
-    """
-    if strict:
-        assert_no_cache_copy(text, manager)
-        return
-    c = manager.config
-    elements = c.max_batch * manager.max_seq * c.kv_heads * c.head_dim
-    found = [n for n in cache_sized_copies(text, elements) if n == elements]
-    if found:
-        raise VAttentionError(
-            f"the compiled prefill copies {len(found)} buffer(s) of exactly a cache tensor's {elements} elements; "
-            "on a sparsely mapped cache that copy reads unmapped memory")
-
-
 def _stop_matrix(stop_tokens, n: int, default: Sequence[int]) -> np.ndarray:
     if stop_tokens is None:
         rows = [list(default)] * n
@@ -182,7 +158,7 @@ class Generator:
             lead = (self.graphdef,) if model else ()
             compiled = jitted.lower(*lead, *args, **static).compile()
             if manager is not None and self.check_copies:
-                check_compiled(compiled.as_text(), manager, strict=name == "decode")
+                dec.check_compiled(compiled.as_text(), manager, strict=name == "decode")
             hit = self._compiled[key] = (compiled, time.perf_counter() - t0)
             self._compile_seconds += hit[1]
         return hit[0]

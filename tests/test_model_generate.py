@@ -255,10 +255,26 @@ def test_compiled_prefill_and_decode_loop_copy_no_cache(model):
         text = lowered.compile().as_text()
         assert_no_cache_copy(text, m)
         assert "while" in text and "vattn_grow" in text
-        # Negative control: returning a view from a top-level jit is a cache-sized copy.
+        # A full batch with a full-length window: the reference's gathered window is as large as a cache
+        # tensor, so any transposed copy of it would be flagged; the loop must have none.
+        full = m.cache(np.arange(4, dtype=np.int32), np.zeros(4, np.int32))
+        keys4, stop4 = jax.random.split(jax.random.key(1), 4), jnp.full((4, 1), -1, jnp.int32)
+        carry4 = dec.start_carry(jnp.zeros((4, CFG.vocab_size)), keys4, jnp.full((4,), 8), stop4, 8, SamplingConfig())
+        text = dec.decode_program.lower(graphdef, params, full, carry4, jnp.int32(7), jnp.full((4,), 8), stop4, keys4,
+                                        attn=REF.with_max_len(512), sampling=SamplingConfig()).compile().as_text()
+        assert_no_cache_copy(text, m)
+        # Negative controls: returning a view from a top-level jit, or a transposed read of it, copies the cache;
+        # the operand-tracing guard the Generator applies to prefill programs sees both, and no activations.
         bad = jax.jit(lambda c: (c.k[0], c.state)).lower(cache).compile().as_text()
         with pytest.raises(jv.VAttentionError, match="cache-sized"):
             assert_no_cache_copy(bad, m)
+        with pytest.raises(jv.VAttentionError, match="copies a cache view"):
+            dec.check_compiled(bad, m, strict=False)
+        view = (4, m.max_seq, CFG.num_kv_heads, CFG.head_dim)
+        bad = jax.jit(lambda c: c.k[1].transpose(1, 0, 2, 3)[::2]).lower(cache).compile().as_text()
+        assert dec.copies_of_views(bad, view)
+        big = jax.jit(lambda c: jnp.ones(view[::-1]).transpose(3, 2, 1, 0) * c.lengths[0]).lower(cache)
+        assert dec.copies_of_views(big.compile().as_text(), view) == []  # an activation, not the view
         for s in np.asarray(cache.slots):
             m.free(int(s))
 
