@@ -142,7 +142,8 @@ class Generator:
 
     # -- compilation -------------------------------------------------------
     def compiled_programs(self) -> dict[str, list]:
-        """The compiled executables so far, by program name ("prefill", "start", "decode")."""
+        """Compiled executables so far, by program: "prefill", "decode" (vAttention), "prefill_static",
+        "decode_static" (static cache), "start"."""
         out: dict[str, list] = {}
         for key, (compiled, _) in self._compiled.items():
             out.setdefault(key[0], []).append(compiled)
@@ -277,7 +278,9 @@ class Generator:
             counts = np.minimum(remaining, width).astype(np.int32)
             remaining -= counts
             chunks.append((jnp.asarray(padded[:, off: off + width]), jnp.asarray(counts)))
-        prefill_c = self._compile("prefill", prefill_fn, manager, dict(attn=spec), self.params, kv, *chunks[0], logits)
+        suffix = "" if manager is not None else "_static"
+        prefill_c = self._compile("prefill" + suffix, prefill_fn, manager, dict(attn=spec), self.params, kv,
+                                  *chunks[0], logits)
 
         out_len = _bucket(int(max_new.max()), 1 << 30, minimum=8)  # buffer width: few distinct shapes
         max_new_d = jnp.asarray(max_new)
@@ -298,7 +301,7 @@ class Generator:
         if total > 0 and not bool(carry.done.all()):
             static = dict(attn=spec, sampling=sampling)
             args = (self.params, kv, carry, jnp.int32(0), max_new_d, stop_ids, keys)
-            decode_c = self._compile("decode", decode_fn, manager, static, *args)
+            decode_c = self._compile("decode" + suffix, decode_fn, manager, static, *args)
             bar = _progress_bar(total, progress)
             t0 = time.perf_counter()
             while step < total:
