@@ -82,7 +82,7 @@ def choose_config(batch, kv_heads, group, max_len, head_dim, *, block_k=None, nu
                   seq_len=None) -> DecodeConfig:
     """Tile and split-K parameters from the batch size and the length bucket.
 
-    Splits are added until there are about two programs per SM (B * Hkv programs
+    Splits are added until there is about one program per SM (B * Hkv programs
     already suffice at large batch), but a split never gets fewer than
     ``min_blocks_per_split`` tiles, so short contexts keep one split.
     """
@@ -98,14 +98,16 @@ def choose_config(batch, kv_heads, group, max_len, head_dim, *, block_k=None, nu
     if num_splits is None:
         num_sms = num_sms or common.gpu_core_count()
         base = batch * kv_heads * head_blocks
-        num_splits = min(cdiv(2 * num_sms, base), cdiv(num_blocks, min_blocks_per_split))
+        # About one program per SM: at B*Hkv >= #SMs that is one split and no combine
+        # kernel (H100 sweep, benchmarks/tune_decode.py: B=32 ctx=4K best at 1 split).
+        num_splits = min(cdiv(num_sms, base), cdiv(num_blocks, min_blocks_per_split))
     num_splits = max(1, min(int(num_splits), num_blocks))
     blocks_per_split = cdiv(num_blocks, num_splits)
     num_splits = cdiv(num_blocks, blocks_per_split)
     if num_warps is None:
         num_warps = 4 if block_h * head_dim <= 32 * 128 else 8
     if num_stages is None:
-        num_stages = 3 if block_k * head_dim <= 64 * 128 else 2
+        num_stages = 4 if block_k * head_dim <= 64 * 128 else 2
     return DecodeConfig(block_k, num_splits, blocks_per_split, block_h, head_blocks, num_warps, num_stages)
 
 
