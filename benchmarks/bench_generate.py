@@ -140,7 +140,8 @@ def main():
     assert summary["vattention"]["pages_mapped_in_run"] > 0 and summary["premapped"]["pages_mapped_in_run"] > 0
     ratio = summary["vattention"]["decode_step_us"] / summary["premapped"]["decode_step_us"]
     summary["ratio_vattention_vs_premapped"] = ratio
-    summary["ratio_vattention_vs_static"] = summary["vattention"]["decode_step_us"] / summary["static"]["decode_step_us"]
+    step_us = {name: summary[name]["decode_step_us"] for name in results}
+    summary["ratio_vattention_vs_static"] = step_us["vattention"] / step_us["static"]
     summary["config"] = dict(layers=cfg.num_layers, batch=B, prompt=P, new_tokens=N, max_seq=args.max_seq,
                              prompt_spread=args.prompt_spread, page_bytes=cache_cfg.page_bytes,
                              reserved_bytes=reserved, decode_loop_page_maps=crossings,
@@ -161,7 +162,8 @@ def main():
     md.append(f"\nconfig: {summary['config']}")
     table = "\n".join(md)
     print(table)
-    name = "generate" + ("_quick" if args.quick else "") + (f"_spread{args.prompt_spread}" if args.prompt_spread else "")
+    name = "generate" + ("_quick" if args.quick else "")
+    name += f"_spread{args.prompt_spread}" if args.prompt_spread else ""
     if args.preset != "llama-3-8b":
         name += "_" + args.preset
     paths = write_results(name, summary, table)

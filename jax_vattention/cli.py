@@ -117,7 +117,8 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--num-prompts", type=int, default=4, help="random prompts when none are given (default 4)")
     g.add_argument("--prompt-len", type=int, default=48, help="longest random prompt (default 48)")
     g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--max-seq", type=int, default=None, help="cache tokens per slot (default 32768, capped by the model)")
+    g.add_argument("--max-seq", type=int, default=None,
+                   help="cache tokens per slot (default 32768, capped by the model)")
     g.add_argument("--max-batch", type=int, default=None, help="cache slots (default: number of prompts)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights and cache (auto: bfloat16 on GPU, float32 on CPU)")

@@ -155,7 +155,8 @@ def programs(static_cache: bool):
 
 # -- copy guard for compiled programs ----------------------------------------------
 _COMP = re.compile(r"^(?P<entry>ENTRY\s+)?%(?P<name>[\w.\-]+)\s+\(.*\{\s*$")
-_INST = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<type>.*?)\s(?P<op>[\w\-]+)\((?P<args>[^)]*)\)(?P<rest>.*)$")
+_INST = re.compile(
+    r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<type>.*?)\s(?P<op>[\w\-]+)\((?P<args>[^)]*)\)(?P<rest>.*)$")
 _DIMS = re.compile(r"^[a-z0-9]+\[([0-9,]*)\]")
 _COPIES = ("copy", "copy-start", "transpose")
 _PASS_THROUGH = ("bitcast", "reshape", "copy", "copy-start", "copy-done", "transpose")
@@ -200,7 +201,8 @@ def copies_of_views(text: str, view_dims: tuple) -> list[str]:
             if names[id(comp)] == entry:
                 return _dims(typ) == view_dims
             i = int(args[0])  # parameter i of a fused / called computation: operand i at each call site
-            return any(i < len(ops) and is_view(caller, ops[i], seen) for caller, ops in callers.get(names[id(comp)], []))
+            sites = callers.get(names[id(comp)], [])
+            return any(i < len(ops) and is_view(caller, ops[i], seen) for caller, ops in sites)
         return op in _PASS_THROUGH and bool(args) and is_view(comp, args[0], seen)
 
     return [name for comp in comps.values() for name, (typ, op, args) in comp.items()

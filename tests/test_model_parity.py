@@ -15,6 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+# Without the models package's dependencies (e.g. a device image with only jax), skip rather than
+# break collection of the whole suite.
+pytest.importorskip("flax", reason="models needs flax (pip install -e .)")
+pytest.importorskip("safetensors", reason="models needs safetensors (pip install -e .)")
+
 from flax import nnx
 
 import jax_vattention as jv
