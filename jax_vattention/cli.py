@@ -164,6 +164,8 @@ def run_generate(args) -> int:
 
 
 def _generate(args, jax, np, jv, models) -> int:
+    if args.max_new_tokens <= 0:  # before loading weights: the cheapest checks first
+        raise models.GenerationInputError(f"max_new_tokens must be a positive int, got {args.max_new_tokens}")
     platform = jax.devices()[0].platform
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if platform == "gpu" else "float32")
     tokenizer = None
@@ -210,8 +212,11 @@ def _generate(args, jax, np, jv, models) -> int:
         result = gen.generate(prompts, cache, **kw)
         stats = None
     else:
+        # Page budget: what these requests can need (+1 page per tensor per request), not max_batch x max_seq.
+        token_bytes = cfg.num_kv_heads * cfg.head_dim * np.dtype(jax.numpy.dtype(dtype)).itemsize
+        need = sum(-(-(len(p) + args.max_new_tokens) * token_bytes // page_bytes) + 1 for p in prompts)
         cache_cfg = models.cache_config_for(cfg, max_batch=max_batch, max_seq=max_seq, dtype=dtype,
-                                            page_bytes=page_bytes)
+                                            page_bytes=page_bytes, pool_bytes=2 * cfg.num_layers * need * page_bytes)
         with jv.KVCacheManager(cache_cfg) as manager:
             result = gen.generate(prompts, manager, **kw)
             stats = manager.stats()
