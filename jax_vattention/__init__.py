@@ -15,7 +15,7 @@ from .errors import (
     SlotStateError,
     VAttentionError,
 )
-from .manager import CacheStats, KVCacheManager
+from .manager import CacheStats, KVCacheManager, default_device
 from .ops import grow, write
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "PoolExhaustedError",
     "SlotStateError",
     "VAttentionError",
+    "default_device",
     "grow",
     "write",
 ]

@@ -46,7 +46,7 @@ def run_demo(args) -> int:
         num_layers=args.layers, max_batch=args.max_batch, max_seq=args.max_seq,
         kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
     )
-    device = jax.devices()[0]
+    device = jv.default_device()
     print(f"device: {device.device_kind if hasattr(device, 'device_kind') else device.platform}")
     with jv.KVCacheManager(cfg) as m:
         print(m)
@@ -166,7 +166,7 @@ def run_generate(args) -> int:
 def _generate(args, jax, np, jv, models) -> int:
     if args.max_new_tokens <= 0:  # before loading weights: the cheapest checks first
         raise models.GenerationInputError(f"max_new_tokens must be a positive int, got {args.max_new_tokens}")
-    platform = jax.devices()[0].platform
+    platform = jv.default_device().platform  # honours jax.default_device
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if platform == "gpu" else "float32")
     tokenizer = None
     if args.model:

@@ -43,7 +43,7 @@ def padded_max_seq(config: CacheConfig) -> int:
     return -(-config.max_seq // quantum) * quantum
 
 
-def _default_device() -> jax.Device:
+def default_device() -> jax.Device:
     """The device jit would use: ``jax.default_device`` if set, else the first device."""
     default = jax.config.jax_default_device
     if isinstance(default, str):
@@ -139,7 +139,7 @@ class KVCacheManager:
         if not isinstance(config, CacheConfig):
             raise CacheValueError(f"config must be a CacheConfig, got {type(config).__name__}")
         self.config = config
-        self.device = device if device is not None else _default_device()
+        self.device = device if device is not None else default_device()
         if self.device.platform == "gpu":
             if not _core.cuda_compiled():
                 raise BackendError("this build of jax_vattention has no CUDA backend (nvcc was not found at build time)")
