@@ -101,7 +101,7 @@ def test_1b_shape_memory_bound_and_static_parity(rng):
     """Llama-3.2-1B shape, bf16, kernels: mapped <= tokens needed + one page per layer tensor per request."""
     cfg = models.get_preset("llama-3.2-1b")
     model = models.random_model(cfg, seed=0, dtype=jnp.bfloat16)
-    B, max_seq = 8, 2048
+    B, max_seq = 8, 8192  # 2048 tokens a page at this shape: a 2048-token slot would be one page
     prompts = ragged(rng, B, 900, cfg.vocab_size)
     budgets = rng.integers(1, 129, size=B).tolist()
     gen = models.Generator(model)  # auto: the Pallas kernels on the GPU
