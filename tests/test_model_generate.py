@@ -233,7 +233,9 @@ def test_filter_logits_matches_numpy(rng):
             order = np.argsort(-row)
             keep = np.zeros(50, bool)
             keep[order[: k or 50]] = True
-            probs = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+            # top-p acts on the distribution left by top-k (renormalised), as in HF's warpers
+            masked = np.where(keep, row, -np.inf)
+            probs = np.exp(masked - row.max()) / np.exp(masked - row.max()).sum()
             before = np.cumsum(probs[order]) - probs[order]
             if p < 1.0:  # top_p == 1 means no nucleus cut (the cumsum can round past 1)
                 keep[order[before >= p]] = False
