@@ -1,6 +1,7 @@
-"""Serving engine pieces: requests, sampling parameters and the continuous-batching scheduler."""
+"""Serving engine: requests, sampling parameters, the continuous-batching scheduler and ``LLM``."""
 
+from .llm import LLM, RequestOutput
 from .request import Request, SamplingParams, Status
 from .scheduler import Chunk, Scheduler, SchedulerConfig, SchedulerOutput
 
-__all__ = ["Chunk", "Request", "SamplingParams", "Scheduler", "SchedulerConfig", "SchedulerOutput", "Status"]
+__all__ = ["LLM", "Chunk", "Request", "RequestOutput", "SamplingParams", "Scheduler", "SchedulerConfig", "SchedulerOutput", "Status"]
