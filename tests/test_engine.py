@@ -71,3 +71,27 @@ def test_bad_requests(model):
         with pytest.raises(ValueError, match="SamplingParams"):
             llm.generate([[1], [2]], [SamplingParams()])
         assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3))[0].tokens  # still works
+
+
+def test_overlapped_allocation_maps_the_next_decode_during_the_step(model):
+    """With overlap on, the scheduler's grow for a decode finds its page already mapped."""
+    ps = prompts(11, 3, model.config.vocab_size)
+    sp = SamplingParams(max_tokens=30)
+    results = {}
+    for overlap in (False, True):
+        with LLM(model, max_batch=4, max_seq=256, attn=REF, page_bytes=4096, overlap_allocation=overlap) as llm:
+            sched, maps_in_schedule = llm.scheduler, []
+            schedule = sched.schedule
+
+            def counted_schedule():
+                before = llm.manager.stats().maps
+                out = schedule()
+                if out.decodes and not out.prefills:
+                    maps_in_schedule.append(llm.manager.stats().maps - before)
+                return out
+
+            sched.schedule = counted_schedule
+            results[overlap] = ([o.tokens for o in llm.generate(ps, sp)], sum(maps_in_schedule))
+    assert results[True][0] == results[False][0]
+    assert results[False][1] > 0  # without overlap, decode iterations map pages on the critical path
+    assert results[True][1] == 0  # with it, never

@@ -7,6 +7,10 @@ decode, up to ``chunk_size`` for a prefill chunk) and runs one jitted
 prefill-style step on the vAttention cache. B and T are bucketed to powers of
 two, so a long run compiles a bounded number of shapes (``num_compiled``).
 
+With ``overlap_allocation`` (the default), the pages each row's next decode
+needs are mapped while the current step runs on the device (vAttention's
+overlapped allocation; JAX dispatch is asynchronous, so no thread is needed).
+
 Sampling is per request and reproducible: the key of a request's n-th token is
 ``fold_in(PRNGKey(params.seed), n)``, whatever batch it lands in and whether
 it was preempted and recomputed.
@@ -46,7 +50,7 @@ class LLM:
 
     def __init__(self, model, *, max_batch: int = 8, max_seq: int = 2048, dtype: str | None = None,
                  pool_bytes: int | None = None, page_bytes: int | None = None, token_budget: int = 256,
-                 chunk_size: int = 128, admission_headroom: int = 16, attn=None):
+                 chunk_size: int = 128, admission_headroom: int = 16, attn=None, overlap_allocation: bool = True):
         import models  # the model package ships with jax_vattention
         from models.attention import AttentionSpec
 
@@ -60,6 +64,7 @@ class LLM:
             max_batch=max_batch, token_budget=token_budget, chunk_size=chunk_size,
             admission_headroom=admission_headroom))
         self.attn = (attn or AttentionSpec()).resolve(dtype, cfg.head_dim, self.manager.device.platform)
+        self.overlap_allocation = overlap_allocation
         self._shapes: set[tuple[int, int]] = set()
         self._next_id = 0
         self._step = jax.jit(self._forward, static_argnames=("graphdef",))
@@ -91,12 +96,33 @@ class LLM:
         cache = self.manager.cache(slots, starts)
         graphdef, params = nnx.split(self.model)
         logits, _ = self._step(graphdef, params, cache, jnp.asarray(tokens), jnp.asarray(counts))
+        if self.overlap_allocation:
+            self._map_next_step(chunks)  # while the step runs on the device (dispatch is asynchronous)
         logits = np.asarray(logits)
         sampled = {}
         for i, c in enumerate(chunks):
             if c.samples:
                 sampled[c.request.request_id] = self._sample(logits[i], c.request)
         return sampled
+
+    def _map_next_step(self, chunks) -> None:
+        """Overlapped allocation: map the page each sampling row's next decode will need.
+
+        Runs between dispatching step t and reading its results, so the mapping
+        work hides behind the device; the scheduler's own grow for step t+1 then
+        finds the pages mapped. A row that finishes keeps the page for the next
+        request (deferred reclamation); a full pool is left to the scheduler.
+        """
+        from ..errors import PoolExhaustedError
+
+        for c in chunks:
+            r = c.request
+            if not c.samples or len(r.output) + 1 >= r.params.max_tokens:
+                continue
+            try:
+                self.manager.grow(r.slot, min(c.start + c.num_tokens + 1, self.manager.max_seq))
+            except PoolExhaustedError:
+                return
 
     @staticmethod
     def _sample(logits: np.ndarray, r: Request) -> int:
