@@ -115,6 +115,19 @@ def run_baseline(name, record, fn):
             traceback.print_exc()
 
 
+def tune_best(ours, configs):
+    """Time ``ours(cfg)`` for each configuration (failures are skipped); the fastest as a record."""
+    best = None
+    for cfg in configs:
+        r = {}
+        run_baseline("t", r, lambda: ours(cfg))
+        if "us" in r["t"] and (best is None or r["t"]["us"] < best[1]):
+            best = (cfg, r["t"]["us"])
+    result = {"config": best[0], "us": best[1]} if best else None
+    print(f"    tune best {result}", flush=True)
+    return result
+
+
 # ------------------------------------------------------------------ decode --
 @functools.partial(jax.jit, static_argnames="page")
 def paged_copy(x, inv, page):
@@ -169,17 +182,10 @@ def decode_case(b, ctx, args, key, copy_peak_bw, tune):
     run_baseline("ours", rec, ours)
     print(f"  decode B={b:4d} ctx={ctx:6d} ours {rec['ours'].get('us', float('nan')):9.1f} us", flush=True)
     if tune:
-        best = None
-        for bk in (32, 64, 128):
-            for ns in (None, 1, 2, 4, 8):
-                for nw, st in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3)):
-                    cfg = dict(block_k=bk, num_splits=ns, num_warps=nw, num_stages=st)
-                    r = {}
-                    run_baseline("t", r, lambda: ours(cfg))
-                    if "us" in r["t"] and (best is None or r["t"]["us"] < best[1]):
-                        best = (cfg, r["t"]["us"])
-        rec["tune_best"] = {"config": best[0], "us": best[1]} if best else None
-        print(f"    tune best {rec['tune_best']}", flush=True)
+        rec["tune_best"] = tune_best(ours, [
+            dict(block_k=bk, num_splits=ns, num_warps=nw, num_stages=st)
+            for bk in (32, 64, 128) for ns in (None, 1, 2, 4, 8)
+            for nw, st in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3))])
 
     # JAX paged attention, pages of 16 and 64, shuffled block table
     def paged(page):
@@ -300,17 +306,9 @@ def prefill_case(b, chunk, prefix, args, key, tune=False):
     run_baseline("ours", rec, ours)
     run_baseline("cudnn_nomask", rec, cudnn)
     if tune:
-        best = None
-        for bm in (64, 128):
-            for bk in (32, 64, 128):
-                for nw, st in ((4, 2), (4, 3), (8, 2), (8, 3)):
-                    cfg = dict(block_m=bm, block_k=bk, num_warps=nw, num_stages=st)
-                    r = {}
-                    run_baseline("t", r, lambda: ours(cfg))
-                    if "us" in r["t"] and (best is None or r["t"]["us"] < best[1]):
-                        best = (cfg, r["t"]["us"])
-        rec["tune_best"] = {"config": best[0], "us": best[1]} if best else None
-        print(f"    tune best {rec['tune_best']}", flush=True)
+        rec["tune_best"] = tune_best(ours, [
+            dict(block_m=bm, block_k=bk, num_warps=nw, num_stages=st)
+            for bm in (64, 128) for bk in (32, 64, 128) for nw, st in ((4, 2), (4, 3), (8, 2), (8, 3))])
     if "us" in rec["ours"] and "us" in rec["cudnn_nomask"]:
         rec["cudnn_nomask"]["ours_over_this"] = rec["ours"]["us"] / rec["cudnn_nomask"]["us"]
     print(f"  prefill B={b} chunk={chunk} ours {rec['ours'].get('us', float('nan')):9.1f} us, "

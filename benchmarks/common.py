@@ -24,18 +24,6 @@ def device_slug(device: jax.Device | None = None) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
 
 
-def time_call(fn, *, warmup: int = 2, repeats: int = 5) -> list[float]:
-    """Wall seconds per call of ``fn()``, which must block until its device work is done."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def median(xs):
     return statistics.median(xs)
 

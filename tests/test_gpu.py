@@ -18,7 +18,7 @@ import pytest
 from jax import lax
 
 import jax_vattention as jv
-from hlo_checks import cache_sized_copies
+from jax_vattention.hlo import cache_sized_copies
 
 pytestmark = pytest.mark.gpu
 MIB = 1 << 20
