@@ -72,6 +72,17 @@ class KVCache:
         lengths = ops.grow(self.manager, self.slots, new_lengths)
         return self.with_state(CacheState(self.slots, lengths, lengths - self.lengths))
 
+    def pending(self, counts: jax.Array) -> KVCache:
+        """Make ``counts [B]`` more tokens per row pending writes, without mapping anything.
+
+        For callers that back pages on the host (``manager.grow``) before
+        dispatching, such as the serving engine: no grow call, so no device
+        sync. A write past a row's backed capacity is still refused (and
+        raised), never stored into unmapped memory.
+        """
+        counts = jnp.asarray(counts, jnp.int32)
+        return self.with_state(CacheState(self.slots, self.lengths + counts, counts))
+
     def write(self, layer: int, k_new: jax.Array, v_new: jax.Array) -> jax.Array:
         """Write the pending tokens of every row into ``layer``; returns lengths [B].
 

@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_vattention import KVCache
+
 from .attention import AttentionSpec, cache_attention, dense_causal_attention
 from .config import ModelConfig
 from .layers import MLP, Embed, Linear, RMSNorm, apply_rope, model_inverse_frequencies
-from .static_cache import StaticKVCache
 
 
 @functools.lru_cache(maxsize=64)
@@ -36,10 +37,23 @@ def write_kv(cache, layer: int, k: jax.Array, v: jax.Array):
 
     The lengths come out of the write (the FFI call for a vAttention cache) and
     are what the attention must read with, so reads are ordered after it.
+    Static and paged caches write functionally and return new buffers.
     """
-    if isinstance(cache, StaticKVCache):
-        return cache.write(layer, k, v)
-    return cache.write(layer, k, v), cache
+    if isinstance(cache, KVCache):
+        return cache.write(layer, k, v), cache
+    return cache.write(layer, k, v)
+
+
+def attend_cache(cache, layer: int, q, lengths, attn: AttentionSpec):
+    """Attention of the pending tokens ``q [B, T, Hq, D]`` over the cache (after their write)."""
+    if hasattr(cache, "attention"):  # a paged cache brings its own kernel (block tables)
+        return cache.attention(layer, q, lengths, cache.state.num_new, attn)
+    return cache_attention(q, cache.k[layer], cache.v[layer], cache.slots, lengths, cache.state.num_new, attn)
+
+
+def select_rows(cache, r0: int, r1: int):
+    """The same cache buffers serving rows ``[r0, r1)`` only (every per-row leaf of the state is sliced)."""
+    return cache.with_state(jax.tree.map(lambda a: a[r0:r1], cache.state))
 
 
 class Attention(nnx.Module):
@@ -53,7 +67,9 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.layer = layer
 
-    def __call__(self, x, positions, cache, attn: AttentionSpec):
+    def __call__(self, x, positions, cache, attn: AttentionSpec, segments=None):
+        if segments is not None:
+            return self._segmented(x, positions, cache, attn, segments)
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)  # [B, T, Hq, D]
@@ -67,9 +83,41 @@ class Attention(nnx.Module):
         else:
             dtype = cache.k[self.layer].dtype
             lengths, cache = write_kv(cache, self.layer, k.astype(dtype), v.astype(dtype))
-            kc, vc = cache.k[self.layer], cache.v[self.layer]  # [MB, S, Hkv, D], read below lengths only
-            o = cache_attention(q, kc, vc, cache.slots, lengths, cache.state.num_new, attn)  # [B, T, Hq, D]
+            o = attend_cache(cache, self.layer, q, lengths, attn)  # [B, T, Hq, D], reads below lengths only
         return self.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(x.dtype)), cache
+
+    def _segmented(self, x, positions, cache, attn: AttentionSpec, segments):
+        """Flat tokens ``x [N, H]`` of several row groups, e.g. a hybrid batch's decodes and prefill chunks.
+
+        ``segments`` (static) is ``((r0, r1, T), ...)``: rows ``[r0, r1)`` of the
+        cache each bring ``T`` consecutive tokens of ``x``. The projections and
+        the MLP run once over all N tokens (one pass over the weights); each
+        group gets its own write and attention shape, so decode rows use the
+        decode kernel instead of being padded to the prefill chunk length.
+        """
+        cfg = self.cfg
+        n = x.shape[0]
+        q = self.q_proj(x).reshape(n, 1, cfg.num_heads, cfg.head_dim)  # [N, 1, Hq, D]
+        k = self.k_proj(x).reshape(n, 1, cfg.num_kv_heads, cfg.head_dim)  # [N, 1, Hkv, D]
+        v = self.v_proj(x).reshape(n, 1, cfg.num_kv_heads, cfg.head_dim)
+        inv_freq = _inv_freq(cfg)
+        q = apply_rope(q, positions[:, None], inv_freq)[:, 0]  # [N, Hq, D]
+        k = apply_rope(k, positions[:, None], inv_freq)[:, 0]  # [N, Hkv, D]
+        v = v[:, 0]
+        dtype = cache.k[self.layer].dtype
+        state, outs, off = cache.state, [], 0
+        for r0, r1, t in segments:
+            rows, m = r1 - r0, (r1 - r0) * t
+            part = select_rows(cache, r0, r1)
+            ks = k[off:off + m].reshape(rows, t, cfg.num_kv_heads, cfg.head_dim).astype(dtype)
+            vs = v[off:off + m].reshape(rows, t, cfg.num_kv_heads, cfg.head_dim).astype(dtype)
+            lengths, part = write_kv(part, self.layer, ks, vs)
+            qs = q[off:off + m].reshape(rows, t, cfg.num_heads, cfg.head_dim)
+            outs.append(attend_cache(part, self.layer, qs, lengths, attn).reshape(m, cfg.num_heads * cfg.head_dim))
+            cache = part.with_state(state)  # the (possibly new) buffers serve every row again
+            off += m
+        o = jnp.concatenate(outs) if len(outs) > 1 else outs[0]  # [N, Hq * D]
+        return self.o_proj(o.astype(x.dtype)), cache
 
 
 class DecoderLayer(nnx.Module):
@@ -80,8 +128,8 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, dtype=dtype,
                        init_std=init_std, rngs=rngs)
 
-    def __call__(self, x, positions, cache, attn: AttentionSpec):
-        a, cache = self.self_attn(self.input_layernorm(x), positions, cache, attn)
+    def __call__(self, x, positions, cache, attn: AttentionSpec, segments=None):
+        a, cache = self.self_attn(self.input_layernorm(x), positions, cache, attn, segments)
         x = x + a  # [B, T, H]
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, cache
@@ -125,6 +173,22 @@ class LlamaForCausalLM(nnx.Module):
         x = self.model.norm(x)  # [B, T, H]
         if logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]  # [B, H]
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(x), cache
+        return self.lm_head(x), cache
+
+
+    def forward_segments(self, tokens, positions, cache, segments, *, attn: AttentionSpec = AttentionSpec(),
+                         logit_index=None):
+        """Forward flat ``tokens [N]`` at ``positions [N]`` laid out in row groups (see ``Attention._segmented``).
+
+        ``logit_index [R]``: flat indices of the tokens whose logits are wanted.
+        Returns ``(logits [R, V], cache)``.
+        """
+        x = self.model.embed_tokens(tokens)  # [N, H]
+        for layer in self.model.layers:
+            x, cache = layer(x, positions, cache, attn, segments)
+        x = self.model.norm(x[logit_index])  # [R, H]
         if self.lm_head is None:
             return self.model.embed_tokens.attend(x), cache
         return self.lm_head(x), cache

@@ -95,3 +95,65 @@ def test_overlapped_allocation_maps_the_next_decode_during_the_step(model):
     assert results[True][0] == results[False][0]
     assert results[False][1] > 0  # without overlap, decode iterations map pages on the critical path
     assert results[True][1] == 0  # with it, never
+
+
+def greedy_by_full_forward(model, prompt, n):
+    """Reference: greedy tokens from repeated cache-free forwards (no engine, no cache, no segments)."""
+    from models.llama import full_logits
+
+    toks = list(prompt)
+    for _ in range(n):
+        toks.append(int(np.argmax(np.asarray(full_logits(model, np.asarray(toks, np.int32)[None]))[0, -1])))
+    return toks[len(prompt):]
+
+
+@pytest.mark.parametrize("kv_cache", ["vattention", "static", "paged"])
+def test_engine_matches_full_forward(model, kv_cache):
+    """Hybrid steps (decode rows + prefill chunks in one segmented forward) on each KV pool = plain greedy."""
+    if kv_cache == "paged":
+        pytest.importorskip("models.paged_cache")
+    ps = prompts(21, 5, model.config.vocab_size)
+    sp = SamplingParams(max_tokens=9)
+    want = [greedy_by_full_forward(model, p, sp.max_tokens) for p in ps]
+    with LLM(model, kv_cache=kv_cache, max_batch=4, max_seq=128, attn=REF, page_bytes=4096, token_budget=40,
+             chunk_size=16) as llm:
+        outs = llm.generate(ps, sp)
+        assert llm.stats.peak_batch > 1 and llm.stats.steps > 0
+    assert_same_greedy([o.tokens for o in outs], want, ps, model, what=f"{kv_cache} engine vs full forward")
+
+
+def test_static_pool_budget_limits_the_batch(model):
+    """At a fixed budget the static cache holds budget / (max_seq x bytes per token) requests."""
+    c = model.config
+    slot_bytes = 2 * c.num_layers * 128 * c.num_kv_heads * c.head_dim * 4
+    with LLM(model, kv_cache="static", max_batch=8, max_seq=128, attn=REF, pool_bytes=3 * slot_bytes) as llm:
+        assert llm.pool.max_batch == 3 and llm.scheduler.config.max_batch == 3
+        outs = llm.generate(prompts(5, 6, c.vocab_size), SamplingParams(max_tokens=4))
+        assert all(len(o.tokens) == 4 for o in outs) and llm.stats.peak_batch <= 3
+        assert llm.pool.pages_live() == 0
+
+
+@pytest.mark.parametrize("overlap,lookahead,reclaim", [("off", 0, True), ("inline", 0, True), ("thread", 8, True),
+                                                       ("thread", 0, False)])
+def test_allocation_switches_keep_outputs(model, overlap, lookahead, reclaim):
+    ps = prompts(31, 5, model.config.vocab_size)
+    sp = SamplingParams(max_tokens=20)
+    kw = dict(max_batch=4, max_seq=256, attn=REF, page_bytes=4096, token_budget=48, chunk_size=32)
+    with LLM(model, **kw) as llm:
+        want = [o.tokens for o in llm.generate(ps, sp)]
+    with LLM(model, overlap_allocation=overlap, lookahead=lookahead, deferred_reclaim=reclaim, **kw) as llm:
+        assert [o.tokens for o in llm.generate(ps, sp)] == want
+        s = llm.manager.stats()
+        assert s.live_slots == 0
+        if not reclaim:
+            assert s.pages_mapped == 0  # nothing kept mapped for reuse
+        elif overlap != "off":
+            assert llm.stats.map_ahead_s > 0
+
+
+def test_premap_maps_every_slot_up_front(model):
+    with LLM(model, max_batch=2, max_seq=128, attn=REF, page_bytes=4096, premap=True) as llm:
+        full = llm.manager.stats().pages_mapped
+        assert full == llm.manager.stats().pages_budget
+        llm.generate(prompts(41, 3, model.config.vocab_size), SamplingParams(max_tokens=5))
+        assert llm.manager.stats().maps == full  # the run itself mapped nothing

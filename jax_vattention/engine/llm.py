@@ -1,15 +1,30 @@
-"""An offline serving engine: ``LLM(model).generate(prompts, SamplingParams)``.
+"""An offline serving engine: ``LLM(model, ...).generate(prompts, SamplingParams)`` (vLLM-like).
 
-Each iteration the scheduler picks running decodes plus prefill chunks within
-the token budget (mapping their pages on the host first); the engine packs
-them into one hybrid batch ``tokens [B, T]`` with per-row counts (1 for a
-decode, up to ``chunk_size`` for a prefill chunk) and runs one jitted
-prefill-style step on the vAttention cache. B and T are bucketed to powers of
-two, so a long run compiles a bounded number of shapes (``num_compiled``).
+Each iteration the scheduler picks the running decodes plus prefill chunks
+within the token budget and maps their pages on the host. The engine lays the
+step out as flat tokens in two row groups, ``decodes [Bd] x 1`` and
+``prefill chunks [Bp] x T``: the projections and MLP run once over all tokens
+(one pass over the weights), and each group gets its own attention kernel
+(decode, chunked prefill). Sampling runs on the device, so a step returns
+``[Bd + Bp]`` token ids, not logits. ``Bd``, ``Bp`` and ``T`` are bucketed to
+powers of two, so a long run compiles few shapes (``num_compiled``).
 
-With ``overlap_allocation`` (the default), the pages each row's next decode
-needs are mapped while the current step runs on the device (vAttention's
-overlapped allocation; JAX dispatch is asynchronous, so no thread is needed).
+vAttention's allocation optimizations are switchable so their effect can be
+measured:
+
+* ``overlap_allocation``: ``"thread"`` maps the pages step t+1 will need on a
+  background thread while step t runs on the device; ``"inline"`` does it on
+  the calling thread after dispatch (JAX dispatch is asynchronous, so this
+  also overlaps); ``"off"`` leaves all mapping to the scheduler, between steps.
+* ``lookahead``: eager allocation, mapping that many tokens beyond the next step.
+* ``deferred_reclaim`` / ``best_fit``: finished requests keep their pages and
+  new ones take the free slot whose pages fit best; with reclamation off, pages
+  are unmapped when a request finishes. Pool pressure reclaims deferred pages.
+* ``premap``: every slot mapped to ``max_seq`` before the run (the control).
+
+``kv_cache`` picks the memory: ``"vattention"``, or the baselines ``"paged"``
+(block tables and JAX's Pallas ``paged_attention``) and ``"static"``
+(``max_batch x max_seq`` preallocated), each within ``pool_bytes``.
 
 Sampling is per request and reproducible: the key of a request's n-th token is
 ``fold_in(PRNGKey(params.seed), n)``, whatever batch it lands in and whether
@@ -18,6 +33,7 @@ it was preempted and recomputed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 
@@ -25,9 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..manager import KVCacheManager
+from ..errors import BackendError, PoolExhaustedError
 from .request import Request, SamplingParams
+from .sampling import sample_rows, sampling_mode
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+KV_CACHES = ("vattention", "paged", "static")
+OVERLAP_MODES = ("thread", "inline", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,134 +59,263 @@ class RequestOutput:
     ttft_s: float | None
     inter_token_s: list[float]
     num_preemptions: int
+    latency_s: float | None = None
+    error: str | None = None  # why a request finished with "error"
 
 
-def _bucket(n: int, cap: int) -> int:
-    return min(cap, 1 << max(0, (n - 1).bit_length()))
+@dataclasses.dataclass
+class EngineStats:
+    """Counters of one engine over its lifetime; ``timeline`` rows are ``(t_s, batch, used_bytes, physical_bytes)``."""
+
+    steps: int = 0
+    schedule_s: float = 0.0  # host time in the scheduler (includes mapping on the critical path)
+    map_ahead_s: float = 0.0  # time spent mapping ahead (overlapped with the device when enabled)
+    peak_batch: int = 0
+    peak_used_bytes: int = 0
+    peak_physical_bytes: int = 0
+    timeline: list[tuple[float, int, int, int]] = dataclasses.field(default_factory=list)
+
+
+def _bucket(n: int, cap: int, floor: int = 1) -> int:
+    return min(cap, max(floor, 1 << max(0, (n - 1).bit_length())))
 
 
 class LLM:
-    """Continuous batching of a ``models`` Llama-family model on a vAttention cache."""
+    """Continuous batching of a ``models`` Llama-family model on a vAttention (or baseline) KV cache."""
 
-    def __init__(self, model, *, max_batch: int = 8, max_seq: int = 2048, dtype: str | None = None,
-                 pool_bytes: int | None = None, page_bytes: int | None = None, token_budget: int = 256,
-                 chunk_size: int = 128, admission_headroom: int = 16, attn=None, overlap_allocation: bool = True):
-        import models  # the model package ships with jax_vattention
+    def __init__(self, model, *, kv_cache: str = "vattention", max_batch: int = 8, max_seq: int = 2048,
+                 dtype: str | None = None, pool_bytes: int | None = None, page_bytes: int | None = None,
+                 page_size: int = 16, token_budget: int = 256, chunk_size: int = 128, max_prefill_rows: int = 4,
+                 admission_headroom: int = 16, attn=None, overlap_allocation: str | bool = "thread",
+                 lookahead: int = 0, deferred_reclaim: bool = True, best_fit: bool = True, premap: bool = False,
+                 min_decode_bucket: int = 1):
+        from flax import nnx
+
+        import models
         from models.attention import AttentionSpec
 
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+        if isinstance(overlap_allocation, bool):
+            overlap_allocation = "thread" if overlap_allocation else "off"
+        if overlap_allocation not in OVERLAP_MODES:
+            raise ValueError(f"overlap_allocation must be one of {OVERLAP_MODES}, got {overlap_allocation!r}")
+        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+            raise ValueError(f"lookahead must be an int >= 0, got {lookahead!r}")
+        if premap and kv_cache != "vattention":
+            raise ValueError("premap applies to the vattention cache only")
         self.model = model
         cfg = model.config
         dtype = dtype or jnp.dtype(jax.tree.leaves(model)[0].dtype).name
-        extra = {k: v for k, v in (("pool_bytes", pool_bytes), ("page_bytes", page_bytes)) if v is not None}
-        self.manager = KVCacheManager(models.cache_config_for(cfg, max_batch=max_batch, max_seq=max_seq, dtype=dtype,
-                                                              **extra))
-        self.scheduler = Scheduler(self.manager, SchedulerConfig(
-            max_batch=max_batch, token_budget=token_budget, chunk_size=chunk_size,
-            admission_headroom=admission_headroom))
-        self.attn = (attn or AttentionSpec()).resolve(dtype, cfg.head_dim, self.manager.device.platform)
+        self.pool = self._make_pool(kv_cache, cfg, max_batch, max_seq, dtype, pool_bytes, page_bytes, page_size,
+                                    deferred_reclaim)
+        self.kv_cache = kv_cache
+        if premap:
+            self.pool.premap()
+        self.scheduler = Scheduler(self.pool, SchedulerConfig(
+            max_batch=min(max_batch, self.pool.max_batch), token_budget=token_budget, chunk_size=chunk_size,
+            admission_headroom=admission_headroom, best_fit=best_fit, max_prefill_rows=max_prefill_rows))
+        platform = getattr(getattr(self.pool, "manager", None), "device", None)
+        platform = platform.platform if platform is not None else models.attention.default_platform()
+        self.attn = (attn or AttentionSpec()).resolve(dtype, cfg.head_dim, platform)
         self.overlap_allocation = overlap_allocation
-        self._shapes: set[tuple[int, int]] = set()
+        self.lookahead = lookahead
+        self.min_decode_bucket = min_decode_bucket
+        self.stats = EngineStats()
+        self._graphdef, self._params = nnx.split(model)
+        self._shapes: set[tuple] = set()
         self._next_id = 0
-        self._step = jax.jit(self._forward, static_argnames=("graphdef",))
-
-    # -- one hybrid step ---------------------------------------------------
-    def _forward(self, graphdef, params, cache, tokens, counts):
-        from flax import nnx
-
-        from models.decode import prefill
-
-        model = nnx.merge(graphdef, params)
-        logits, cache = prefill(model, tokens, counts, cache, self.attn)  # pages are already mapped
-        return logits, cache.state
-
-    def _run(self, out: SchedulerOutput) -> dict[int, int]:
-        from flax import nnx
-
-        chunks = out.decodes + out.prefills
-        B = _bucket(len(chunks), self.scheduler.config.max_batch)
-        T = _bucket(max(c.num_tokens for c in chunks), self.scheduler.config.chunk_size)
-        self._shapes.add((B, T))
-        tokens = np.zeros((B, T), np.int32)
-        counts = np.zeros(B, np.int32)
-        slots = np.full(B, chunks[0].request.slot, np.int32)  # padding rows: count 0 on a live slot
-        starts = np.full(B, chunks[0].start, np.int32)
-        for i, c in enumerate(chunks):
-            tokens[i, : c.num_tokens] = c.request.tokens[c.start : c.start + c.num_tokens]
-            counts[i], slots[i], starts[i] = c.num_tokens, c.request.slot, c.start
-        cache = self.manager.cache(slots, starts)
-        graphdef, params = nnx.split(self.model)
-        logits, _ = self._step(graphdef, params, cache, jnp.asarray(tokens), jnp.asarray(counts))
-        if self.overlap_allocation:
-            self._map_next_step(chunks)  # while the step runs on the device (dispatch is asynchronous)
-        logits = np.asarray(logits)
-        sampled = {}
-        for i, c in enumerate(chunks):
-            if c.samples:
-                sampled[c.request.request_id] = self._sample(logits[i], c.request)
-        return sampled
-
-    def _map_next_step(self, chunks) -> None:
-        """Overlapped allocation: map the page each sampling row's next decode will need.
-
-        Runs between dispatching step t and reading its results, so the mapping
-        work hides behind the device; the scheduler's own grow for step t+1 then
-        finds the pages mapped. A row that finishes keeps the page for the next
-        request (deferred reclamation); a full pool is left to the scheduler.
-        """
-        from ..errors import PoolExhaustedError
-
-        for c in chunks:
-            r = c.request
-            if not c.samples or len(r.output) + 1 >= r.params.max_tokens:
-                continue
-            try:
-                self.manager.grow(r.slot, min(c.start + c.num_tokens + 1, self.manager.max_seq))
-            except PoolExhaustedError:
-                return
+        self._executor = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vattn-map-ahead")
+                          if overlap_allocation == "thread" else None)
+        donate = ("cache",) if self.pool.donate else ()
+        self._step = jax.jit(self._forward, static_argnames=("graphdef", "segments", "mode"), donate_argnames=donate)
 
     @staticmethod
-    def _sample(logits: np.ndarray, r: Request) -> int:
-        p = r.params
-        if p.temperature == 0:
-            return int(np.argmax(logits))
-        from models.sampling import SamplingConfig, filter_logits
+    def _make_pool(kind, cfg, max_batch, max_seq, dtype, pool_bytes, page_bytes, page_size, deferred_reclaim):
+        import models
 
-        cfg = SamplingConfig(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
-        key = jax.random.fold_in(jax.random.PRNGKey(p.seed), len(r.output))
-        return int(jax.random.categorical(key, filter_logits(jnp.asarray(logits)[None], cfg)[0]))
+        from ..manager import KVCacheManager, default_device
+        from .kv_pools import StaticPool, VAttentionPool
 
-    # -- public ------------------------------------------------------------
+        shape = dict(num_layers=cfg.num_layers, max_batch=max_batch, max_seq=max_seq, kv_heads=cfg.num_kv_heads,
+                     head_dim=cfg.head_dim, dtype=dtype, pool_bytes=pool_bytes)
+        if kind == "vattention":
+            extra = {k: v for k, v in (("pool_bytes", pool_bytes), ("page_bytes", page_bytes)) if v is not None}
+            manager = KVCacheManager(models.cache_config_for(cfg, max_batch=max_batch, max_seq=max_seq, dtype=dtype,
+                                                             **extra))
+            return VAttentionPool(manager, deferred_reclaim=deferred_reclaim)
+        if kind == "static":
+            return StaticPool(**shape, device=default_device())
+        from models.paged_cache import PagedKVPool
+
+        return PagedKVPool(**shape, page_size=page_size, device=default_device())
+
+    @property
+    def manager(self):
+        """The ``KVCacheManager`` of a vAttention engine."""
+        return self.pool.manager
+
+    # -- one step --------------------------------------------------------------
+    def _forward(self, graphdef, params, cache, tokens, positions, logit_index, temperature, top_k, top_p, seeds,
+                 counts, *, segments, mode):
+        from flax import nnx
+
+        model = nnx.merge(graphdef, params)
+        logits, cache = model.forward_segments(tokens, positions, cache, segments, attn=self.attn,
+                                               logit_index=logit_index)  # [R, V]
+        next_tokens = sample_rows(logits.astype(jnp.float32), temperature, top_k, top_p, seeds, counts, mode)
+        return next_tokens, (cache if self.pool.donate else cache.state)
+
+    def _dispatch(self, out: SchedulerOutput):
+        """Lay the step out, dispatch it (asynchronously); returns ``(chunks, next_tokens [R])``."""
+        cap = self.scheduler.config.max_batch
+        groups = []  # (chunks, rows, T)
+        if out.decodes:
+            groups.append((out.decodes, _bucket(len(out.decodes), cap, self.min_decode_bucket), 1))
+        if out.prefills:
+            t = _bucket(max(c.num_tokens for c in out.prefills), self.scheduler.config.chunk_size)
+            groups.append((out.prefills, _bucket(len(out.prefills), self.scheduler.config.max_prefill_rows), t))
+        rows = sum(g[1] for g in groups)
+        n_tok = sum(g[1] * g[2] for g in groups)
+        pad_slot = (out.decodes or out.prefills)[0].request.slot  # padding rows: count 0 on a live slot
+        slots = np.full(rows, pad_slot, np.int32)
+        starts, counts = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        tokens, positions = np.zeros(n_tok, np.int32), np.zeros(n_tok, np.int32)
+        logit_index = np.zeros(rows, np.int32)
+        temperature, top_p = np.zeros(rows, np.float32), np.ones(rows, np.float32)
+        top_k, seeds, n_out = np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        segments, chunks, row, off = [], [], 0, 0
+        for group, n_rows, t in groups:
+            segments.append((row, row + n_rows, t))
+            for i, c in enumerate(group):
+                r, b, o = c.request, row + i, off + i * t
+                tokens[o:o + c.num_tokens] = r.tokens[c.start:c.start + c.num_tokens]
+                positions[o:o + c.num_tokens] = np.arange(c.start, c.start + c.num_tokens)
+                slots[b], starts[b], counts[b] = r.slot, c.start, c.num_tokens
+                logit_index[b] = o + c.num_tokens - 1
+                p = r.params
+                temperature[b], top_k[b], top_p[b] = p.temperature, p.top_k, p.top_p
+                seeds[b], n_out[b] = p.seed, len(r.output)
+                chunks.append((b, c))
+            row, off = row + n_rows, off + n_rows * t
+        mode = sampling_mode([c.request.params for _, c in chunks])
+        segments = tuple(segments)
+        self._shapes.add((segments, mode))
+        cache = self.pool.cache(slots, starts, counts)
+        next_tokens, exported = self._step(
+            self._graphdef, self._params, cache, jnp.asarray(tokens), jnp.asarray(positions),
+            jnp.asarray(logit_index), jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p),
+            jnp.asarray(seeds), jnp.asarray(n_out), segments=segments, mode=mode)
+        self.pool.adopt(exported)
+        return chunks, next_tokens
+
+    def _map_ahead(self, chunks) -> None:
+        """Map what each row's next step will write: overlapped (and eager) allocation.
+
+        Runs while the dispatched step executes; the scheduler's own grow for
+        the next step then finds the pages mapped. A full pool is left to the
+        scheduler (which preempts); a finished row's pages are reused
+        (deferred reclamation) or unmapped by ``free``.
+        """
+        t0 = time.perf_counter()
+        for _, c in chunks:
+            r = c.request
+            done = c.start + c.num_tokens
+            if c.samples:
+                if len(r.output) + 1 >= r.params.max_tokens:
+                    continue  # finishes with this step's sample
+                target = min(done + 1 + self.lookahead, len(r.prompt) + r.params.max_tokens - 1)
+            else:  # the next prefill chunk
+                target = min(r.num_tokens, done + self.scheduler.config.chunk_size + self.lookahead)
+            try:
+                self.pool.grow(r.slot, min(target, self.pool.max_seq))
+            except (PoolExhaustedError, BackendError):
+                break  # the scheduler retries this grow and handles the failure
+        self.stats.map_ahead_s += time.perf_counter() - t0
+
+    def _run(self, out: SchedulerOutput) -> dict[int, int]:
+        chunks, next_tokens = self._dispatch(out)
+        future = None
+        if self.overlap_allocation == "thread":
+            future = self._executor.submit(self._map_ahead, chunks)
+        elif self.overlap_allocation == "inline":
+            self._map_ahead(chunks)
+        next_tokens = np.asarray(next_tokens)  # waits for the device
+        if future is not None:
+            future.result()  # the pool is the scheduler's again
+        return {c.request.request_id: int(next_tokens[b]) for b, c in chunks if c.samples}
+
+    # -- public ------------------------------------------------------------------
     @property
     def num_compiled(self) -> int:
-        """Distinct (batch, chunk) shapes the step has been compiled for."""
+        """Distinct step shapes (row groups, sampling mode) compiled so far."""
         return len(self._shapes)
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] = SamplingParams()) -> list[RequestOutput]:
+    def add_request(self, prompt, params: SamplingParams = SamplingParams()) -> Request:
+        vocab = self.model.config.vocab_size
+        prompt = [int(t) for t in prompt]
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        r = Request(self._next_id, prompt, params)
+        self.scheduler.add(r)
+        self._next_id += 1
+        return r
+
+    def step(self) -> list[Request]:
+        """Run one iteration; returns the requests that finished in it."""
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        self.stats.schedule_s += time.perf_counter() - t0
+        if out.empty:
+            if out.failed:
+                return out.failed
+            raise RuntimeError("the scheduler made no progress (pool too small for any waiting request)")
+        sampled = self._run(out)
+        now = time.perf_counter()
+        finished = out.failed + self.scheduler.update(out, sampled, now)
+        s = self.stats
+        s.steps += 1
+        used, physical = self.pool.used_bytes(), self.pool.physical_bytes()
+        s.peak_batch = max(s.peak_batch, len(out.decodes) + len(out.prefills))
+        s.peak_used_bytes, s.peak_physical_bytes = max(s.peak_used_bytes, used), max(s.peak_physical_bytes, physical)
+        s.timeline.append((now, len(out.decodes) + len(out.prefills), used, physical))
+        return finished
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] = SamplingParams(), *,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in request order. ``progress`` shows a tqdm bar."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        vocab = self.model.config.vocab_size
+        for p in params:
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"params must be SamplingParams, got {type(p).__name__}")
         requests = []
-        for prompt, p in zip(prompts, params):
-            prompt = [int(t) for t in prompt]
-            if any(not 0 <= t < vocab for t in prompt):
-                raise ValueError(f"prompt token ids must be in [0, {vocab})")
-            requests.append(Request(self._next_id, prompt, p))
-            self._next_id += 1
-        for r in requests:
-            self.scheduler.add(r)
-        while self.scheduler.has_unfinished():
-            out = self.scheduler.schedule()
-            if out.empty:
-                raise RuntimeError("the scheduler made no progress (pool too small for any waiting request)")
-            sampled = self._run(out)
-            self.scheduler.update(out, sampled, time.perf_counter())
+        try:
+            for prompt, p in zip(prompts, params):
+                requests.append(self.add_request(prompt, p))
+        except BaseException:
+            for r in requests:
+                self.scheduler.cancel(r.request_id)
+            raise
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(requests), disable=not progress, desc="requests", unit="req") as bar:
+            while self.scheduler.has_unfinished():
+                bar.update(len(self.step()))
         return [RequestOutput(r.request_id, r.prompt, r.output, r.finish_reason, r.ttft, r.inter_token_times,
-                              r.num_preemptions) for r in requests]
+                              r.num_preemptions, None if r.finish_time is None else r.finish_time - r.arrival_time,
+                              r.error if r.finish_reason == "error" else None)
+                for r in requests]
 
     def close(self) -> None:
-        self.manager.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self.pool.close()
 
     def __enter__(self) -> LLM:
         return self

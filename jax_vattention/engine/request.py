@@ -53,8 +53,10 @@ class Request:
     status: Status = Status.WAITING
     slot: int | None = None
     num_cached: int = 0
-    finish_reason: str | None = None  # "length", "stop" or "cancelled"
+    finish_reason: str | None = None  # "length", "stop", "cancelled" or "error"
     num_preemptions: int = 0
+    num_faults: int = 0  # consecutive backend faults while mapping its pages
+    error: str | None = None  # the last backend fault
     arrival_time: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)

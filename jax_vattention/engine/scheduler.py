@@ -5,19 +5,26 @@ paused (only preemption under memory pressure removes one); the rest of the
 budget goes to prefill chunks, first of requests already running, then of
 newly admitted ones. A request is admitted only when the page pool can hold its
 tokens plus headroom. Pages are mapped here, on the host, before the step is
-dispatched (the in-graph grow then finds them mapped), so a step never fails
-for memory; when the pool runs out, the most recently admitted request is
-preempted: its slot is freed and it is recomputed later from its tokens.
+dispatched, so a step never fails for memory; when the pool runs out, the most
+recently admitted request is preempted: its slot is freed and it is recomputed
+later from its tokens. A backend fault while mapping (a failed ``cuMemCreate``
+or ``cuMemMap``) preempts the request it hit, which is retried; after
+``max_faults`` faults in a row the request finishes with reason ``"error"``.
+No other request is touched either way.
+
+The scheduler works on any KV pool of ``kv_pools`` (vAttention, static or
+paged); a ``KVCacheManager`` is wrapped in a ``VAttentionPool``.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import time
 
-from ..errors import PoolExhaustedError
+from ..errors import BackendError, PoolExhaustedError
+from ..manager import KVCacheManager
+from .kv_pools import VAttentionPool
 from .request import Request, Status
 
 
@@ -28,9 +35,11 @@ class SchedulerConfig:
     chunk_size: int = 512  # largest prefill chunk of one request in one iteration
     admission_headroom: int = 16  # tokens beyond a request's known tokens the pool must hold to admit it
     best_fit: bool = True  # reuse the free slot whose deferred pages best fit the request
+    max_prefill_rows: int = 4  # prefill chunks per iteration (bounds the compiled shapes)
+    max_faults: int = 3  # consecutive backend faults after which a request fails
 
     def __post_init__(self):
-        for name in ("max_batch", "token_budget", "chunk_size"):
+        for name in ("max_batch", "token_budget", "chunk_size", "max_prefill_rows", "max_faults"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SchedulerConfig.{name} must be positive, got {getattr(self, name)}")
         if self.admission_headroom < 0:
@@ -56,6 +65,7 @@ class SchedulerOutput:
     decodes: list[Chunk]
     prefills: list[Chunk]
     preempted: list[Request]
+    failed: list[Request] = dataclasses.field(default_factory=list)  # finished with "error" (backend faults)
 
     @property
     def num_tokens(self) -> int:
@@ -67,32 +77,34 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, manager, config: SchedulerConfig):
-        if config.max_batch > manager.config.max_batch:
+    def __init__(self, pool, config: SchedulerConfig):
+        if isinstance(pool, KVCacheManager):
+            pool = VAttentionPool(pool)
+        if config.max_batch > pool.max_batch:
             raise ValueError(
-                f"SchedulerConfig.max_batch={config.max_batch} exceeds the cache's max_batch={manager.config.max_batch}"
+                f"SchedulerConfig.max_batch={config.max_batch} exceeds the cache's max_batch={pool.max_batch}"
             )
-        self.manager = manager
+        self.pool = pool
         self.config = config
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # admission order
         self.num_preemptions = 0
-        self._page_tensors = 2 * manager.config.num_layers
+        self.num_faults = 0
 
     # -- queue -------------------------------------------------------------
     def add(self, request: Request) -> None:
         need = len(request.prompt) + request.params.max_tokens
         if not request.prompt:
             raise ValueError(f"request {request.request_id}: the prompt is empty")
-        if need > self.manager.max_seq:
+        if need > self.pool.max_seq:
             raise ValueError(
                 f"request {request.request_id}: prompt ({len(request.prompt)}) + max_tokens "
-                f"({request.params.max_tokens}) exceeds the cache's max_seq={self.manager.max_seq}"
+                f"({request.params.max_tokens}) exceeds the cache's max_seq={self.pool.max_seq}"
             )
-        if self._pages(need) > self.manager.stats().pages_budget:
+        if self.pool.pages_needed(need) > self.pool.pages_total():
             raise PoolExhaustedError(
-                f"request {request.request_id}: {need} tokens need {self._pages(need)} pages, more than the "
-                f"whole pool ({self.manager.stats().pages_budget} pages); it could never run"
+                f"request {request.request_id}: {need} tokens need {self.pool.pages_needed(need)} pages, more than "
+                f"the whole pool ({self.pool.pages_total()} pages); it could never run"
             )
         request.status = Status.WAITING
         self.waiting.append(request)
@@ -126,25 +138,38 @@ class Scheduler:
         budget -= len(out.decodes)
         # 2. Chunks of prefills already running.
         for r in list(self.running):
-            if budget <= 0:
+            if budget <= 0 or len(out.prefills) >= self.config.max_prefill_rows:
                 break
             if r.status is not Status.RUNNING or r.remaining <= 1:
                 continue
             n = min(r.remaining, self.config.chunk_size, budget)
-            if self._grow(r, r.num_cached + n):
+            if self._grow(r, r.num_cached + n, out):
                 out.prefills.append(Chunk(r, r.num_cached, n))
                 budget -= n
         # 3. Admit waiting requests, first come first served.
-        while budget > 0 and self.waiting and len(self.running) < self.config.max_batch:
+        while (budget > 0 and self.waiting and len(self.running) < self.config.max_batch
+               and len(out.prefills) < self.config.max_prefill_rows):
             r = self.waiting[0]
             if not self._pool_can_hold(r.num_tokens + self.config.admission_headroom):
                 break
             n = min(r.remaining, self.config.chunk_size, budget)
+            slot = None
             try:
-                slot = self.manager.allocate(n if self.config.best_fit else 0)
+                slot = self.pool.allocate(n if self.config.best_fit else 0)
                 if not self.config.best_fit:
-                    self.manager.grow(slot, n)
+                    self.pool.grow(slot, n)
             except PoolExhaustedError:
+                if slot is not None:
+                    self.pool.free(slot)
+                break
+            except BackendError as e:
+                if slot is not None:
+                    self.pool.free(slot)
+                if self._count_fault(r, e):
+                    self.waiting.popleft()
+                    r.finish("error", time.perf_counter())
+                    out.failed.append(r)
+                    continue
                 break
             self.waiting.popleft()
             r.slot, r.status = slot, Status.RUNNING
@@ -170,30 +195,47 @@ class Scheduler:
         return finished
 
     # -- memory ------------------------------------------------------------
-    def _pages(self, tokens: int) -> int:
-        cfg = self.manager.config
-        return math.ceil(tokens * cfg.token_bytes / cfg.page_bytes) * self._page_tensors
-
     def _pool_can_hold(self, tokens: int) -> bool:
-        s = self.manager.stats()
-        live = s.pages_mapped - s.pages_mapped_free_slots
-        return self._pages(min(tokens, self.manager.max_seq)) <= s.pages_budget - live
+        need = self.pool.pages_needed(min(tokens, self.pool.max_seq))
+        return need <= self.pool.pages_total() - self.pool.pages_live()
 
-    def _grow(self, r: Request, tokens: int) -> bool:
+    def _try_grow(self, r: Request, tokens: int, out: SchedulerOutput) -> bool | None:
+        """Grow ``r``; True on success, False when the pool is full, None after a backend fault (handled)."""
         try:
-            self.manager.grow(r.slot, tokens)
+            self.pool.grow(r.slot, tokens)
+            r.num_faults = 0
             return True
         except PoolExhaustedError:
             return False
+        except BackendError as e:
+            if self._count_fault(r, e):
+                self._release(r)
+                r.finish("error", time.perf_counter())
+                out.failed.append(r)
+            else:
+                self._preempt(r, out)
+            return None
+
+    def _grow(self, r: Request, tokens: int, out: SchedulerOutput) -> bool:
+        return bool(self._try_grow(r, tokens, out))
+
+    def _count_fault(self, r: Request, error: BackendError) -> bool:
+        """Record a backend fault on ``r``; True when it has now failed too often to retry."""
+        self.num_faults += 1
+        r.num_faults += 1
+        r.error = str(error)
+        return r.num_faults >= self.config.max_faults
 
     def _reserve(self, r: Request, tokens: int, out: SchedulerOutput) -> bool:
         """Map pages for a decode, preempting the newest requests until they fit."""
-        while not self._grow(r, tokens):
+        while True:
+            ok = self._try_grow(r, tokens, out)
+            if ok is not False:
+                return bool(ok)
             victim = self.running[-1]
             self._preempt(victim, out)
             if victim is r:
                 return False
-        return True
 
     def _preempt(self, r: Request, out: SchedulerOutput) -> None:
         self._release(r)
@@ -205,7 +247,7 @@ class Scheduler:
 
     def _release(self, r: Request) -> None:
         if r.slot is not None:
-            self.manager.free(r.slot)
+            self.pool.free(r.slot)
         r.slot = None
         if r in self.running:
             self.running.remove(r)

@@ -1,0 +1,193 @@
+"""Where the engine keeps K/V: the vAttention cache, or a baseline at the same memory budget.
+
+A pool is the host side the scheduler talks to (slots, pages, accounting) plus
+the factory of one step's jit-side cache:
+
+* ``VAttentionPool``: a ``KVCacheManager`` (virtual ranges; pages mapped as
+  contexts grow). Its steps read the views in place (nothing donated).
+* ``StaticPool``: ``max_batch x max_seq`` XLA buffers, the classic
+  preallocated cache; a slot is a whole ``max_seq`` row, so at a fixed budget
+  it holds ``budget / (max_seq x bytes per token)`` requests.
+* ``models.paged_cache.PagedKVPool``: vLLM-style block tables with JAX's Pallas
+  ``paged_attention``.
+
+The protocol (duck-typed): ``max_batch``, ``max_seq``, ``donate``;
+``allocate(min_tokens)``, ``grow(slot, tokens)``, ``free(slot)``,
+``capacity(slot)``; ``pages_needed(tokens)``, ``pages_total()``,
+``pages_live()``; ``physical_bytes()``, ``used_bytes()``;
+``cache(slots, starts, counts)`` (the rows of one step with ``counts`` tokens
+pending); ``adopt(cache)`` (take back a donated step's buffers); ``close()``.
+Growing raises ``PoolExhaustedError`` and changes nothing when pages run out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+
+from ..errors import CacheClosedError, CacheValueError, PoolExhaustedError
+from ..manager import KVCacheManager
+
+
+class VAttentionPool:
+    """The engine's view of a ``KVCacheManager``.
+
+    ``deferred_reclaim=False`` unmaps a finished request's pages at once (the
+    ablation of vAttention's deferred reclamation); otherwise they stay mapped
+    in the free slot and best-fit admission reuses them.
+    """
+
+    donate = False
+
+    def __init__(self, manager: KVCacheManager, *, deferred_reclaim: bool = True):
+        self.manager = manager
+        self.deferred_reclaim = deferred_reclaim
+        c = manager.config
+        self.max_batch, self.max_seq = c.max_batch, manager.max_seq
+        self._tensors = 2 * c.num_layers
+
+    def allocate(self, min_tokens: int = 0) -> int:
+        return self.manager.allocate(min_tokens)
+
+    def grow(self, slot: int, tokens: int) -> None:
+        self.manager.grow(slot, tokens)
+
+    def free(self, slot: int) -> None:
+        self.manager.free(slot)
+        if not self.deferred_reclaim:
+            self.manager.trim()  # unmap the free slots' pages now (they return to the handle pool)
+
+    def capacity(self, slot: int) -> int:
+        return self.manager.capacity(slot)
+
+    def pages_needed(self, tokens: int) -> int:
+        c = self.manager.config
+        return math.ceil(tokens * c.token_bytes / c.page_bytes) * self._tensors
+
+    def pages_total(self) -> int:
+        return self.manager.stats().pages_budget
+
+    def pages_live(self) -> int:
+        s = self.manager.stats()
+        return s.pages_mapped - s.pages_mapped_free_slots
+
+    def physical_bytes(self) -> int:
+        """Device memory held by pages (mapped ones and the pool's spare handles)."""
+        return self.manager.stats().physical_bytes
+
+    def used_bytes(self) -> int:
+        """Bytes mapped into slots (live and deferred)."""
+        return self.manager.stats().mapped_bytes
+
+    def premap(self) -> None:
+        """Map every slot to ``max_seq`` and free it (pages stay): the "all mapped beforehand" control."""
+        if not self.deferred_reclaim:
+            raise CacheValueError("premap needs deferred reclamation (free would unmap the pages again)")
+        slots = [self.manager.allocate(self.max_seq) for _ in range(self.max_batch)]
+        for s in slots:
+            self.manager.free(s)
+
+    def cache(self, slots, starts, counts):
+        return self.manager.cache(np.asarray(slots, np.int32), np.asarray(starts, np.int32)).pending(
+            np.asarray(counts, np.int32))
+
+    def adopt(self, cache) -> None:
+        pass  # the views were written in place
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+class StaticPool:
+    """A preallocated ``[max_batch, max_seq, Hkv, D]`` XLA cache per layer (the static baseline).
+
+    With ``pool_bytes`` the batch is what the budget holds at ``max_seq``
+    tokens per slot (at most ``max_batch``). Pages are whole slots.
+    """
+
+    donate = True
+
+    def __init__(self, *, num_layers: int, max_batch: int, max_seq: int, kv_heads: int, head_dim: int, dtype,
+                 pool_bytes: int | None = None, device=None):
+        import jax
+
+        from models.static_cache import StaticKVCache
+
+        slot_bytes = 2 * num_layers * max_seq * kv_heads * head_dim * np.dtype(dtype).itemsize
+        if pool_bytes is not None:
+            max_batch = min(max_batch, pool_bytes // slot_bytes)
+            if max_batch < 1:
+                raise PoolExhaustedError(
+                    f"pool_bytes={pool_bytes} cannot hold one static slot of max_seq={max_seq} ({slot_bytes} bytes)")
+        self.max_batch, self.max_seq = int(max_batch), int(max_seq)
+        with jax.default_device(device) if device is not None else contextlib.nullcontext():
+            self._cache = StaticKVCache.create(num_layers, self.max_batch, max_seq, kv_heads, head_dim, dtype)
+        self._bytes = self._cache.nbytes
+        self._length = np.full(self.max_batch, -1, np.int64)  # -1: free
+
+    def _slot(self, slot) -> int:
+        if self._cache is None:
+            raise CacheClosedError("the static pool is closed")
+        if not (isinstance(slot, (int, np.integer)) and 0 <= slot < self.max_batch and self._length[slot] >= 0):
+            raise CacheValueError(f"slot {slot!r} is not an allocated slot of this static pool")
+        return int(slot)
+
+    def allocate(self, min_tokens: int = 0) -> int:
+        if self._cache is None:
+            raise CacheClosedError("the static pool is closed")
+        free = np.flatnonzero(self._length < 0)
+        if not len(free):
+            raise PoolExhaustedError(f"all {self.max_batch} static slots are in use")
+        slot = int(free[0])
+        self._length[slot] = 0
+        self.grow(slot, min_tokens)
+        return slot
+
+    def grow(self, slot: int, tokens: int) -> None:
+        slot = self._slot(slot)
+        if not 0 <= tokens <= self.max_seq:
+            raise CacheValueError(f"tokens={tokens} is outside [0, max_seq={self.max_seq}]")
+        self._length[slot] = max(self._length[slot], tokens)
+
+    def free(self, slot: int) -> None:
+        self._length[self._slot(slot)] = -1
+
+    def capacity(self, slot: int) -> int:
+        self._slot(slot)
+        return self.max_seq
+
+    def pages_needed(self, tokens: int) -> int:
+        return 1
+
+    def pages_total(self) -> int:
+        return self.max_batch
+
+    def pages_live(self) -> int:
+        return int((self._length >= 0).sum())
+
+    def physical_bytes(self) -> int:
+        return self._bytes
+
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    def cache(self, slots, starts, counts):
+        if self._cache is None:
+            raise CacheClosedError("the static pool is closed")
+        from jax_vattention import CacheState
+
+        starts, counts = np.asarray(starts, np.int32), np.asarray(counts, np.int32)
+        state = CacheState(np.asarray(slots, np.int32), starts + counts, counts)
+        return self._cache.with_state(state)
+
+    def adopt(self, cache) -> None:
+        self._cache = cache
+
+    def close(self) -> None:
+        if self._cache is not None:
+            for x in (*self._cache.k, *self._cache.v):
+                x.delete()
+        self._cache = None
+
