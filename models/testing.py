@@ -78,3 +78,20 @@ def rel_error(out, ref) -> float:
     out = np.asarray(out, np.float64)
     ref = np.asarray(ref, np.float64)
     return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+def greedy_deficits(model, prompts, outputs) -> np.ndarray:
+    """How far below the top logit each generated token is, under a cache-free forward (teacher-forced).
+
+    ``prompts`` must share one length and ``outputs`` another. Returns
+    ``[n, M]``: 0 where the token is the reference argmax. A correct greedy
+    engine stays within rounding of 0; a wrong slot, page or length makes
+    its tokens effectively random, far below the top.
+    """
+    from .llama import full_logits
+
+    seqs = np.asarray([list(p) + list(o[:-1]) for p, o in zip(prompts, outputs)], np.int32)
+    p = len(prompts[0])
+    logits = np.asarray(full_logits(model, seqs)[:, p - 1:], np.float32)  # [n, M, V]
+    got = np.take_along_axis(logits, np.asarray(outputs)[:, :, None], axis=-1)[..., 0]
+    return logits.max(-1) - got

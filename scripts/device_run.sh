@@ -3,7 +3,8 @@
 #   bash scripts/device_run.sh tests bench-alloc bench-attention-quick
 # Steps: tests (whole suite: GPU + CPU), gpu-tests (marker gpu only), demo, generate,
 #        bench-alloc, bench-alloc-quick, bench-attention, bench-attention-quick,
-#        bench-generate, bench-generate-quick
+#        bench-generate, bench-generate-quick, bench-serving, bench-serving-quick, bench-serving-long,
+#        long-run, sanitize, engine-tests (engine/paged/reliability tests on the GPU)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/vattn-out}
@@ -28,6 +29,12 @@ for step in "$@"; do
     bench-attention-quick) python3 benchmarks/bench_attention.py --quick > "$OUT/bench_attention.log" 2>&1 || status=1; summary "$OUT/bench_attention.log" 40 ;;
     bench-generate) python3 benchmarks/bench_generate.py > "$OUT/bench_generate.log" 2>&1 || status=1; summary "$OUT/bench_generate.log" ;;
     bench-generate-quick) python3 benchmarks/bench_generate.py --quick > "$OUT/bench_generate.log" 2>&1 || status=1; summary "$OUT/bench_generate.log" ;;
+    bench-serving) python3 benchmarks/bench_serving.py > "$OUT/bench_serving.log" 2>&1 || status=1; summary "$OUT/bench_serving.log" 30 ;;
+    bench-serving-quick) python3 benchmarks/bench_serving.py --quick > "$OUT/bench_serving_quick.log" 2>&1 || status=1; summary "$OUT/bench_serving_quick.log" 30 ;;
+    bench-serving-long) python3 benchmarks/bench_serving.py --workload long > "$OUT/bench_serving_long.log" 2>&1 || status=1; summary "$OUT/bench_serving_long.log" 30 ;;
+    long-run) python3 benchmarks/long_run.py > "$OUT/long_run.log" 2>&1 || status=1; summary "$OUT/long_run.log" 20 ;;
+    sanitize) bash scripts/gpu_sanitize.sh > "$OUT/sanitize_run.log" 2>&1 || status=1; summary "$OUT/sanitize_run.log" 20 ;;
+    engine-tests) python3 -m pytest -q -ra tests/test_engine.py tests/test_paged_cache.py tests/test_engine_reliability.py tests/test_scheduler.py > "$OUT/engine_tests.log" 2>&1 || status=1; summary "$OUT/engine_tests.log" 20 ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
 done

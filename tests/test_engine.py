@@ -1,6 +1,5 @@
 """The LLM engine on the tiny model: continuous batching equals one-request-at-a-time generation."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -157,3 +156,16 @@ def test_premap_maps_every_slot_up_front(model):
         assert full == llm.manager.stats().pages_budget
         llm.generate(prompts(41, 3, model.config.vocab_size), SamplingParams(max_tokens=5))
         assert llm.manager.stats().maps == full  # the run itself mapped nothing
+
+
+def test_warmup_compiles_every_shape_a_run_uses(model):
+    ps = prompts(51, 6, model.config.vocab_size)
+    with LLM(model, max_batch=4, max_seq=128, attn=REF, page_bytes=4096, token_budget=32, chunk_size=16,
+             max_prefill_rows=2, min_decode_bucket=2, min_prefill_bucket=8) as llm:
+        shapes = llm.step_shapes()
+        assert len(shapes) == len(set(shapes)) == 2 + 3 * 2 * 2  # decode {2, 4}; x (none, 2, 4) x rows {1, 2} x T {8, 16}
+        llm.warmup()
+        assert llm.num_compiled == len(shapes)
+        llm.generate(ps, SamplingParams(max_tokens=6))
+        assert llm.num_compiled == len(shapes)  # the run compiled nothing new
+        assert llm.manager.stats().live_slots == 0

@@ -88,7 +88,7 @@ class LLM:
                  page_size: int = 16, token_budget: int = 256, chunk_size: int = 128, max_prefill_rows: int = 4,
                  admission_headroom: int = 16, attn=None, overlap_allocation: str | bool = "thread",
                  lookahead: int = 0, deferred_reclaim: bool = True, best_fit: bool = True, premap: bool = False,
-                 min_decode_bucket: int = 1):
+                 min_decode_bucket: int = 1, min_prefill_bucket: int = 1):
         from flax import nnx
 
         import models
@@ -121,12 +121,12 @@ class LLM:
         self.overlap_allocation = overlap_allocation
         self.lookahead = lookahead
         self.min_decode_bucket = min_decode_bucket
+        self.min_prefill_bucket = min_prefill_bucket
         self.stats = EngineStats()
         self._graphdef, self._params = nnx.split(model)
         self._shapes: set[tuple] = set()
         self._next_id = 0
-        self._executor = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vattn-map-ahead")
-                          if overlap_allocation == "thread" else None)
+        self._executor = None  # the map-ahead thread, started on first use
         donate = ("cache",) if self.pool.donate else ()
         self._step = jax.jit(self._forward, static_argnames=("graphdef", "segments", "mode"), donate_argnames=donate)
 
@@ -173,7 +173,8 @@ class LLM:
         if out.decodes:
             groups.append((out.decodes, _bucket(len(out.decodes), cap, self.min_decode_bucket), 1))
         if out.prefills:
-            t = _bucket(max(c.num_tokens for c in out.prefills), self.scheduler.config.chunk_size)
+            t = _bucket(max(c.num_tokens for c in out.prefills), self.scheduler.config.chunk_size,
+                        self.min_prefill_bucket)
             groups.append((out.prefills, _bucket(len(out.prefills), self.scheduler.config.max_prefill_rows), t))
         rows = sum(g[1] for g in groups)
         n_tok = sum(g[1] * g[2] for g in groups)
@@ -237,6 +238,8 @@ class LLM:
         chunks, next_tokens = self._dispatch(out)
         future = None
         if self.overlap_allocation == "thread":
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vattn-map-ahead")
             future = self._executor.submit(self._map_ahead, chunks)
         elif self.overlap_allocation == "inline":
             self._map_ahead(chunks)
@@ -246,6 +249,38 @@ class LLM:
         return {c.request.request_id: int(next_tokens[b]) for b, c in chunks if c.samples}
 
     # -- public ------------------------------------------------------------------
+    def step_shapes(self) -> list[tuple]:
+        """Every row-group layout the bucketing can produce."""
+        c = self.scheduler.config
+        decode = sorted({_bucket(n, c.max_batch, self.min_decode_bucket) for n in range(1, c.max_batch + 1)})
+        rows = sorted({_bucket(n, c.max_prefill_rows) for n in range(1, c.max_prefill_rows + 1)})
+        chunk = sorted({_bucket(n, c.chunk_size, self.min_prefill_bucket) for n in range(1, c.chunk_size + 1)})
+        layouts = [((0, d, 1),) for d in decode]
+        for d in [0, *decode]:
+            layouts += [((0, d, 1), (d, d + p, t))[1 if d == 0 else 0:] for p in rows for t in chunk]
+        return layouts
+
+    def warmup(self, modes=("greedy",)) -> float:
+        """Compile every step shape (``step_shapes`` x ``modes``) now, so timed runs never compile; returns seconds."""
+        t0 = time.perf_counter()
+        slot = self.pool.allocate(1)  # the jnp reference reads token 0 even at length 0: keep it backed
+        try:
+            for segments in self.step_shapes():
+                rows, n_tok = segments[-1][1], sum((r1 - r0) * t for r0, r1, t in segments)
+                zi, zf = jnp.zeros(rows, jnp.int32), jnp.zeros(rows, jnp.float32)
+                for mode in modes:
+                    cache = self.pool.cache(np.full(rows, slot, np.int32), np.zeros(rows, np.int32),
+                                            np.zeros(rows, np.int32))  # padding rows only: nothing is written
+                    tokens, exported = self._step(
+                        self._graphdef, self._params, cache, jnp.zeros(n_tok, jnp.int32), jnp.zeros(n_tok, jnp.int32),
+                        zi, zf, zi, zf + 1, zi, zi, segments=segments, mode=mode)
+                    self.pool.adopt(exported)
+                    tokens.block_until_ready()
+                    self._shapes.add((segments, mode))
+        finally:
+            self.pool.free(slot)
+        return time.perf_counter() - t0
+
     @property
     def num_compiled(self) -> int:
         """Distinct step shapes (row groups, sampling mode) compiled so far."""
@@ -303,7 +338,7 @@ class LLM:
             raise
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(requests), disable=not progress, desc="requests", unit="req") as bar:
+        with tqdm(total=len(requests), disable=not progress, desc="requests", unit="req", mininterval=2.0) as bar:
             while self.scheduler.has_unfinished():
                 bar.update(len(self.step()))
         return [RequestOutput(r.request_id, r.prompt, r.output, r.finish_reason, r.ttft, r.inter_token_times,

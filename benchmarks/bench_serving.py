@@ -1,0 +1,246 @@
+"""Serving throughput (issue 5): one engine on three KV caches at the same memory budget, plus ablations.
+
+One process, one model (Llama-3-8B shape, bf16, random weights), one seeded
+workload, every configuration in the same run:
+
+  vattention             (a) vAttention cache + our kernels; overlapped (background thread) and
+                             eager allocation, deferred reclamation with best-fit reuse
+  vattention-premapped   control: every slot mapped to max_seq before the run (outside the budget)
+  vattention-no-overlap  ablation: pages mapped only by the scheduler, between steps
+  vattention-no-eager    ablation: no lookahead
+  vattention-no-reclaim  ablation: a finished request's pages are unmapped at once
+  paged16                (b) block tables of 16-token pages, JAX's Pallas paged_attention for decode
+                             (JAX has no paged prefill kernel: prefill gathers the prefix, then our kernel)
+  static                 (c) max_batch x max_seq preallocated; at the budget it holds fewer requests
+
+Before timing: every configuration generates a check set whose tokens must each
+be a near-argmax of a cache-free forward over the same tokens, and compiles
+all of its step shapes (``LLM.warmup``), so timed runs never compile.
+
+    python benchmarks/bench_serving.py                      # ShareGPT-like, full size (H100)
+    python benchmarks/bench_serving.py --workload long      # prompts of 8K-32K
+    python benchmarks/bench_serving.py --quick              # 4 layers, few requests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import models  # noqa: E402
+from common import RESULTS_DIR, device_name, device_slug, write_results  # noqa: E402
+from jax_vattention.engine import LLM, EngineStats, SamplingParams  # noqa: E402
+from jax_vattention.engine.workloads import long_context, sharegpt_like  # noqa: E402
+from models.attention import AttentionSpec  # noqa: E402
+from models.testing import greedy_deficits  # noqa: E402
+
+GIB = 1 << 30
+VATTN_VARIANTS = {
+    "vattention": {},
+    "vattention-no-overlap": dict(overlap_allocation="off"),
+    "vattention-no-eager": dict(lookahead=0),
+    "vattention-no-reclaim": dict(deferred_reclaim=False),
+}
+ALL = [*VATTN_VARIANTS, "vattention-premapped", "paged16", "static"]
+
+
+def pct(xs, q):
+    return float(np.percentile(xs, q)) if len(xs) else float("nan")
+
+
+def check_near_greedy(model, prompts, outputs, tol):
+    """(fraction of tokens more than ``tol`` below the top logit of a cache-free forward, largest deficit)."""
+    deficit = greedy_deficits(model, prompts, outputs)
+    return float((deficit > tol).mean()), float(deficit.max())
+
+
+def summarize(name, outs, wall, stats: EngineStats, llm) -> dict:
+    ttft = [o.ttft_s for o in outs if o.ttft_s is not None]
+    tbt = [x for o in outs for x in o.inter_token_s]
+    n_out = sum(len(o.tokens) for o in outs)
+    t0 = stats.timeline[0][0] if stats.timeline else 0.0
+    return dict(
+        name=name, requests=len(outs), wall_s=wall, requests_per_s=len(outs) / wall, output_tokens_per_s=n_out / wall,
+        ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), tbt_p50_s=pct(tbt, 50), tbt_p99_s=pct(tbt, 99),
+        peak_batch=stats.peak_batch, peak_used_kv_bytes=stats.peak_used_bytes,
+        peak_physical_kv_bytes=stats.peak_physical_bytes, steps=stats.steps,
+        schedule_ms_per_step=stats.schedule_s / max(stats.steps, 1) * 1e3,
+        map_ahead_ms_per_step=stats.map_ahead_s / max(stats.steps, 1) * 1e3,
+        preemptions=sum(o.num_preemptions for o in outs), failed=sum(o.finish_reason == "error" for o in outs),
+        num_compiled=llm.num_compiled,
+        timeline=[(round(t - t0, 4), b, u, p) for t, b, u, p in stats.timeline],
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=("sharegpt", "long"), default="sharegpt")
+    ap.add_argument("--requests", type=int, default=None)
+    ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    ap.add_argument("--max-batch", type=int, default=None)
+    ap.add_argument("--max-seq", type=int, default=None, help="slot length (static cache rows, kernel bound)")
+    ap.add_argument("--budget-tokens", type=int, default=None, help="KV budget of every configuration, in tokens")
+    ap.add_argument("--token-budget", type=int, default=512, help="tokens per iteration (Sarathi)")
+    ap.add_argument("--chunk", type=int, default=512, help="largest prefill chunk")
+    ap.add_argument("--lookahead", type=int, default=64, help="eager allocation, tokens ahead")
+    ap.add_argument("--configs", default=",".join(ALL))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="4 layers, 48 requests, batch 16")
+    args = ap.parse_args()
+
+    long = args.workload == "long"
+    cfg = models.get_preset(args.preset)
+    if args.quick:
+        args.layers = args.layers or 4
+        args.requests = args.requests or 48
+        args.max_batch = args.max_batch or 16
+    layers = args.layers or cfg.num_layers
+    cfg = cfg.replace(num_layers=layers)
+    n_req = args.requests or (32 if long else 256)
+    max_batch = args.max_batch or (8 if long else 64)
+    max_seq = args.max_seq or (33280 if long else 4096)
+    token_bytes = 2 * layers * cfg.num_kv_heads * cfg.head_dim * 2  # K and V of every layer, bf16
+    budget_tokens = args.budget_tokens or (6 * 32768 if long else 24 * 4096)  # static: 6 / 24 slots
+    if args.quick and not args.budget_tokens:
+        budget_tokens = 6 * max_seq
+    budget = budget_tokens * token_bytes
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = set(configs) - set(ALL)
+    if unknown:
+        raise SystemExit(f"unknown configs {sorted(unknown)}; choose from {ALL}")
+
+    wl = (long_context if long else sharegpt_like)(n_req, vocab_size=cfg.vocab_size, seed=args.seed)
+    if wl.max_len() > max_seq:
+        raise SystemExit(f"the workload's longest request ({wl.max_len()}) exceeds max_seq={max_seq}")
+    print(f"device: {device_name()}; {layers} layers of {args.preset} ({models.config.param_count_str(cfg)} params, "
+          f"bf16, random weights)\n{wl.describe()}\nKV budget {budget / GIB:.2f} GiB ({budget_tokens} tokens); "
+          f"max_batch {max_batch}, max_seq {max_seq}, token budget {args.token_budget}, chunk {args.chunk}",
+          flush=True)
+    model = models.random_model(cfg, seed=0, dtype=jnp.bfloat16)
+    attn = AttentionSpec(max_len=max_seq)
+    common = dict(max_batch=max_batch, max_seq=max_seq, attn=attn, token_budget=args.token_budget,
+                  chunk_size=args.chunk, max_prefill_rows=1, min_decode_bucket=min(32, max_batch),
+                  min_prefill_bucket=64, lookahead=args.lookahead)
+    rng = np.random.default_rng(args.seed + 1)
+    check_prompts = [rng.integers(0, cfg.vocab_size, size=300).tolist() for _ in range(8)]
+    check_params = SamplingParams(max_tokens=6)
+
+    def build(name):
+        if name == "paged16":
+            return LLM(model, kv_cache="paged", page_size=16, pool_bytes=budget, **common)
+        if name == "static":
+            return LLM(model, kv_cache="static", pool_bytes=budget, **common)
+        if name == "vattention-premapped":
+            return LLM(model, premap=True, **common)
+        return LLM(model, pool_bytes=budget, **common)
+
+    results, checks, compile_s = {}, {}, {}
+
+    def run(name, llm, overrides):
+        llm.overlap_allocation = overrides.get("overlap_allocation", "thread")
+        llm.lookahead = overrides.get("lookahead", args.lookahead)
+        if llm.kv_cache == "vattention":
+            llm.pool.deferred_reclaim = overrides.get("deferred_reclaim", True)
+            if name != "vattention-premapped":
+                llm.manager.trim()  # start with nothing mapped
+        llm.stats = EngineStats()
+        t0 = time.perf_counter()
+        outs = llm.generate(wl.prompts, wl.params, progress=True)
+        wall = time.perf_counter() - t0
+        assert all(len(o.tokens) == p.max_tokens for o, p in zip(outs, wl.params)), f"{name}: incomplete outputs"
+        r = summarize(name, outs, wall, llm.stats, llm)
+        results[name] = r
+        print(f"  {name:22s} {r['requests_per_s']:7.2f} req/s {r['output_tokens_per_s']:9.0f} out tok/s  "
+              f"TTFT p50 {r['ttft_p50_s']:.2f}s  TBT p50 {r['tbt_p50_s'] * 1e3:.1f} ms p99 {r['tbt_p99_s'] * 1e3:.1f} ms"
+              f"  batch<={r['peak_batch']}  KV {r['peak_used_kv_bytes'] / GIB:.2f} GiB  compiled {r['num_compiled']}",
+              flush=True)
+
+    def prepare(name, llm):
+        outs = llm.generate(check_prompts, check_params)
+        tol = 0.15
+        frac, worst = check_near_greedy(model, check_prompts, [o.tokens for o in outs], tol)
+        checks[name] = dict(frac_tokens_off=frac, worst_deficit=worst, tol=tol)
+        print(f"  check {name}: {frac:.1%} of tokens more than {tol} below the top logit (worst {worst:.3f})",
+              flush=True)
+        if frac > 0.05 or worst > 1.0:
+            raise SystemExit(f"{name}: generated tokens do not match a cache-free forward; not timing it")
+        compile_s[name] = llm.warmup()
+        print(f"  compiled {llm.num_compiled} step shapes in {compile_s[name]:.1f} s", flush=True)
+
+    shared = [c for c in configs if c in VATTN_VARIANTS]
+    if shared:
+        with build("vattention") as llm:
+            prepare("vattention", llm)
+            for name in shared:
+                run(name, llm, VATTN_VARIANTS[name])
+    for name in [c for c in configs if c not in VATTN_VARIANTS]:
+        with build(name) as llm:
+            prepare(name, llm)
+            run(name, llm, {})
+
+    ratios = {}
+    tput = {k: v["output_tokens_per_s"] for k, v in results.items()}
+    for other, key in (("paged16", "vattention_vs_paged16"), ("static", "vattention_vs_static"),
+                       ("vattention-premapped", "vattention_vs_premapped"),
+                       ("vattention-no-overlap", "vattention_vs_no_overlap"),
+                       ("vattention-no-eager", "vattention_vs_no_eager"),
+                       ("vattention-no-reclaim", "vattention_vs_no_reclaim")):
+        if "vattention" in tput and other in tput:
+            ratios[key] = tput["vattention"] / tput[other]
+    targets = {}
+    if "vattention_vs_paged16" in ratios and not long:
+        targets["a >= 1.2x paged16 (sharegpt)"] = ratios["vattention_vs_paged16"] >= 1.2
+    if "vattention_vs_static" in ratios:
+        targets["a >= 2x static"] = ratios["vattention_vs_static"] >= 2.0
+    if "vattention_vs_premapped" in ratios:
+        targets["a within 2% of premapped"] = ratios["vattention_vs_premapped"] >= 0.98
+
+    md = ["| config | req/s | out tok/s | TTFT p50 / p99 (s) | TBT p50 / p99 (ms) | peak batch | peak KV used / physical (GiB) | preempt |",
+          "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        md.append(f"| {name} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.0f} | "
+                  f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | {r['tbt_p50_s'] * 1e3:.1f} / "
+                  f"{r['tbt_p99_s'] * 1e3:.1f} | {r['peak_batch']} | {r['peak_used_kv_bytes'] / GIB:.2f} / "
+                  f"{r['peak_physical_kv_bytes'] / GIB:.2f} | {r['preemptions']} |")
+    md.append("\nthroughput ratios (output tokens/s, same run): " + ", ".join(f"{k} **{v:.3f}**" for k, v in ratios.items()))
+    md.append("\ntargets: " + ", ".join(f"{k}: {'PASS' if ok else 'FAIL'}" for k, ok in targets.items()))
+    md.append(f"\ncorrectness checks: {json.dumps(checks)}")
+    md.append(f"\nsetup: {wl.describe()}; {layers} layers of {args.preset}; KV budget {budget / GIB:.2f} GiB; "
+              f"max_batch {max_batch}, max_seq {max_seq}; token budget {args.token_budget}, chunk {args.chunk}, "
+              f"lookahead {args.lookahead}; compile s {json.dumps({k: round(v, 1) for k, v in compile_s.items()})}")
+    table = "\n".join(md)
+    print(table)
+    name = f"serving_{args.workload}" + ("_quick" if args.quick else "")
+    payload = dict(results=results, ratios=ratios, targets=targets, checks=checks, compile_s=compile_s,
+                   config=dict(layers=layers, preset=args.preset, requests=n_req, max_batch=max_batch,
+                               max_seq=max_seq, budget_bytes=budget, budget_tokens=budget_tokens,
+                               token_budget=args.token_budget, chunk=args.chunk, lookahead=args.lookahead,
+                               workload=wl.describe(), seed=args.seed))
+    paths = write_results(name, payload, table)
+    print("wrote", *paths)
+    try:
+        from plot_serving import plot
+
+        png = plot(payload, RESULTS_DIR / f"{name}_{device_slug()}.png", title=f"{wl.name} on {device_name()}")
+        if os.environ.get("OUT"):
+            import shutil
+
+            shutil.copy(png, os.environ["OUT"])
+        print("wrote", png)
+    except ImportError as e:
+        print(f"no plot ({e}); run benchmarks/plot_serving.py on the JSON")
+
+
+if __name__ == "__main__":
+    main()
