@@ -96,6 +96,7 @@ def main():
     ap.add_argument("--lookahead", type=int, default=64, help="eager allocation, tokens ahead")
     ap.add_argument("--configs", default=",".join(ALL))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile-threads", type=int, default=4, help="threads compiling step shapes in warmup")
     ap.add_argument("--quick", action="store_true", help="4 layers, 48 requests, batch 16")
     args = ap.parse_args()
 
@@ -175,7 +176,7 @@ def main():
               flush=True)
         if frac > 0.05 or worst > 1.0:
             raise SystemExit(f"{name}: generated tokens do not match a cache-free forward; not timing it")
-        compile_s[name] = llm.warmup()
+        compile_s[name] = llm.warmup(compile_threads=args.compile_threads)
         print(f"  compiled {llm.num_compiled} step shapes in {compile_s[name]:.1f} s", flush=True)
 
     shared = [c for c in configs if c in VATTN_VARIANTS]

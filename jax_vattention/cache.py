@@ -42,6 +42,8 @@ class KVCache:
     v: tuple[jax.Array, ...]  # L x [MB, S, Hkv, D]
     state: CacheState
     manager: object = dataclasses.field(metadata=dict(static=True))
+    # Writes as pure calls ordered only by their lengths (see ``pending`` and ``ops.write``).
+    pure_writes: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @classmethod
     def create(cls, manager, slots, lengths) -> KVCache:
@@ -79,9 +81,15 @@ class KVCache:
         dispatching, such as the serving engine: no grow call, so no device
         sync. A write past a row's backed capacity is still refused (and
         raised), never stored into unmapped memory.
+
+        The returned cache writes through pure calls (``pure_writes``): with
+        no grow and no effectful write, a jitted step has no effects and jax
+        dispatches it on its fast path. Each layer's attention must read with
+        the lengths its write returns (the model does), or XLA drops the write.
         """
         counts = jnp.asarray(counts, jnp.int32)
-        return self.with_state(CacheState(self.slots, self.lengths + counts, counts))
+        state = CacheState(self.slots, self.lengths + counts, counts)
+        return dataclasses.replace(self, state=state, pure_writes=True)
 
     def write(self, layer: int, k_new: jax.Array, v_new: jax.Array) -> jax.Array:
         """Write the pending tokens of every row into ``layer``; returns lengths [B].
@@ -90,4 +98,5 @@ class KVCache:
         ``num_new[b]`` tokens at positions ``[lengths[b] - num_new[b], lengths[b])``.
         """
         starts = self.lengths - self.state.num_new
-        return ops.write(self.manager, layer, k_new, v_new, self.slots, starts, self.state.num_new)
+        return ops.write(self.manager, layer, k_new, v_new, self.slots, starts, self.state.num_new,
+                         has_side_effect=not self.pure_writes)

@@ -59,11 +59,19 @@ def grow(manager, slots: jax.Array, lengths: jax.Array) -> jax.Array:
     return call(slots, lengths, manager_id=np.uint64(manager.id))
 
 
-def write(manager, layer: int, k_new: jax.Array, v_new: jax.Array, slots, starts, counts) -> jax.Array:
+def write(manager, layer: int, k_new: jax.Array, v_new: jax.Array, slots, starts, counts, *,
+          has_side_effect: bool = True) -> jax.Array:
     """Store new K/V rows into layer ``layer`` of the cache, in place.
 
     Row b writes ``k_new[b, :counts[b]]`` (and V) at positions
     ``[starts[b], starts[b] + counts[b])`` of slot ``slots[b]``.
+
+    With ``has_side_effect=False`` the call is kept only through its result:
+    XLA removes a write whose lengths nothing reads. In exchange the jitted
+    function carries no effect, so jax dispatches it on its C++ fast path
+    (an effectful one takes the Python path, about a millisecond per call
+    for a model-sized pytree). Use it only where attention reads the cache
+    with the returned lengths, as every model layer does.
 
     Args:
       k_new, v_new: ``[B, T, kv_heads, head_dim]`` in the cache dtype.
@@ -86,5 +94,6 @@ def write(manager, layer: int, k_new: jax.Array, v_new: jax.Array, slots, starts
     batch = jnp.shape(k_new)[0]
     for name, x in (("slots", slots), ("starts", starts), ("counts", counts)):
         _check_rows(name, x, batch)
-    call = jax.ffi.ffi_call("vattn_write", jax.ShapeDtypeStruct((batch,), jnp.int32), has_side_effect=True)
+    call = jax.ffi.ffi_call("vattn_write", jax.ShapeDtypeStruct((batch,), jnp.int32),
+                            has_side_effect=bool(has_side_effect))
     return call(k_new, v_new, slots, starts, counts, manager_id=np.uint64(manager.id), layer=np.int64(layer))

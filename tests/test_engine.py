@@ -169,3 +169,24 @@ def test_warmup_compiles_every_shape_a_run_uses(model):
         llm.generate(ps, SamplingParams(max_tokens=6))
         assert llm.num_compiled == len(shapes)  # the run compiled nothing new
         assert llm.manager.stats().live_slots == 0
+
+
+def test_engine_step_has_no_effects_and_keeps_every_write(model):
+    """Host-mapped caches write through pure calls: the step is effect-free (jax's fast dispatch path), and XLA
+    still keeps one write per layer and row group, because attention reads with the lengths each write returns."""
+    from flax import nnx
+
+    with LLM(model, max_batch=4, max_seq=128, attn=REF, page_bytes=4096) as llm:
+        slot = llm.manager.allocate(8)
+        cache = llm.pool.cache(np.full(4, slot, np.int32), np.zeros(4, np.int32), np.array([1, 1, 0, 0], np.int32))
+        gd, params = nnx.split(model)
+        segments = ((0, 2, 1), (2, 4, 8))
+        args = (gd, params, cache, np.zeros(10 + 8, np.int32), np.zeros(18, np.int32), np.zeros(4, np.int32),
+                np.zeros(4, np.float32), np.zeros(4, np.int32), np.ones(4, np.float32), np.zeros(4, np.int32),
+                np.zeros(4, np.int32))
+        args = args[:3] + (np.zeros(2 + 2 * 8, np.int32), np.zeros(18, np.int32)) + args[5:]
+        traced = llm._step.trace(*args, segments=segments, mode="greedy")
+        assert not traced.jaxpr.effects
+        hlo = traced.lower().compile().as_text()
+        assert hlo.count('custom_call_target="vattn_write"') == model.config.num_layers * len(segments)
+        llm.manager.free(slot)

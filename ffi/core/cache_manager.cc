@@ -133,8 +133,8 @@ void CacheManager::map_pages(int64_t slot, int64_t target_pages) {
       throw;
     }
     ++s.mapped_pages;
+    ++capacity_version_;  // only on a change: a new version makes the CUDA write re-upload its capacity table
   }
-  ++capacity_version_;
 }
 
 // Unmaps page indices [keep_pages, mapped_pages) in every tensor, returning
@@ -151,8 +151,8 @@ void CacheManager::unmap_pages(int64_t slot, int64_t keep_pages) {
       s.pages.pop_back();
     }
     --s.mapped_pages;
+    ++capacity_version_;
   }
-  ++capacity_version_;
 }
 
 // Deferred reclamation: take pages back from free slots, largest first.

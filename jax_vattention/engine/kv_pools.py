@@ -90,8 +90,14 @@ class VAttentionPool:
             self.manager.free(s)
 
     def cache(self, slots, starts, counts):
-        return self.manager.cache(np.asarray(slots, np.int32), np.asarray(starts, np.int32)).pending(
-            np.asarray(counts, np.int32))
+        """The step's rows with ``counts`` tokens pending: host arrays, no device work until the jit call."""
+        from ..cache import CacheState, KVCache
+
+        if self.manager.closed:
+            raise CacheClosedError("the cache manager is closed")
+        starts, counts = np.asarray(starts, np.int32), np.asarray(counts, np.int32)
+        state = CacheState(np.asarray(slots, np.int32), starts + counts, counts)
+        return KVCache(self.manager.k, self.manager.v, state, self.manager, pure_writes=True)
 
     def adopt(self, cache) -> None:
         pass  # the views were written in place

@@ -190,7 +190,7 @@ class LLM:
             segments.append((row, row + n_rows, t))
             for i, c in enumerate(group):
                 r, b, o = c.request, row + i, off + i * t
-                tokens[o:o + c.num_tokens] = r.tokens[c.start:c.start + c.num_tokens]
+                tokens[o:o + c.num_tokens] = r.token_slice(c.start, c.num_tokens)
                 positions[o:o + c.num_tokens] = np.arange(c.start, c.start + c.num_tokens)
                 slots[b], starts[b], counts[b] = r.slot, c.start, c.num_tokens
                 logit_index[b] = o + c.num_tokens - 1
@@ -203,10 +203,9 @@ class LLM:
         segments = tuple(segments)
         self._shapes.add((segments, mode))
         cache = self.pool.cache(slots, starts, counts)
-        next_tokens, exported = self._step(
-            self._graphdef, self._params, cache, jnp.asarray(tokens), jnp.asarray(positions),
-            jnp.asarray(logit_index), jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p),
-            jnp.asarray(seeds), jnp.asarray(n_out), segments=segments, mode=mode)
+        # host arrays go straight in: jit's C++ fast path transfers them (the step has no effects)
+        next_tokens, exported = self._step(self._graphdef, self._params, cache, tokens, positions, logit_index,
+                                           temperature, top_k, top_p, seeds, n_out, segments=segments, mode=mode)
         self.pool.adopt(exported)
         return chunks, next_tokens
 
@@ -243,9 +242,11 @@ class LLM:
             future = self._executor.submit(self._map_ahead, chunks)
         elif self.overlap_allocation == "inline":
             self._map_ahead(chunks)
-        next_tokens = np.asarray(next_tokens)  # waits for the device
-        if future is not None:
-            future.result()  # the pool is the scheduler's again
+        try:
+            next_tokens = np.asarray(next_tokens)  # waits for the device
+        finally:
+            if future is not None:
+                future.result()  # the pool is the scheduler's again
         return {c.request.request_id: int(next_tokens[b]) for b, c in chunks if c.samples}
 
     # -- public ------------------------------------------------------------------
@@ -260,23 +261,34 @@ class LLM:
             layouts += [((0, d, 1), (d, d + p, t))[1 if d == 0 else 0:] for p in rows for t in chunk]
         return layouts
 
-    def warmup(self, modes=("greedy",)) -> float:
-        """Compile every step shape (``step_shapes`` x ``modes``) now, so timed runs never compile; returns seconds."""
+    def warmup(self, modes=("greedy",), *, compile_threads: int = 1) -> float:
+        """Compile every step shape (``step_shapes`` x ``modes``) now, so timed runs never compile; returns seconds.
+
+        Shapes are lowered one by one, compiled on ``compile_threads`` threads
+        (XLA compiles outside the GIL), then run once each with padding rows
+        only, which finds the compiled executables in jax's cache.
+        """
         t0 = time.perf_counter()
         slot = self.pool.allocate(1)  # the jnp reference reads token 0 even at length 0: keep it backed
         try:
-            for segments in self.step_shapes():
+            jobs = [(segments, mode) for segments in self.step_shapes() for mode in modes]
+
+            def args(segments):
                 rows, n_tok = segments[-1][1], sum((r1 - r0) * t for r0, r1, t in segments)
-                zi, zf = jnp.zeros(rows, jnp.int32), jnp.zeros(rows, jnp.float32)
-                for mode in modes:
-                    cache = self.pool.cache(np.full(rows, slot, np.int32), np.zeros(rows, np.int32),
-                                            np.zeros(rows, np.int32))  # padding rows only: nothing is written
-                    tokens, exported = self._step(
-                        self._graphdef, self._params, cache, jnp.zeros(n_tok, jnp.int32), jnp.zeros(n_tok, jnp.int32),
-                        zi, zf, zi, zf + 1, zi, zi, segments=segments, mode=mode)
-                    self.pool.adopt(exported)
-                    tokens.block_until_ready()
-                    self._shapes.add((segments, mode))
+                zi, zf = np.zeros(rows, np.int32), np.zeros(rows, np.float32)
+                cache = self.pool.cache(np.full(rows, slot, np.int32), zi, zi)  # padding rows: nothing is written
+                return (self._graphdef, self._params, cache, np.zeros(n_tok, np.int32), np.zeros(n_tok, np.int32),
+                        zi, zf, zi, zf + 1, zi, zi)
+
+            if compile_threads > 1 and len(jobs) > 1:
+                lowered = [self._step.lower(*args(sg), segments=sg, mode=m) for sg, m in jobs]
+                with concurrent.futures.ThreadPoolExecutor(compile_threads) as ex:
+                    list(ex.map(lambda low: low.compile(), lowered))
+            for segments, mode in jobs:
+                tokens, exported = self._step(*args(segments), segments=segments, mode=mode)
+                self.pool.adopt(exported)
+                tokens.block_until_ready()
+                self._shapes.add((segments, mode))
         finally:
             self.pool.free(slot)
         return time.perf_counter() - t0
@@ -338,9 +350,16 @@ class LLM:
             raise
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(requests), disable=not progress, desc="requests", unit="req", mininterval=2.0) as bar:
-            while self.scheduler.has_unfinished():
-                bar.update(len(self.step()))
+        try:
+            with tqdm(total=len(requests), disable=not progress, desc="requests", unit="req",
+                      mininterval=2.0) as bar:
+                while self.scheduler.has_unfinished():
+                    bar.update(len(self.step()))
+        except BaseException:
+            for r in requests:  # leave no request queued and no slot held behind the exception
+                if not r.finished:
+                    self.scheduler.cancel(r.request_id)
+            raise
         return [RequestOutput(r.request_id, r.prompt, r.output, r.finish_reason, r.ttft, r.inter_token_times,
                               r.num_preemptions, None if r.finish_time is None else r.finish_time - r.arrival_time,
                               r.error if r.finish_reason == "error" else None)

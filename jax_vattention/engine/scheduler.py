@@ -169,8 +169,7 @@ class Scheduler:
                     self.waiting.popleft()
                     r.finish("error", time.perf_counter())
                     out.failed.append(r)
-                    continue
-                break
+                continue  # retry (bounded: every fault counts toward max_faults)
             self.waiting.popleft()
             r.slot, r.status = slot, Status.RUNNING
             self.running.append(r)
@@ -188,6 +187,7 @@ class Scheduler:
                 continue
             r.num_cached = chunk.start + chunk.num_tokens
             if chunk.samples:
+                r.num_faults = 0  # real progress: faults count again from zero
                 r.append_token(sampled[r.request_id], now)
                 if r.finished:
                     self._release(r)
@@ -203,7 +203,6 @@ class Scheduler:
         """Grow ``r``; True on success, False when the pool is full, None after a backend fault (handled)."""
         try:
             self.pool.grow(r.slot, tokens)
-            r.num_faults = 0
             return True
         except PoolExhaustedError:
             return False
