@@ -20,7 +20,7 @@ for step in "$@"; do
   echo "=== $step"
   case "$step" in
     tests) python3 -m pytest -q -ra tests > "$OUT/tests.log" 2>&1 || status=1; summary "$OUT/tests.log" 30 ;;
-    gpu-tests) python3 -m pytest -q -ra -m gpu tests > "$OUT/gpu_tests.log" 2>&1 || status=1; summary "$OUT/gpu_tests.log" 30 ;;
+    gpu-tests) python3 -m pytest -q -ra --durations=12 -m gpu tests > "$OUT/gpu_tests.log" 2>&1 || status=1; summary "$OUT/gpu_tests.log" 30 ;;
     demo) python3 -m jax_vattention.cli demo 2>&1 | tail -20 ;;
     generate) python3 -m jax_vattention.cli generate 2>&1 | tail -20 ;;
     bench-alloc) python3 benchmarks/bench_alloc.py > "$OUT/bench_alloc.log" 2>&1 || status=1; summary "$OUT/bench_alloc.log" ;;
