@@ -132,7 +132,7 @@ def main():
     attn = AttentionSpec(max_len=max_seq)
     common = dict(max_batch=max_batch, max_seq=max_seq, attn=attn, token_budget=args.token_budget,
                   chunk_size=args.chunk, max_prefill_rows=1, min_decode_bucket=min(32, max_batch),
-                  min_prefill_bucket=64, lookahead=args.lookahead)
+                  min_prefill_bucket=128, lookahead=args.lookahead)
     rng = np.random.default_rng(args.seed + 1)
     check_prompts = [rng.integers(0, cfg.vocab_size, size=300).tolist() for _ in range(8)]
     check_params = SamplingParams(max_tokens=6)
@@ -147,6 +147,7 @@ def main():
         return LLM(model, pool_bytes=budget, **common)
 
     results, checks, compile_s = {}, {}, {}
+    result_name = f"serving_{args.workload}" + ("_quick" if args.quick else "")
 
     def run(name, llm, overrides):
         llm.overlap_allocation = overrides.get("overlap_allocation", "thread")
@@ -162,6 +163,7 @@ def main():
         assert all(len(o.tokens) == p.max_tokens for o, p in zip(outs, wl.params)), f"{name}: incomplete outputs"
         r = summarize(name, outs, wall, llm.stats, llm)
         results[name] = r
+        write_results(result_name, dict(results=results, partial=True), "partial: " + ", ".join(results))
         print(f"  {name:22s} {r['requests_per_s']:7.2f} req/s {r['output_tokens_per_s']:9.0f} out tok/s  "
               f"TTFT p50 {r['ttft_p50_s']:.2f}s  TBT p50 {r['tbt_p50_s'] * 1e3:.1f} ms p99 {r['tbt_p99_s'] * 1e3:.1f} ms"
               f"  batch<={r['peak_batch']}  KV {r['peak_used_kv_bytes'] / GIB:.2f} GiB  compiled {r['num_compiled']}",
@@ -222,7 +224,7 @@ def main():
               f"lookahead {args.lookahead}; compile s {json.dumps({k: round(v, 1) for k, v in compile_s.items()})}")
     table = "\n".join(md)
     print(table)
-    name = f"serving_{args.workload}" + ("_quick" if args.quick else "")
+    name = result_name
     payload = dict(results=results, ratios=ratios, targets=targets, checks=checks, compile_s=compile_s,
                    config=dict(layers=layers, preset=args.preset, requests=n_req, max_batch=max_batch,
                                max_seq=max_seq, budget_bytes=budget, budget_tokens=budget_tokens,

@@ -47,15 +47,26 @@ class VAttentionPool:
         c = manager.config
         self.max_batch, self.max_seq = c.max_batch, manager.max_seq
         self._tensors = 2 * c.num_layers
+        # Tokens backed per live slot. A live slot's pages are never taken away
+        # (pressure and trim reclaim free slots only), so a grow within the
+        # known capacity needs no native call: the engine grows every row
+        # every step, and most of those grows map nothing.
+        self._capacity: dict[int, int] = {}
 
     def allocate(self, min_tokens: int = 0) -> int:
-        return self.manager.allocate(min_tokens)
+        slot = self.manager.allocate(min_tokens)
+        self._capacity[slot] = self.manager.capacity(slot)
+        return slot
 
     def grow(self, slot: int, tokens: int) -> None:
+        if slot in self._capacity and 0 <= tokens <= self._capacity[slot]:
+            return
         self.manager.grow(slot, tokens)
+        self._capacity[slot] = self.manager.capacity(slot)
 
     def free(self, slot: int) -> None:
         self.manager.free(slot)
+        self._capacity.pop(slot, None)
         if not self.deferred_reclaim:
             self.manager.trim()  # unmap the free slots' pages now (they return to the handle pool)
 
