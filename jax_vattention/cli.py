@@ -268,6 +268,9 @@ def main(argv=None) -> int:
     demo.add_argument("--prompts", type=int, nargs="+", default=[100, 3000, 5000, 700])
     demo.add_argument("--new-tokens", type=int, nargs="+", default=[300, 1200, 50, 900])
     add_generate_parser(sub)
+    from .engine.serve_cli import add_serve_parser, run_serve
+
+    add_serve_parser(sub)
     args = parser.parse_args(argv)
     if args.command in (None, "demo"):
         if args.command is None:
@@ -275,6 +278,8 @@ def main(argv=None) -> int:
         return run_demo(args)
     if args.command == "generate":
         return run_generate(args)
+    if args.command == "serve":
+        return run_serve(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -127,3 +127,19 @@ def test_console_entry_point_subprocess():
     bad = subprocess.run([sys.executable, "-m", "jax_vattention.cli", "generate", "--max-new-tokens", "-1"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "error: max_new_tokens must be a positive int" in bad.stderr
+
+
+def test_serve_runs_the_engine_on_a_synthetic_workload(capsys):
+    argv = ["serve", "--requests", "6", "--prompt-median", "12", "--output-median", "10", "--max-batch", "4",
+            "--chunk-size", "64", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "6 (6 complete)" in out and "output tok/s" in out and "peak batch" in out and "compiled 5 step" in out
+    assert "closed: nothing reserved or mapped" in out
+
+
+@pytest.mark.parametrize("argv,message", [(["--requests", "0"], "--requests must be positive"),
+                                          (["--preset", "nope"], "nope")])
+def test_serve_bad_input_exits_nonzero_with_message(capsys, argv, message):
+    assert main(["serve", "--no-progress", *argv]) == 2
+    assert message in capsys.readouterr().err

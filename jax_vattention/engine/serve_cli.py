@@ -1,0 +1,105 @@
+"""``jax-vattention serve``: run the serving engine on a seeded synthetic workload and print its metrics.
+
+    jax-vattention serve                                  # tiny model, 64 ShareGPT-like requests
+    jax-vattention serve --preset llama-3.2-1b --requests 500 --max-batch 32 --kv-cache paged
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+GIB, MIB = 1 << 30, 1 << 20
+
+
+def add_serve_parser(sub) -> None:
+    s = sub.add_parser(
+        "serve", help="continuous batching on a synthetic workload (vAttention, paged or static KV)",
+        description="Run the continuous-batching engine on a seeded ShareGPT-like or long-context workload with a "
+                    "random-weight model preset and print throughput, latency and KV memory.")
+    s.add_argument("--preset", default="tiny", help="model shape with seeded random weights (default: tiny)")
+    s.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    s.add_argument("--workload", default="sharegpt", choices=["sharegpt", "long"])
+    s.add_argument("--requests", type=int, default=64)
+    s.add_argument("--prompt-median", type=float, default=None, help="ShareGPT-like prompt median (default 256)")
+    s.add_argument("--output-median", type=float, default=None, help="ShareGPT-like output median (default 192)")
+    s.add_argument("--kv-cache", default="vattention", choices=["vattention", "paged", "static"])
+    s.add_argument("--max-batch", type=int, default=16)
+    s.add_argument("--max-seq", type=int, default=None, help="default: the workload's longest request")
+    s.add_argument("--pool-mib", type=float, default=None, help="KV budget (default: every slot at max_seq)")
+    s.add_argument("--token-budget", type=int, default=512)
+    s.add_argument("--chunk-size", type=int, default=256)
+    s.add_argument("--overlap", default="thread", choices=["thread", "inline", "off"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-progress", action="store_true")
+
+
+def run_serve(args) -> int:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to the page pool
+    import jax.numpy as jnp
+    import numpy as np
+
+    import models
+    from jax_vattention import VAttentionError, default_device
+
+    from . import LLM
+    from .workloads import long_context, sharegpt_like
+
+    for name in ("requests", "max_batch", "token_budget", "chunk_size"):
+        if getattr(args, name) <= 0:
+            print(f"error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
+    try:
+        cfg = models.get_preset(args.preset)
+    except (KeyError, ValueError, models.ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.layers:
+        cfg = cfg.replace(num_layers=args.layers)
+    if args.workload == "long":
+        wl = long_context(args.requests, vocab_size=cfg.vocab_size, seed=args.seed)
+    else:
+        kw = {k: v for k, v in (("prompt_median", args.prompt_median), ("output_median", args.output_median))
+              if v is not None}
+        wl = sharegpt_like(args.requests, vocab_size=cfg.vocab_size, seed=args.seed, **kw)
+    max_seq = args.max_seq or -(-wl.max_len() // 64) * 64
+    gpu = default_device().platform == "gpu"
+    dtype = "bfloat16" if gpu else "float32"
+    model = models.random_model(cfg, seed=args.seed, dtype=jnp.dtype(dtype))
+    pool = None if args.pool_mib is None else int(args.pool_mib * MIB)
+    print(f"{args.preset} ({cfg.num_layers} layers, {dtype}) on {default_device()}; {wl.describe()}", flush=True)
+    try:
+        with LLM(model, kv_cache=args.kv_cache, max_batch=args.max_batch, max_seq=max_seq, pool_bytes=pool,
+                 page_bytes=None if gpu else 64 * 1024, token_budget=args.token_budget, chunk_size=args.chunk_size,
+                 overlap_allocation=args.overlap, max_prefill_rows=1, min_decode_bucket=min(8, args.max_batch),
+                 min_prefill_bucket=min(32, args.chunk_size)) as llm:
+            import time
+
+            print(f"compiled {len(llm.step_shapes())} step shapes in {llm.warmup():.1f} s (before timing)",
+                  flush=True)
+            t0 = time.perf_counter()
+            outs = llm.generate(wl.prompts, wl.params, progress=not args.no_progress)
+            wall = time.perf_counter() - t0
+            s = llm.stats
+            ttft = [o.ttft_s for o in outs if o.ttft_s is not None]
+            tbt = [x for o in outs for x in o.inter_token_s] or [float("nan")]
+            n_out = sum(len(o.tokens) for o in outs)
+            rows = [
+                ("requests", f"{len(outs)} ({sum(o.finish_reason == 'length' for o in outs)} complete)"),
+                ("throughput", f"{len(outs) / wall:.2f} req/s, {n_out / wall:.0f} output tok/s ({wall:.1f} s)"),
+                ("TTFT p50 / p99", f"{np.percentile(ttft, 50):.3f} / {np.percentile(ttft, 99):.3f} s"),
+                ("time between tokens p50 / p99",
+                 f"{np.percentile(tbt, 50) * 1e3:.1f} / {np.percentile(tbt, 99) * 1e3:.1f} ms"),
+                ("peak batch", str(s.peak_batch)),
+                ("peak KV used / physical", f"{s.peak_used_bytes / MIB:.1f} / {s.peak_physical_bytes / MIB:.1f} MiB"),
+                ("steps / compiled shapes / preemptions",
+                 f"{s.steps} / {llm.num_compiled} / {sum(o.num_preemptions for o in outs)}"),
+            ]
+    except (VAttentionError, models.ModelError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    print("closed: nothing reserved or mapped" if args.kv_cache != "vattention" or llm.manager.closed else "LEAK")
+    return 0
