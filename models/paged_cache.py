@@ -322,6 +322,9 @@ class PagedKVPool:
         self._open()
         self._k, self._v = tuple(cache.k), tuple(cache.v)
 
+    def check_errors(self) -> None:
+        """Nothing to check: ``cache()`` refuses rows past capacity on the host and the scatter drops the rest."""
+
     def close(self) -> None:
         for x in (*(self._k or ()), *(self._v or ())):
             if not x.is_deleted():

@@ -164,3 +164,35 @@ def test_bad_requests_are_rejected_with_clear_errors():
             SamplingParams(max_tokens=0)
         with pytest.raises(ValueError, match="max_batch"):
             Scheduler(m, SchedulerConfig(max_batch=7))
+
+
+def test_prefills_that_outgrow_the_pool_together_are_preempted_not_stalled():
+    """Admission checks a request's own tokens; running prefills can still need more than is left between them.
+    With no decode running, the newest prefill must be preempted (before the fix: an empty step, "no progress")."""
+    pytest.importorskip("flax")
+    from models.paged_cache import PagedKVPool
+
+    with PagedKVPool(num_layers=1, max_batch=4, max_seq=128, kv_heads=1, head_dim=8, dtype="float32", page_size=16,
+                     pool_bytes=10 * 2 * 16 * 8 * 4, device=jax.devices("cpu")[0]) as pool:  # 10 pages of 16
+        sched = Scheduler(pool, SchedulerConfig(max_batch=4, token_budget=128, chunk_size=32, admission_headroom=0))
+        rng = np.random.default_rng(3)
+        reqs = [Request(i, rng.integers(1, VOCAB, size=80).tolist(), SamplingParams(max_tokens=4)) for i in range(4)]
+        for r in reqs:
+            sched.add(r)
+        for _ in range(200):
+            if not sched.has_unfinished():
+                break
+            out = sched.schedule()
+            assert not out.empty, "no progress"
+            sched.update(out, {c.request.request_id: 7 for c in out.decodes + out.prefills if c.samples})
+        assert all(r.finished and len(r.output) == 4 for r in reqs)
+        assert sched.num_preemptions > 0 and pool.pages_live() == 0
+
+
+def test_admission_headroom_never_asks_for_more_than_the_request_can_use():
+    """A request whose prompt + max_tokens fills the pool is admitted although prompt + headroom would not fit."""
+    rng = np.random.default_rng(4)
+    r = Request(0, rng.integers(1, VOCAB, size=250).tolist(), SamplingParams(max_tokens=6))  # 256 tokens = 4 pages
+    with make_manager(pool_pages=8) as m:
+        sched = run(m, [r], SchedulerConfig(max_batch=2, token_budget=64, chunk_size=64, admission_headroom=16))
+        assert r.finished and len(r.output) == 6 and not sched.running

@@ -63,7 +63,7 @@ def test_sample_rows_matches_the_per_request_reference():
         sample_rows(logits, temp, top_k, top_p, seeds, counts, "beam")
 
 
-@pytest.mark.parametrize("kw,match", [(dict(seed=2**40), "seed"), (dict(seed=1.5), "seed"), (dict(top_k=2.0), "top_k"),
+@pytest.mark.parametrize("kw,match", [(dict(seed=2**40), "seed"), (dict(seed=1.5), "seed"), (dict(top_k=2.0), "top_k"), (dict(top_k=2**40), "top_k"),
                                       (dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),
                                       (dict(max_tokens=0), "max_tokens")])
 def test_sampling_params_refuse_what_the_device_step_cannot_hold(kw, match):

@@ -16,7 +16,8 @@ The protocol (duck-typed): ``max_batch``, ``max_seq``, ``donate``;
 ``capacity(slot)``; ``pages_needed(tokens)``, ``pages_total()``,
 ``pages_live()``; ``physical_bytes()``, ``used_bytes()``;
 ``cache(slots, starts, counts)`` (the rows of one step with ``counts`` tokens
-pending); ``adopt(cache)`` (take back a donated step's buffers); ``close()``.
+pending); ``adopt(cache)`` (take back a donated step's buffers); ``check_errors()``
+(after each step); ``close()``.
 Growing raises ``PoolExhaustedError`` and changes nothing when pages run out.
 """
 
@@ -113,6 +114,10 @@ class VAttentionPool:
     def adopt(self, cache) -> None:
         pass  # the views were written in place
 
+    def check_errors(self) -> None:
+        """Raise a write the GPU refused (past a slot's backed pages); the steps themselves call no grow."""
+        self.manager.check_device_errors()
+
     def close(self) -> None:
         self.manager.close()
 
@@ -201,6 +206,9 @@ class StaticPool:
 
     def adopt(self, cache) -> None:
         self._cache = cache
+
+    def check_errors(self) -> None:
+        pass  # XLA scatters drop out-of-range writes
 
     def close(self) -> None:
         if self._cache is not None:

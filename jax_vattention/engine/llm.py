@@ -244,9 +244,13 @@ class LLM:
             self._map_ahead(chunks)
         try:
             next_tokens = np.asarray(next_tokens)  # waits for the device
-        finally:
+        except BaseException:
             if future is not None:
-                future.result()  # the pool is the scheduler's again
+                concurrent.futures.wait([future])  # the pool is the scheduler's again; keep the step's error
+            raise
+        if future is not None:
+            future.result()
+        self.pool.check_errors()  # a write refused on the GPU never passes silently
         return {c.request.request_id: int(next_tokens[b]) for b, c in chunks if c.samples}
 
     # -- public ------------------------------------------------------------------

@@ -136,11 +136,21 @@ class Scheduler:
                 out.decodes.append(Chunk(r, r.num_cached, 1))
         out.decodes = [c for c in out.decodes if c.request.status is Status.RUNNING]
         budget -= len(out.decodes)
+        budget = self._fill(out, budget)
+        # Only prefills hold the pool and none of them can take its next chunk (admission checks a request's
+        # own tokens, not what the running prefills still need): preempt the newest until something runs.
+        while out.empty and self.running and not out.failed:
+            self._preempt(self.running[-1], out)
+            budget = self._fill(out, budget)
+        return out
+
+    def _fill(self, out: SchedulerOutput, budget: int) -> int:
+        """Steps 2 and 3 of ``schedule``: chunks of running prefills, then admissions. Returns the budget left."""
         # 2. Chunks of prefills already running.
         for r in list(self.running):
             if budget <= 0 or len(out.prefills) >= self.config.max_prefill_rows:
                 break
-            if r.status is not Status.RUNNING or r.remaining <= 1:
+            if r.status is not Status.RUNNING or r.remaining <= 1 or any(c.request is r for c in out.prefills):
                 continue
             n = min(r.remaining, self.config.chunk_size, budget)
             if self._grow(r, r.num_cached + n, out):
@@ -150,7 +160,8 @@ class Scheduler:
         while (budget > 0 and self.waiting and len(self.running) < self.config.max_batch
                and len(out.prefills) < self.config.max_prefill_rows):
             r = self.waiting[0]
-            if not self._pool_can_hold(r.num_tokens + self.config.admission_headroom):
+            if not self._pool_can_hold(min(r.num_tokens + self.config.admission_headroom,
+                                           len(r.prompt) + r.params.max_tokens)):
                 break
             n = min(r.remaining, self.config.chunk_size, budget)
             slot = None
@@ -175,7 +186,7 @@ class Scheduler:
             self.running.append(r)
             out.prefills.append(Chunk(r, r.num_cached, n))
             budget -= n
-        return out
+        return budget
 
     def update(self, out: SchedulerOutput, sampled: dict[int, int], now: float | None = None) -> list[Request]:
         """Record a finished step: advance caches, append sampled tokens. Returns requests that finished."""
