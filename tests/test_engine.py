@@ -96,29 +96,23 @@ def test_overlapped_allocation_maps_the_next_decode_during_the_step(model):
     assert results[True][1] == 0  # with it, never
 
 
-def greedy_by_full_forward(model, prompt, n):
-    """Reference: greedy tokens from repeated cache-free forwards (no engine, no cache, no segments)."""
-    from models.llama import full_logits
-
-    toks = list(prompt)
-    for _ in range(n):
-        toks.append(int(np.argmax(np.asarray(full_logits(model, np.asarray(toks, np.int32)[None]))[0, -1])))
-    return toks[len(prompt):]
-
-
 @pytest.mark.parametrize("kv_cache", ["vattention", "static", "paged"])
 def test_engine_matches_full_forward(model, kv_cache):
-    """Hybrid steps (decode rows + prefill chunks in one segmented forward) on each KV pool = plain greedy."""
+    """Hybrid steps (decode rows + prefill chunks in one segmented forward) on each KV pool = plain greedy:
+    every token is the argmax of a cache-free fp32 forward over the same tokens (one teacher-forced batch)."""
+    from models.testing import greedy_deficits
+
     if kv_cache == "paged":
         pytest.importorskip("models.paged_cache")
-    ps = prompts(21, 5, model.config.vocab_size)
+    rng = np.random.default_rng(21)
+    ps = [rng.integers(0, model.config.vocab_size, size=37).tolist() for _ in range(5)]  # 3 chunks of 16
     sp = SamplingParams(max_tokens=9)
-    want = [greedy_by_full_forward(model, p, sp.max_tokens) for p in ps]
     with LLM(model, kv_cache=kv_cache, max_batch=4, max_seq=128, attn=REF, page_bytes=4096, token_budget=40,
              chunk_size=16) as llm:
         outs = llm.generate(ps, sp)
         assert llm.stats.peak_batch > 1 and llm.stats.steps > 0
-    assert_same_greedy([o.tokens for o in outs], want, ps, model, what=f"{kv_cache} engine vs full forward")
+    deficit = greedy_deficits(model, ps, [o.tokens for o in outs])
+    assert deficit.shape == (5, 9) and deficit.max() <= 1e-4, f"{kv_cache}: worst deficit {deficit.max()}"
 
 
 def test_static_pool_budget_limits_the_batch(model):
@@ -134,12 +128,14 @@ def test_static_pool_budget_limits_the_batch(model):
 
 @pytest.mark.parametrize("overlap,lookahead,reclaim", [("off", 0, True), ("inline", 0, True), ("thread", 8, True),
                                                        ("thread", 0, False)])
-def test_allocation_switches_keep_outputs(model, overlap, lookahead, reclaim):
+def test_allocation_switches_keep_outputs(model, overlap, lookahead, reclaim, _switch_baseline={}):
     ps = prompts(31, 5, model.config.vocab_size)
     sp = SamplingParams(max_tokens=20)
     kw = dict(max_batch=4, max_seq=256, attn=REF, page_bytes=4096, token_budget=48, chunk_size=32)
-    with LLM(model, **kw) as llm:
-        want = [o.tokens for o in llm.generate(ps, sp)]
+    if not _switch_baseline:  # the default engine's outputs, computed once for every switch setting
+        with LLM(model, **kw) as llm:
+            _switch_baseline["want"] = [o.tokens for o in llm.generate(ps, sp)]
+    want = _switch_baseline["want"]
     with LLM(model, overlap_allocation=overlap, lookahead=lookahead, deferred_reclaim=reclaim, **kw) as llm:
         assert [o.tokens for o in llm.generate(ps, sp)] == want
         s = llm.manager.stats()
