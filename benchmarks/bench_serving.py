@@ -32,7 +32,6 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -54,10 +53,6 @@ VATTN_VARIANTS = {
 ALL = [*VATTN_VARIANTS, "vattention-premapped", "paged16", "static"]
 
 
-def pct(xs, q):
-    return float(np.percentile(xs, q)) if len(xs) else float("nan")
-
-
 def check_near_greedy(model, prompts, outputs, tol):
     """(fraction of tokens more than ``tol`` below the top logit of a cache-free forward, largest deficit)."""
     deficit = greedy_deficits(model, prompts, outputs)
@@ -65,21 +60,9 @@ def check_near_greedy(model, prompts, outputs, tol):
 
 
 def summarize(name, outs, wall, stats: EngineStats, llm) -> dict:
-    ttft = [o.ttft_s for o in outs if o.ttft_s is not None]
-    tbt = [x for o in outs for x in o.inter_token_s]
-    n_out = sum(len(o.tokens) for o in outs)
     t0 = stats.timeline[0][0] if stats.timeline else 0.0
-    return dict(
-        name=name, requests=len(outs), wall_s=wall, requests_per_s=len(outs) / wall, output_tokens_per_s=n_out / wall,
-        ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), tbt_p50_s=pct(tbt, 50), tbt_p99_s=pct(tbt, 99),
-        peak_batch=stats.peak_batch, peak_used_kv_bytes=stats.peak_used_bytes,
-        peak_physical_kv_bytes=stats.peak_physical_bytes, steps=stats.steps,
-        schedule_ms_per_step=stats.schedule_s / max(stats.steps, 1) * 1e3,
-        map_ahead_ms_per_step=stats.map_ahead_s / max(stats.steps, 1) * 1e3,
-        preemptions=sum(o.num_preemptions for o in outs), failed=sum(o.finish_reason == "error" for o in outs),
-        num_compiled=llm.num_compiled,
-        timeline=[(round(t - t0, 4), b, u, p) for t, b, u, p in stats.timeline],
-    )
+    return dict(name=name, **stats.summary(outs, wall), num_compiled=llm.num_compiled,
+                timeline=[(round(t - t0, 4), b, u, p) for t, b, u, p in stats.timeline])
 
 
 def main():

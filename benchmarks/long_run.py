@@ -131,6 +131,13 @@ class HostMemory:
         pass
 
 
+def tensor_ranges(manager) -> list[tuple[int, int]]:
+    """``[start, end)`` of every K and V tensor's reservation."""
+    n = manager._native.slot_bytes * manager.config.max_batch
+    return [(a, a + n) for a in (manager._native.tensor_address(layer, kv)
+                                 for layer in range(manager.config.num_layers) for kv in (0, 1))]
+
+
 def mapped_in(ranges) -> int:
     """Bytes of the host page file mapped inside ``ranges`` (from /proc/self/maps)."""
     total = 0
@@ -199,9 +206,7 @@ def main(argv=None) -> dict:
     manager.trim(release_physical=True)  # the warmup's pages go back to the device
     if on_gpu:
         memory.update(free_warm=mem.free(), xla_pool_warm=mem.xla_pool())
-    ranges = [(a, a + manager._native.slot_bytes * manager.config.max_batch)
-              for a in (manager._native.tensor_address(layer, kv) for layer in range(manager.config.num_layers)
-                        for kv in (0, 1))]
+    ranges = tensor_ranges(manager)
     problems: list[str] = []
     completed = incomplete = output_tokens = preemptions = errors = 0
     first_outputs: list[list[int]] = []

@@ -52,6 +52,17 @@ from jax_vattention.errors import BackendError  # noqa: E402
 from models.attention import AttentionSpec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_long_run():
+    spec = importlib.util.spec_from_file_location("long_run", ROOT / "benchmarks" / "long_run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+LONG_RUN = load_long_run()  # benchmarks/long_run.py: the script under test, and its address-space helpers
+tensor_ranges, pool_bytes_mapped = LONG_RUN.tensor_ranges, LONG_RUN.mapped_in
 REF = AttentionSpec(impl="reference")
 CPU = jax.devices("cpu")[0]
 # 8 tokens a page for the tiny preset in fp32 (2 kv heads x 64 x 4 bytes = 512 bytes a token): requests cross
@@ -191,24 +202,6 @@ def harness(engine, baseline):
 
 
 # -- invariants ---------------------------------------------------------------------
-def tensor_ranges(m):
-    n = m._native.slot_bytes * m.config.max_batch
-    return [(a, a + n) for a in (m._native.tensor_address(layer, kv) for layer in range(m.config.num_layers)
-                                 for kv in (0, 1))]
-
-
-def pool_bytes_mapped(ranges) -> int:
-    """Bytes of the host backend's page file (memfd) mapped inside ``ranges``, from /proc/self/maps."""
-    total = 0
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 6 and "jax_vattention_pool" in parts[5]:
-                start, end = (int(x, 16) for x in parts[0].split("-"))
-                total += sum(max(0, min(end, hi) - max(start, lo)) for lo, hi in ranges)
-    return total
-
-
 def assert_consistent(m):
     """An idle manager: no live slot; every mapped page is deferred in a free slot; the books balance."""
     s = m.stats()
@@ -601,17 +594,10 @@ def test_exit_without_close_is_clean():
 
 
 # -- 3. the long run, small ------------------------------------------------------------------
-def load_long_run():
-    spec = importlib.util.spec_from_file_location("long_run", ROOT / "benchmarks" / "long_run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_long_run_script_smoke(tmp_path, monkeypatch):
     """benchmarks/long_run.py with 240 requests on CPU: all complete at full length, the long-run recheck
     reproduces the first requests' tokens, and close() leaves nothing mapped, reserved or allocated."""
-    long_run = load_long_run()
+    long_run = LONG_RUN
     monkeypatch.setattr(long_run.common, "RESULTS_DIR", tmp_path)
     monkeypatch.delenv("OUT", raising=False)
     payload = long_run.main(["--requests", "240", "--chunk", "80", "--max-batch", "8", "--min-decode-bucket", "8",

@@ -75,6 +75,23 @@ class EngineStats:
     peak_physical_bytes: int = 0
     timeline: list[tuple[float, int, int, int]] = dataclasses.field(default_factory=list)
 
+    def summary(self, outputs: list[RequestOutput], wall_s: float) -> dict:
+        """A run's figures: throughput, TTFT and time-between-tokens percentiles, batch, KV memory, counters."""
+        ttft = [o.ttft_s for o in outputs if o.ttft_s is not None]
+        tbt = [x for o in outputs for x in o.inter_token_s]
+        n_out = sum(len(o.tokens) for o in outputs)
+        pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
+        steps = max(self.steps, 1)
+        return dict(
+            requests=len(outputs), completed=sum(o.finish_reason == "length" for o in outputs), wall_s=wall_s,
+            requests_per_s=len(outputs) / wall_s, output_tokens_per_s=n_out / wall_s,
+            ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), tbt_p50_s=pct(tbt, 50), tbt_p99_s=pct(tbt, 99),
+            peak_batch=self.peak_batch, peak_used_kv_bytes=self.peak_used_bytes,
+            peak_physical_kv_bytes=self.peak_physical_bytes, steps=self.steps,
+            schedule_ms_per_step=self.schedule_s / steps * 1e3, map_ahead_ms_per_step=self.map_ahead_s / steps * 1e3,
+            preemptions=sum(o.num_preemptions for o in outputs),
+            failed=sum(o.finish_reason == "error" for o in outputs))
+
 
 def _bucket(n: int, cap: int, floor: int = 1) -> int:
     return min(cap, max(floor, 1 << max(0, (n - 1).bit_length())))
@@ -341,9 +358,6 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        for p in params:
-            if not isinstance(p, SamplingParams):
-                raise TypeError(f"params must be SamplingParams, got {type(p).__name__}")
         requests = []
         try:
             for prompt, p in zip(prompts, params):

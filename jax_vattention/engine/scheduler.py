@@ -178,8 +178,7 @@ class Scheduler:
                     self.pool.free(slot)
                 if self._count_fault(r, e):
                     self.waiting.popleft()
-                    r.finish("error", time.perf_counter())
-                    out.failed.append(r)
+                    self._fail(r, out)
                 continue  # retry (bounded: every fault counts toward max_faults)
             self.waiting.popleft()
             r.slot, r.status = slot, Status.RUNNING
@@ -220,8 +219,7 @@ class Scheduler:
         except BackendError as e:
             if self._count_fault(r, e):
                 self._release(r)
-                r.finish("error", time.perf_counter())
-                out.failed.append(r)
+                self._fail(r, out)
             else:
                 self._preempt(r, out)
             return None
@@ -235,6 +233,12 @@ class Scheduler:
         r.num_faults += 1
         r.error = str(error)
         return r.num_faults >= self.config.max_faults
+
+    @staticmethod
+    def _fail(r: Request, out: SchedulerOutput) -> None:
+        """Finish ``r`` with ``"error"`` (its slot already released); the engine reports it as done."""
+        r.finish("error", time.perf_counter())
+        out.failed.append(r)
 
     def _reserve(self, r: Request, tokens: int, out: SchedulerOutput) -> bool:
         """Map pages for a decode, preempting the newest requests until they fit."""

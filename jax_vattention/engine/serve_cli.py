@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-GIB, MIB = 1 << 30, 1 << 20
+MIB = 1 << 20
 
 
 def add_serve_parser(sub) -> None:
@@ -37,7 +37,6 @@ def add_serve_parser(sub) -> None:
 def run_serve(args) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to the page pool
     import jax.numpy as jnp
-    import numpy as np
 
     import models
     from jax_vattention import VAttentionError, default_device
@@ -80,20 +79,17 @@ def run_serve(args) -> int:
             t0 = time.perf_counter()
             outs = llm.generate(wl.prompts, wl.params, progress=not args.no_progress)
             wall = time.perf_counter() - t0
-            s = llm.stats
-            ttft = [o.ttft_s for o in outs if o.ttft_s is not None]
-            tbt = [x for o in outs for x in o.inter_token_s] or [float("nan")]
-            n_out = sum(len(o.tokens) for o in outs)
+            m = llm.stats.summary(outs, wall)
             rows = [
-                ("requests", f"{len(outs)} ({sum(o.finish_reason == 'length' for o in outs)} complete)"),
-                ("throughput", f"{len(outs) / wall:.2f} req/s, {n_out / wall:.0f} output tok/s ({wall:.1f} s)"),
-                ("TTFT p50 / p99", f"{np.percentile(ttft, 50):.3f} / {np.percentile(ttft, 99):.3f} s"),
-                ("time between tokens p50 / p99",
-                 f"{np.percentile(tbt, 50) * 1e3:.1f} / {np.percentile(tbt, 99) * 1e3:.1f} ms"),
-                ("peak batch", str(s.peak_batch)),
-                ("peak KV used / physical", f"{s.peak_used_bytes / MIB:.1f} / {s.peak_physical_bytes / MIB:.1f} MiB"),
-                ("steps / compiled shapes / preemptions",
-                 f"{s.steps} / {llm.num_compiled} / {sum(o.num_preemptions for o in outs)}"),
+                ("requests", f"{m['requests']} ({m['completed']} complete)"),
+                ("throughput", f"{m['requests_per_s']:.2f} req/s, {m['output_tokens_per_s']:.0f} output tok/s "
+                               f"({wall:.1f} s)"),
+                ("TTFT p50 / p99", f"{m['ttft_p50_s']:.3f} / {m['ttft_p99_s']:.3f} s"),
+                ("time between tokens p50 / p99", f"{m['tbt_p50_s'] * 1e3:.1f} / {m['tbt_p99_s'] * 1e3:.1f} ms"),
+                ("peak batch", str(m["peak_batch"])),
+                ("peak KV used / physical",
+                 f"{m['peak_used_kv_bytes'] / MIB:.1f} / {m['peak_physical_kv_bytes'] / MIB:.1f} MiB"),
+                ("steps / compiled shapes / preemptions", f"{m['steps']} / {llm.num_compiled} / {m['preemptions']}"),
             ]
     except (VAttentionError, models.ModelError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
