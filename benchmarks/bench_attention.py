@@ -360,7 +360,9 @@ def markdown(result) -> str:
     lines = [f"# Attention kernels on {result['device']}", "",
              f"jax {result['jax']}, {result['mode']} run, median of {result['samples']} samples x chain "
              f"{result['chain']}; peak device copy bandwidth (read+write): "
-             f"{fmt(result['copy_peak_GBps'])} GB/s.", "",
+             f"{fmt(result['copy_peak_GBps'])} GB/s"
+             + (" (median of the parts' " + ", ".join(f"{x:.0f}" for x in result["copy_peak_GBps_per_part"]) + ")"
+                if result.get("copy_peak_GBps_per_part") else "") + ".", "",
              "## Decode (32 q-heads / 8 kv-heads, D=128, bf16, all rows at full context)", "",
              "Times in us; (x) = ours / baseline, < 1 means ours is faster.", "",
              "| B | ctx | ours us | ours GB/s | % peak copy BW | paged16 | paged64 | gqa (head-major) | xla dense "
@@ -419,6 +421,30 @@ def targets(result):
     return out
 
 
+def merge_parts(paths):
+    """One report from the part files of a sweep split across processes (each part's ratios are its own run's)."""
+    parts = [json.loads(pathlib.Path(f).read_text()) for f in paths]
+    devices = {r["device"] for r in parts}
+    if len(devices) != 1:
+        raise SystemExit(f"--merge: parts come from different devices: {sorted(devices)}")
+    first = parts[0]
+    result = {k: first[k] for k in ("device", "platform", "jax", "samples", "chain")}
+    peaks = [r["copy_peak_GBps"] for r in parts]
+    result["mode"] = f"full, {len(parts)} processes (each row timed side by side with its baselines in one process)"
+    result["copy_peak_GBps"] = statistics.median(peaks)
+    result["copy_peak_GBps_per_part"] = peaks
+    result["decode"] = sorted((r for p in parts for r in p["decode"]), key=lambda r: (r["B"], r["context"]))
+    result["prefill"] = sorted((r for p in parts for r in p["prefill"]), key=lambda r: (r["B"], r["chunk"]))
+    result["vmm"] = next((p["vmm"] for p in parts if p.get("vmm")), None)
+    result["targets"] = targets(result)
+    name = re.sub(r"[^A-Za-z0-9]+", "_", first["device"]).strip("_").lower() or "device"
+    stem = RESULTS / f"attention_{name}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {stem}.json and {stem}.md")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small subset (~3 min of GPU time)")
@@ -426,8 +452,16 @@ def main():
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--chain", type=int, default=None, help="ops per timed executable")
     p.add_argument("--no-vmm", action="store_true", help="skip the run on a real KVCacheManager view")
+    p.add_argument("--decode", default=None, help="decode shapes to run instead of the sweep, e.g. 8x4096,32x16384")
+    p.add_argument("--prefill", default=None, help="prefill shapes BxCHUNKxPREFIX instead of the sweep ('' for none)")
+    p.add_argument("--part", default=None, help="write attention_<device>_part-<PART>.{json,md} (one slice of a sweep "
+                   "split across processes; join the slices with --merge)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="join part files of one device into attention_<device>.{json,md}; runs nothing")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny CPU run of the script itself
     args = p.parse_args()
+    if args.merge:
+        return merge_parts(args.merge)
     global INTERPRET
     INTERPRET = args.smoke
     args.samples = args.samples or (10 if args.quick else 25)
@@ -445,10 +479,17 @@ def main():
     else:
         decode_shapes = [(b, c) for b in (1, 8, 32, 128) for c in (1024, 4096, 16384, 32768)]
         prefill_shapes = [(b, c, 4096) for b in (1, 4) for c in (512, 2048)]
+    if args.decode is not None:
+        decode_shapes = [tuple(int(x) for x in t.split("x")) for t in args.decode.split(",") if t]
+    if args.prefill is not None:
+        prefill_shapes = [tuple(int(x) for x in t.split("x")) for t in args.prefill.split(",") if t]
+    if any(len(t) != 2 for t in decode_shapes) or any(len(t) != 3 for t in prefill_shapes):
+        p.error("--decode takes BxCTX items, --prefill takes BxCHUNKxPREFIX items")
     limit = (dev.memory_stats() or {}).get("bytes_limit") if dev.platform == "gpu" else None
 
     result = {"device": dev.device_kind, "platform": platform.platform(), "jax": jax.__version__,
-              "mode": "smoke" if args.smoke else "quick" if args.quick else "full", "samples": args.samples, "chain": args.chain,
+              "mode": ("smoke" if args.smoke else "quick" if args.quick else "full") + (f" (part {args.part})" if args.part else ""),
+              "samples": args.samples, "chain": args.chain,
               "decode": [], "prefill": [], "vmm": None}
     if not args.no_vmm:
         try:
@@ -474,6 +515,7 @@ def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9]+", "_", dev.device_kind).strip("_").lower() or "device"
     suffix = "_smoke" if args.smoke else "_quick" if args.quick else ""
+    suffix += f"_part-{args.part}" if args.part else ""
     stem = (pathlib.Path("/tmp") if args.smoke else RESULTS) / f"attention_{name}{suffix}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
     stem.with_suffix(".md").write_text(markdown(result))

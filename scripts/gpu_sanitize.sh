@@ -80,7 +80,9 @@ rm -f "$JUNIT"
 # XLA must not preallocate 75% of the GPU (the page pool needs it). Command buffers (CUDA graphs) are turned
 # off so that every kernel is an ordinary, instrumented launch.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-export XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}"
+# Autotuning is off too: it launches every candidate GEMM/fusion kernel, each one intercepted by the sanitizer,
+# which made a single attention test take minutes; the kernels under test do not depend on it.
+export XLA_FLAGS="--xla_gpu_enable_command_buffer= --xla_gpu_autotune_level=0 ${XLA_FLAGS:-}"
 export PYTHONUNBUFFERED=1
 
 # shellcheck disable=SC2206
