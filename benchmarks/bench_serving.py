@@ -65,6 +65,62 @@ def summarize(name, outs, wall, stats: EngineStats, llm) -> dict:
                 timeline=[(round(t - t0, 4), b, u, p) for t, b, u, p in stats.timeline])
 
 
+def occupancy(result: dict, budget_bytes: int, full_batch: int) -> dict:
+    """Where a run's time went, from its step timeline ``(t, batch, used, physical)``.
+
+    ``batch_avg``: time-weighted requests per step; ``at_budget``: fraction of time with the KV in use within
+    one 2 MiB page per tensor of the budget (the pool is full: admission waits); ``full``: fraction of time at
+    ``full_batch`` or more; ``step_ms`` / ``step_ms_full``: mean step time overall and at full batch.
+    """
+    tl = np.asarray(result["timeline"], dtype=np.float64)
+    if len(tl) < 2:
+        return {}
+    dt, batch, used = np.diff(tl[:, 0]), tl[:-1, 1], tl[:-1, 2]
+    total = float(dt.sum())
+    full = batch >= full_batch
+    at_budget = used >= budget_bytes - 2 * (2 << 20) * result.get("num_layers", 0)
+    return dict(batch_avg=float((batch * dt).sum() / total), full=float(dt[full].sum() / total),
+                at_budget=float(dt[at_budget].sum() / total), step_ms=1e3 * float(dt.mean()),
+                step_ms_full=1e3 * float(dt[full].mean()) if full.any() else None)
+
+
+def markdown(payload: dict) -> str:
+    """The report of one run (``payload`` as written to the JSON)."""
+    results, ratios, targets, cfg = payload["results"], payload["ratios"], payload["targets"], payload["config"]
+    md = ["| config | req/s | out tok/s | TTFT p50 / p99 (s) | TBT p50 / p99 (ms) | peak batch | peak KV used / physical (GiB) | preempt |",
+          "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        md.append(f"| {name} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.0f} | "
+                  f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | {r['tbt_p50_s'] * 1e3:.1f} / "
+                  f"{r['tbt_p99_s'] * 1e3:.1f} | {r['peak_batch']} | {r['peak_used_kv_bytes'] / GIB:.2f} / "
+                  f"{r['peak_physical_kv_bytes'] / GIB:.2f} | {r['preemptions']} |")
+    if cfg.get("repeats", 1) > 1:
+        md.append("\nrepeats (out tok/s): " + ", ".join(
+            f"{k} {min(v['all_output_tokens_per_s']):.0f}-{max(v['all_output_tokens_per_s']):.0f}"
+            for k, v in results.items()))
+    md.append("\nthroughput ratios (output tokens/s, same run): " + ", ".join(f"{k} **{v:.3f}**" for k, v in ratios.items()))
+    md.append("\ntargets: " + ", ".join(f"{k}: {'PASS' if ok else 'FAIL'}" for k, ok in targets.items()))
+    full_batch = max(int(0.95 * cfg["max_batch"]), 1)
+    md += ["", f"where the time went (from the step timeline; full batch = {full_batch}+ requests, at budget = KV in "
+           "use within one page per tensor of the budget):", "",
+           "| config | time-avg batch | time at full batch | time at KV budget | mean step (ms) | step at full batch (ms) |",
+           "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        o = occupancy(dict(r, num_layers=cfg["layers"]), cfg["budget_bytes"], full_batch)
+        if o:
+            sf = "n/a" if o["step_ms_full"] is None else f"{o['step_ms_full']:.2f}"
+            outside = r["peak_physical_kv_bytes"] > cfg["budget_bytes"]  # the premapped control
+            at = "outside the budget" if outside else f"{o['at_budget']:.0%}"
+            md.append(f"| {name} | {o['batch_avg']:.1f} | {o['full']:.0%} | {at} | "
+                      f"{o['step_ms']:.2f} | {sf} |")
+    md.append(f"\ncorrectness checks: {json.dumps(payload['checks'])}")
+    md.append(f"\nsetup: {cfg['workload']}; {cfg['layers']} layers of {cfg['preset']}; KV budget "
+              f"{cfg['budget_bytes'] / GIB:.2f} GiB; max_batch {cfg['max_batch']}, max_seq {cfg['max_seq']}; token "
+              f"budget {cfg['token_budget']}, chunk {cfg['chunk']}, lookahead {cfg['lookahead']}; compile s "
+              f"{json.dumps({k: round(v, 1) for k, v in payload['compile_s'].items()})}")
+    return "\n".join(md)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=("sharegpt", "long"), default="sharegpt")
@@ -82,7 +138,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per configuration (median reported)")
     ap.add_argument("--compile-threads", type=int, default=4, help="threads compiling step shapes in warmup")
     ap.add_argument("--quick", action="store_true", help="4 layers, 48 requests, batch 16")
+    ap.add_argument("--report", metavar="JSON", help="print the report of an earlier run's JSON; runs nothing")
     args = ap.parse_args()
+    if args.report:
+        print(markdown(json.loads(open(args.report).read())))
+        return
 
     long = args.workload == "long"
     cfg = models.get_preset(args.preset)
@@ -131,7 +191,7 @@ def main():
         return LLM(model, pool_bytes=budget, **common)
 
     results, runs, checks, compile_s = {}, {}, {}, {}
-    result_name = f"serving_{args.workload}" + ("_quick" if args.quick else "")
+    result_name = f"serving_{args.workload}_" + ("quick" if args.quick else f"{n_req}req")
 
     def run(name, llm, overrides):
         llm.overlap_allocation = overrides.get("overlap_allocation", "thread")
@@ -199,25 +259,6 @@ def main():
     if "vattention_vs_premapped" in ratios:
         targets["a within 2% of premapped"] = ratios["vattention_vs_premapped"] >= 0.98
 
-    md = ["| config | req/s | out tok/s | TTFT p50 / p99 (s) | TBT p50 / p99 (ms) | peak batch | peak KV used / physical (GiB) | preempt |",
-          "|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        md.append(f"| {name} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.0f} | "
-                  f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | {r['tbt_p50_s'] * 1e3:.1f} / "
-                  f"{r['tbt_p99_s'] * 1e3:.1f} | {r['peak_batch']} | {r['peak_used_kv_bytes'] / GIB:.2f} / "
-                  f"{r['peak_physical_kv_bytes'] / GIB:.2f} | {r['preemptions']} |")
-    if args.repeats > 1:
-        md.append("\nrepeats (out tok/s): " + ", ".join(
-            f"{k} {min(v['all_output_tokens_per_s']):.0f}-{max(v['all_output_tokens_per_s']):.0f}"
-            for k, v in results.items()))
-    md.append("\nthroughput ratios (output tokens/s, same run): " + ", ".join(f"{k} **{v:.3f}**" for k, v in ratios.items()))
-    md.append("\ntargets: " + ", ".join(f"{k}: {'PASS' if ok else 'FAIL'}" for k, ok in targets.items()))
-    md.append(f"\ncorrectness checks: {json.dumps(checks)}")
-    md.append(f"\nsetup: {wl.describe()}; {layers} layers of {args.preset}; KV budget {budget / GIB:.2f} GiB; "
-              f"max_batch {max_batch}, max_seq {max_seq}; token budget {args.token_budget}, chunk {args.chunk}, "
-              f"lookahead {args.lookahead}; compile s {json.dumps({k: round(v, 1) for k, v in compile_s.items()})}")
-    table = "\n".join(md)
-    print(table)
     name = result_name
     payload = dict(results=results, ratios=ratios, targets=targets, checks=checks, compile_s=compile_s,
                    config=dict(layers=layers, preset=args.preset, requests=n_req, max_batch=max_batch,
@@ -225,6 +266,8 @@ def main():
                                token_budget=args.token_budget, chunk=args.chunk, lookahead=args.lookahead,
                                repeats=args.repeats,
                                workload=wl.describe(), seed=args.seed))
+    table = markdown(payload)
+    print(table)
     paths = write_results(name, payload, table)
     print("wrote", *paths)
     try:
