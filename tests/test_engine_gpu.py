@@ -88,3 +88,33 @@ def test_preemption_and_cancel_on_gpu(model):
         assert llm.stats.peak_used_bytes <= 3 * per_request
     outs = [type("Out", (), {"tokens": r.output}) for r in done]
     assert_near_greedy(model, [r.prompt for r in done], outs, "preempted run")
+
+
+def small_page_model():
+    """2 layers with Llama-3 KV shapes (8 kv-heads x 128): a 2 MiB page holds 1024 tokens of one layer's K or V."""
+    cfg = models.get_preset("tiny").replace(hidden_size=512, intermediate_size=1024, num_heads=16, num_kv_heads=8,
+                                            head_dim=128)
+    return models.random_model(cfg, seed=3, dtype=jnp.bfloat16)
+
+
+def test_small_engine_crossing_pages_for_memcheck():
+    """Small enough to finish under compute-sanitizer (``scripts/device_run.sh sanitize-engine``).
+
+    Four 1000-token prompts decode 40 tokens each, so every request's second page is mapped mid-run while the
+    kernels and the write kernel work on the sparse CUDA VMM cache next to it; the pool holds exactly what the
+    contexts need, so nothing beyond the mapped pages is ever readable.
+    """
+    model = small_page_model()
+    c = model.config
+    ps = requests(4, 4, 1000, c.vocab_size)
+    sp = SamplingParams(max_tokens=40)
+    page = 2 << 20
+    assert page // (c.num_kv_heads * c.head_dim * 2) == 1024
+    budget = 4 * 2 * c.num_layers * 2 * page  # 2 pages per tensor per request
+    with LLM(model, pool_bytes=budget, max_batch=4, max_seq=2048, token_budget=512, chunk_size=256,
+             max_prefill_rows=2, min_decode_bucket=4, min_prefill_bucket=64) as llm:
+        outs = llm.generate(ps, sp)
+        assert all(len(o.tokens) == 40 and o.finish_reason == "length" for o in outs)
+        assert llm.stats.peak_used_bytes <= budget
+        assert llm.manager.stats().live_slots == 0
+    assert_near_greedy(model, ps, outs, "small engine")

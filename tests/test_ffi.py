@@ -113,7 +113,6 @@ def assert_prefill_intact(m, written: dict) -> None:
 
 
 def test_grow_and_write_land_at_the_manager_addresses(manager):
-    cfg = manager.config
     for _ in range(4):
         manager.allocate()
     slots, starts, counts = [2, -1, 0, 3], [0, 0, 35, 10], [5, 5, 3, 0]  # ragged; row 1 is padding
