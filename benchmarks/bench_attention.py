@@ -308,7 +308,7 @@ def prefill_case(b, chunk, prefix, args, key, tune=False):
     if tune:
         rec["tune_best"] = tune_best(ours, [
             dict(block_m=bm, block_k=bk, num_warps=nw, num_stages=st)
-            for bm in (64, 128) for bk in (32, 64, 128) for nw, st in ((4, 2), (4, 3), (8, 2), (8, 3))])
+            for bm in (64, 128, 256) for bk in (32, 64, 128) for nw, st in ((4, 2), (4, 3), (8, 2), (8, 3))])
     if "us" in rec["ours"] and "us" in rec["cudnn_nomask"]:
         rec["cudnn_nomask"]["ours_over_this"] = rec["ours"]["us"] / rec["cudnn_nomask"]["us"]
     print(f"  prefill B={b} chunk={chunk} ours {rec['ours'].get('us', float('nan')):9.1f} us, "
