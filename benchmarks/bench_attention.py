@@ -435,6 +435,11 @@ def merge_parts(paths):
     result["copy_peak_GBps_per_part"] = peaks
     result["decode"] = sorted((r for p in parts for r in p["decode"]), key=lambda r: (r["B"], r["context"]))
     result["prefill"] = sorted((r for p in parts for r in p["prefill"]), key=lambda r: (r["B"], r["chunk"]))
+    for kind, key in (("decode", "context"), ("prefill", "chunk")):
+        shapes = [(r["B"], r[key], r.get("prefix")) for r in result[kind]]
+        dup = sorted({x for x in shapes if shapes.count(x) > 1})
+        if dup:
+            raise SystemExit(f"--merge: {kind} shapes {dup} appear in more than one part")
     result["vmm"] = next((p["vmm"] for p in parts if p.get("vmm")), None)
     result["targets"] = targets(result)
     name = re.sub(r"[^A-Za-z0-9]+", "_", first["device"]).strip("_").lower() or "device"

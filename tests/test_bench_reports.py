@@ -83,3 +83,12 @@ def test_attention_merge_refuses_mixed_devices(tmp_path, monkeypatch):
     b.write_text(json.dumps(attention_part("GPU Y", [(8, 4096, 0.5)], 1.0)))
     with pytest.raises(SystemExit, match="different devices"):
         bench_attention.merge_parts([a, b])
+
+
+def test_attention_merge_refuses_a_shape_timed_twice(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_attention, "RESULTS", tmp_path)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(attention_part("GPU X", [(8, 4096, 0.5)], 1.0)))
+    b.write_text(json.dumps(attention_part("GPU X", [(8, 4096, 0.6)], 1.0)))
+    with pytest.raises(SystemExit, match="more than one part"):
+        bench_attention.merge_parts([a, b])
