@@ -421,6 +421,25 @@ def targets(result):
     return out
 
 
+def device_name_slug(device_kind: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", device_kind).strip("_").lower() or "device"
+
+
+def write_report(result, stem: pathlib.Path) -> None:
+    """``stem``.json (the raw record) and ``stem``.md (the tables), and the tables on stdout."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    table = markdown(result)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {stem}.json and {stem}.md")
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """``"8x4096,32x16384"`` -> ``[(8, 4096), (32, 16384)]``; ``""`` -> ``[]``."""
+    return [tuple(int(x) for x in t.split("x")) for t in text.split(",") if t]
+
+
 def merge_parts(paths):
     """One report from the part files of a sweep split across processes (each part's ratios are its own run's)."""
     parts = [json.loads(pathlib.Path(f).read_text()) for f in paths]
@@ -442,12 +461,7 @@ def merge_parts(paths):
             raise SystemExit(f"--merge: {kind} shapes {dup} appear in more than one part")
     result["vmm"] = next((p["vmm"] for p in parts if p.get("vmm")), None)
     result["targets"] = targets(result)
-    name = re.sub(r"[^A-Za-z0-9]+", "_", first["device"]).strip("_").lower() or "device"
-    stem = RESULTS / f"attention_{name}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"wrote {stem}.json and {stem}.md")
+    write_report(result, RESULTS / f"attention_{device_name_slug(first['device'])}")
 
 
 def main():
@@ -485,9 +499,9 @@ def main():
         decode_shapes = [(b, c) for b in (1, 8, 32, 128) for c in (1024, 4096, 16384, 32768)]
         prefill_shapes = [(b, c, 4096) for b in (1, 4) for c in (512, 2048)]
     if args.decode is not None:
-        decode_shapes = [tuple(int(x) for x in t.split("x")) for t in args.decode.split(",") if t]
+        decode_shapes = parse_shapes(args.decode)
     if args.prefill is not None:
-        prefill_shapes = [tuple(int(x) for x in t.split("x")) for t in args.prefill.split(",") if t]
+        prefill_shapes = parse_shapes(args.prefill)
     if any(len(t) != 2 for t in decode_shapes) or any(len(t) != 3 for t in prefill_shapes):
         p.error("--decode takes BxCTX items, --prefill takes BxCHUNKxPREFIX items")
     limit = (dev.memory_stats() or {}).get("bytes_limit") if dev.platform == "gpu" else None
@@ -517,15 +531,9 @@ def main():
         result["prefill"].append(prefill_case(b, chunk, prefix, args, jax.random.fold_in(key, 1000 + i), args.tune))
     result["targets"] = targets(result)
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = re.sub(r"[^A-Za-z0-9]+", "_", dev.device_kind).strip("_").lower() or "device"
     suffix = "_smoke" if args.smoke else "_quick" if args.quick else ""
     suffix += f"_part-{args.part}" if args.part else ""
-    stem = (pathlib.Path("/tmp") if args.smoke else RESULTS) / f"attention_{name}{suffix}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=float))
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"wrote {stem}.json and {stem}.md")
+    write_report(result, (pathlib.Path("/tmp") if args.smoke else RESULTS) / f"attention_{device_name_slug(dev.device_kind)}{suffix}")
 
 
 if __name__ == "__main__":

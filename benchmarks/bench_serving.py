@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
 import time
 
@@ -44,6 +45,7 @@ from models.attention import AttentionSpec  # noqa: E402
 from models.testing import greedy_deficits  # noqa: E402
 
 GIB = 1 << 30
+PAGE_BYTES = 2 << 20  # the CUDA VMM granularity (the vAttention pools' page)
 VATTN_VARIANTS = {
     "vattention": {},
     "vattention-no-overlap": dict(overlap_allocation="off"),
@@ -65,20 +67,20 @@ def summarize(name, outs, wall, stats: EngineStats, llm) -> dict:
                 timeline=[(round(t - t0, 4), b, u, p) for t, b, u, p in stats.timeline])
 
 
-def occupancy(result: dict, budget_bytes: int, full_batch: int) -> dict:
+def occupancy(timeline, budget_bytes: int, full_batch: int, slack_bytes: int) -> dict:
     """Where a run's time went, from its step timeline ``(t, batch, used, physical)``.
 
     ``batch_avg``: time-weighted requests per step; ``at_budget``: fraction of time with the KV in use within
-    one 2 MiB page per tensor of the budget (the pool is full: admission waits); ``full``: fraction of time at
+    ``slack_bytes`` of the budget (the pool is full: admission waits); ``full``: fraction of time at
     ``full_batch`` or more; ``step_ms`` / ``step_ms_full``: mean step time overall and at full batch.
     """
-    tl = np.asarray(result["timeline"], dtype=np.float64)
+    tl = np.asarray(timeline, dtype=np.float64)
     if len(tl) < 2:
         return {}
     dt, batch, used = np.diff(tl[:, 0]), tl[:-1, 1], tl[:-1, 2]
     total = float(dt.sum())
     full = batch >= full_batch
-    at_budget = used >= budget_bytes - 2 * (2 << 20) * result.get("num_layers", 0)
+    at_budget = used >= budget_bytes - slack_bytes
     return dict(batch_avg=float((batch * dt).sum() / total), full=float(dt[full].sum() / total),
                 at_budget=float(dt[at_budget].sum() / total), step_ms=1e3 * float(dt.mean()),
                 step_ms_full=1e3 * float(dt[full].mean()) if full.any() else None)
@@ -105,8 +107,9 @@ def markdown(payload: dict) -> str:
            "use within one page per tensor of the budget):", "",
            "| config | time-avg batch | time at full batch | time at KV budget | mean step (ms) | step at full batch (ms) |",
            "|---|---|---|---|---|---|"]
+    one_page_per_tensor = 2 * cfg["layers"] * PAGE_BYTES
     for name, r in results.items():
-        o = occupancy(dict(r, num_layers=cfg["layers"]), cfg["budget_bytes"], full_batch)
+        o = occupancy(r["timeline"], cfg["budget_bytes"], full_batch, one_page_per_tensor)
         if o:
             sf = "n/a" if o["step_ms_full"] is None else f"{o['step_ms_full']:.2f}"
             outside = r["peak_physical_kv_bytes"] > 1.05 * cfg["budget_bytes"]  # the premapped control
@@ -141,7 +144,7 @@ def main():
     ap.add_argument("--report", metavar="JSON", help="print the report of an earlier run's JSON; runs nothing")
     args = ap.parse_args()
     if args.report:
-        print(markdown(json.loads(open(args.report).read())))
+        print(markdown(json.loads(pathlib.Path(args.report).read_text())))
         return
 
     long = args.workload == "long"

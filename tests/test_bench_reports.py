@@ -27,13 +27,14 @@ def test_occupancy_is_time_weighted():
     near = budget - PAGE  # within one page per tensor (2 layers x K,V = 4 pages) of the budget
     # steps: 1 s at batch 10, 2 s at batch 20 (at the budget), 1 s at batch 20; the last row only ends the run
     tl = [(0.0, 10, 0, 0), (1.0, 20, near, near), (3.0, 20, budget // 2, budget), (4.0, 1, 0, 0)]
-    o = bench_serving.occupancy(dict(serving_result("x", tl, 1.0), num_layers=layers), budget, full_batch=20)
+    slack = 2 * layers * PAGE
+    o = bench_serving.occupancy(tl, budget, full_batch=20, slack_bytes=slack)
     assert o["batch_avg"] == pytest.approx((10 * 1 + 20 * 2 + 20 * 1) / 4)
     assert o["full"] == pytest.approx(3 / 4)
     assert o["at_budget"] == pytest.approx(2 / 4)
     assert o["step_ms"] == pytest.approx(1e3 * 4 / 3)
     assert o["step_ms_full"] == pytest.approx(1e3 * 3 / 2)
-    assert bench_serving.occupancy(dict(serving_result("x", tl[:1], 1.0), num_layers=layers), budget, 20) == {}
+    assert bench_serving.occupancy(tl[:1], budget, 20, slack) == {}
 
 
 def test_serving_report_from_json():
@@ -76,19 +77,14 @@ def test_attention_merge_joins_parts(tmp_path, monkeypatch):
     assert "(median of the parts' 2800, 2900)" in (tmp_path / "attention_gpu_x.md").read_text()
 
 
-def test_attention_merge_refuses_mixed_devices(tmp_path, monkeypatch):
+@pytest.mark.parametrize("devices,shapes,error", [
+    (("GPU X", "GPU Y"), ((8, 1024), (8, 4096)), "different devices"),
+    (("GPU X", "GPU X"), ((8, 4096), (8, 4096)), "more than one part"),
+])
+def test_attention_merge_refuses_parts_that_do_not_fit(tmp_path, monkeypatch, devices, shapes, error):
     monkeypatch.setattr(bench_attention, "RESULTS", tmp_path)
-    a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(json.dumps(attention_part("GPU X", [(8, 1024, 0.5)], 1.0)))
-    b.write_text(json.dumps(attention_part("GPU Y", [(8, 4096, 0.5)], 1.0)))
-    with pytest.raises(SystemExit, match="different devices"):
-        bench_attention.merge_parts([a, b])
-
-
-def test_attention_merge_refuses_a_shape_timed_twice(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench_attention, "RESULTS", tmp_path)
-    a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(json.dumps(attention_part("GPU X", [(8, 4096, 0.5)], 1.0)))
-    b.write_text(json.dumps(attention_part("GPU X", [(8, 4096, 0.6)], 1.0)))
-    with pytest.raises(SystemExit, match="more than one part"):
-        bench_attention.merge_parts([a, b])
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, device, (b, ctx) in zip(paths, devices, shapes):
+        path.write_text(json.dumps(attention_part(device, [(b, ctx, 0.5)], 1.0)))
+    with pytest.raises(SystemExit, match=error):
+        bench_attention.merge_parts(paths)
