@@ -7,6 +7,11 @@ import enum
 import time
 
 
+def _is_int32(x) -> bool:
+    """An int (not a bool) that fits the device step's int32 arrays."""
+    return isinstance(x, int) and not isinstance(x, bool) and -2**31 <= x < 2**31
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to sample one request (vLLM-style).
@@ -28,9 +33,9 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not -2**31 <= self.top_k < 2**31:
+        if not _is_int32(self.top_k):
             raise ValueError(f"SamplingParams.top_k must be an int32 (<= 0 disables it), got {self.top_k!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -2**31 <= self.seed < 2**31:
+        if not _is_int32(self.seed):
             raise ValueError(f"SamplingParams.seed must be an int in [-2**31, 2**31), got {self.seed!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
