@@ -21,6 +21,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import ops
 
@@ -35,14 +36,30 @@ class CacheState:
     num_new: jax.Array  # [B] int32, tokens the last grow added; each layer's write stores them
 
 
+class CacheRows:
+    """What every cache (vAttention, paged, static) forwards from its ``state``: the rows it serves."""
+
+    @property
+    def slots(self) -> jax.Array:
+        return self.state.slots  # [B] int32
+
+    @property
+    def lengths(self) -> jax.Array:
+        return self.state.lengths  # [B] int32
+
+    def with_state(self, state):
+        """The same buffers with other per-row state (e.g. a ``state`` a jitted step returned)."""
+        return dataclasses.replace(self, state=state)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class KVCache:
+class KVCache(CacheRows):
     k: tuple[jax.Array, ...]  # L x [MB, S, Hkv, D] zero-copy views
     v: tuple[jax.Array, ...]  # L x [MB, S, Hkv, D]
     state: CacheState
     manager: object = dataclasses.field(metadata=dict(static=True))
-    # Writes as pure calls ordered only by their lengths (see ``pending`` and ``ops.write``).
+    # Writes as pure calls ordered only by their lengths (see ``for_step`` and ``ops.write``).
     pure_writes: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @classmethod
@@ -54,16 +71,28 @@ class KVCache:
         state = CacheState(slots, lengths, jnp.zeros_like(lengths))
         return cls(tuple(manager.k), tuple(manager.v), state, manager)
 
-    @property
-    def slots(self) -> jax.Array:
-        return self.state.slots
+    @classmethod
+    def for_step(cls, manager, slots, starts, counts) -> KVCache:
+        """Rows ``slots`` with ``starts`` cached tokens and ``counts`` more pending, for host-side backing.
 
-    @property
-    def lengths(self) -> jax.Array:
-        return self.state.lengths
+        For callers that back pages on the host (``manager.grow``) before
+        dispatching, such as the serving engine: no grow call, so no device
+        sync, and the arrays stay on the host until the jit call. A write past
+        a row's backed capacity is still refused (and raised), never stored
+        into unmapped memory.
 
-    def with_state(self, state: CacheState) -> KVCache:
-        return dataclasses.replace(self, state=state)
+        The cache writes through pure calls (``pure_writes``): with no grow and
+        no effectful write, a jitted step has no effects and jax dispatches it
+        on its fast path. Each layer's attention must read with the lengths its
+        write returns (the model does), or XLA drops the write.
+        """
+        slots = np.asarray(slots, np.int32)
+        starts, counts = np.asarray(starts, np.int32), np.asarray(counts, np.int32)
+        batch = ops._check_rows("slots", slots)
+        ops._check_rows("starts", starts, batch)
+        ops._check_rows("counts", counts, batch)
+        state = CacheState(slots, starts + counts, counts)
+        return cls(tuple(manager.k), tuple(manager.v), state, manager, pure_writes=True)
 
     def grow(self, new_lengths: jax.Array) -> KVCache:
         """Back ``new_lengths [B]`` tokens per row; the added tokens become pending writes.
@@ -73,23 +102,6 @@ class KVCache:
         new_lengths = jnp.asarray(new_lengths, jnp.int32)
         lengths = ops.grow(self.manager, self.slots, new_lengths)
         return self.with_state(CacheState(self.slots, lengths, lengths - self.lengths))
-
-    def pending(self, counts: jax.Array) -> KVCache:
-        """Make ``counts [B]`` more tokens per row pending writes, without mapping anything.
-
-        For callers that back pages on the host (``manager.grow``) before
-        dispatching, such as the serving engine: no grow call, so no device
-        sync. A write past a row's backed capacity is still refused (and
-        raised), never stored into unmapped memory.
-
-        The returned cache writes through pure calls (``pure_writes``): with
-        no grow and no effectful write, a jitted step has no effects and jax
-        dispatches it on its fast path. Each layer's attention must read with
-        the lengths its write returns (the model does), or XLA drops the write.
-        """
-        counts = jnp.asarray(counts, jnp.int32)
-        state = CacheState(self.slots, self.lengths + counts, counts)
-        return dataclasses.replace(self, state=state, pure_writes=True)
 
     def write(self, layer: int, k_new: jax.Array, v_new: jax.Array) -> jax.Array:
         """Write the pending tokens of every row into ``layer``; returns lengths [B].

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_vattention import attention as vattn
+from jax_vattention.cache import CacheRows
 from jax_vattention.errors import CacheClosedError, CacheValueError, PoolExhaustedError
 
 from .attention import AttentionSpec, decode_attention_reference, default_platform, prefill_attention_reference
@@ -68,7 +69,7 @@ def decode_blocking(pages_per_seq: int, page_size: int) -> tuple[int, int, int]:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PagedKVCache:
+class PagedKVCache(CacheRows):
     """The model's cache interface over paged K/V; writes are functional scatters (new buffers).
 
     Under a top-level jit that donates the cache, XLA performs the scatters in place.
@@ -79,19 +80,8 @@ class PagedKVCache:
     state: PagedCacheState
 
     @property
-    def slots(self) -> jax.Array:
-        return self.state.slots
-
-    @property
-    def lengths(self) -> jax.Array:
-        return self.state.lengths
-
-    @property
     def page_size(self) -> int:
         return self.k[0].shape[2]
-
-    def with_state(self, state: PagedCacheState) -> PagedKVCache:
-        return dataclasses.replace(self, state=state)
 
     def write(self, layer: int, k_new: jax.Array, v_new: jax.Array) -> tuple[jax.Array, PagedKVCache]:
         """Store each row's first ``num_new`` tokens of ``k_new/v_new [B, T, Hkv, D]`` through its block table.

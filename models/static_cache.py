@@ -20,11 +20,12 @@ import jax
 import jax.numpy as jnp
 
 from jax_vattention import CacheState
+from jax_vattention.cache import CacheRows
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class StaticKVCache:
+class StaticKVCache(CacheRows):
     k: tuple[jax.Array, ...]  # L x [MB, S, Hkv, D], plain XLA buffers
     v: tuple[jax.Array, ...]  # L x [MB, S, Hkv, D]
     state: CacheState
@@ -42,14 +43,6 @@ class StaticKVCache:
         return cls(k, v, CacheState(slots, lengths, jnp.zeros_like(lengths)))
 
     @property
-    def slots(self) -> jax.Array:
-        return self.state.slots
-
-    @property
-    def lengths(self) -> jax.Array:
-        return self.state.lengths
-
-    @property
     def max_seq(self) -> int:
         return self.k[0].shape[1]
 
@@ -57,9 +50,6 @@ class StaticKVCache:
     def nbytes(self) -> int:
         """Device bytes the K and V buffers occupy (all of it, always)."""
         return sum(x.size * x.dtype.itemsize for x in (*self.k, *self.v))
-
-    def with_state(self, state: CacheState) -> StaticKVCache:
-        return dataclasses.replace(self, state=state)
 
     def with_rows(self, slots, lengths) -> StaticKVCache:
         """The same buffers serving other rows (like ``manager.cache(slots, lengths)``)."""

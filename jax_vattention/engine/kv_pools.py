@@ -16,7 +16,7 @@ The protocol (duck-typed): ``max_batch``, ``max_seq``, ``donate``;
 ``capacity(slot)``; ``pages_needed(tokens)``, ``pages_total()``,
 ``pages_live()``; ``physical_bytes()``, ``used_bytes()``;
 ``cache(slots, starts, counts)`` (the rows of one step with ``counts`` tokens
-pending); ``adopt(cache)`` (take back a donated step's buffers); ``check_errors()``
+pending, as ``KVCache.for_step`` makes them); ``adopt(cache)`` (take back a donated step's buffers); ``check_errors()``
 (after each step); ``close()``.
 Growing raises ``PoolExhaustedError`` and changes nothing when pages run out.
 """
@@ -103,13 +103,11 @@ class VAttentionPool:
 
     def cache(self, slots, starts, counts):
         """The step's rows with ``counts`` tokens pending: host arrays, no device work until the jit call."""
-        from ..cache import CacheState, KVCache
+        from ..cache import KVCache
 
         if self.manager.closed:
             raise CacheClosedError("the cache manager is closed")
-        starts, counts = np.asarray(starts, np.int32), np.asarray(counts, np.int32)
-        state = CacheState(np.asarray(slots, np.int32), starts + counts, counts)
-        return KVCache(self.manager.k, self.manager.v, state, self.manager, pure_writes=True)
+        return KVCache.for_step(self.manager, slots, starts, counts)
 
     def adopt(self, cache) -> None:
         pass  # the views were written in place
