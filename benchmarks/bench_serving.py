@@ -195,6 +195,8 @@ def main():
 
     results, runs, checks, compile_s = {}, {}, {}, {}
     result_name = f"serving_{args.workload}_" + ("quick" if args.quick else f"{n_req}req")
+    if args.max_batch and not args.quick and args.max_batch != (8 if long else 64):
+        result_name += f"_b{args.max_batch}"  # a non-default batch limit must not overwrite the default run
 
     def run(name, llm, overrides):
         llm.overlap_allocation = overrides.get("overlap_allocation", "thread")

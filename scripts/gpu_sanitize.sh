@@ -106,7 +106,7 @@ if [[ "${SANITIZE_WARM_CACHE:-0}" == 1 ]]; then
   warm_start=$(date +%s)
   "$PYTHON" -m pytest -q -p no:cacheprovider "${TESTS[@]}" > "${LOG%.log}.warm.log" 2>&1
   echo "# warm-up run without the sanitizer: exit status $? after $(( $(date +%s) - warm_start )) s," \
-       "$(find "$JAX_COMPILATION_CACHE_DIR" -type f | wc -l) cache entries in $JAX_COMPILATION_CACHE_DIR" | tee "$LOG.warm"
+       "$(find "$JAX_COMPILATION_CACHE_DIR" -type f | wc -l) cache entries in $JAX_COMPILATION_CACHE_DIR" > "$LOG.warm"
 fi
 
 {
