@@ -5,7 +5,8 @@
 #        bench-alloc, bench-alloc-quick, bench-attention, bench-attention-quick,
 #        bench-generate, bench-generate-quick, bench-serving, bench-serving-quick, bench-serving-long,
 #        long-run, sanitize, sanitize-kernels (memcheck of our Pallas kernels only, attention GPU tests),
-#        sanitize-engine (memcheck of the small engine GPU test), engine-tests (engine/paged/reliability tests),
+#        sanitize-engine (memcheck of the small engine GPU test), sanitize-model (memcheck of the 3 model GPU
+#        tests that did not finish with all non-GEMM kernels instrumented; ours only), engine-tests (engine/paged/reliability tests),
 #        tune-prefill (prefill tile sweep at the benchmark's shapes)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -38,6 +39,7 @@ for step in "$@"; do
     sanitize) bash scripts/gpu_sanitize.sh > "$OUT/sanitize_run.log" 2>&1 || status=1; summary "$OUT/sanitize_run.log" 20 ;;
     sanitize-kernels) SANITIZER_ARGS="--kernel-name kns=vattn" bash scripts/gpu_sanitize.sh tests/test_attention.py -m gpu > "$OUT/sanitize_kernels_run.log" 2>&1 || status=1; summary "$OUT/sanitize_kernels_run.log" 20 ;;
     sanitize-engine) SANITIZE_WARM_CACHE=1 SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-480} SANITIZER_ARGS="--kernel-name regex=vattn|write_kv" bash scripts/gpu_sanitize.sh tests/test_engine_gpu.py::test_small_engine_crossing_pages_for_memcheck > "$OUT/sanitize_engine_run.log" 2>&1 || status=1; summary "$OUT/sanitize_engine_run.log" 20 ;;
+    sanitize-model) SANITIZE_WARM_CACHE=1 SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-420} SANITIZER_ARGS="--kernel-name regex=vattn|write_kv" bash scripts/gpu_sanitize.sh tests/test_model_gpu.py -m gpu -k "8b_layer_shapes or no_cache_copy_at_scale or cli_generate" > "$OUT/sanitize_model_run.log" 2>&1 || status=1; summary "$OUT/sanitize_model_run.log" 20 ;;
     tune-prefill) python3 benchmarks/bench_attention.py --decode "" --prefill 1x512x4096,4x2048x4096 --tune --no-vmm --part prefill-tune > "$OUT/tune_prefill.log" 2>&1 || status=1; summary "$OUT/tune_prefill.log" 25 ;;
     engine-tests) python3 -m pytest -q -ra tests/test_engine.py tests/test_paged_cache.py tests/test_engine_reliability.py tests/test_scheduler.py > "$OUT/engine_tests.log" 2>&1 || status=1; summary "$OUT/engine_tests.log" 20 ;;
     *) echo "unknown step $step"; status=2 ;;
