@@ -156,7 +156,8 @@ def main():
     layers = args.layers or cfg.num_layers
     cfg = cfg.replace(num_layers=layers)
     n_req = args.requests or (32 if long else 512)
-    max_batch = args.max_batch or (8 if long else 64)
+    default_batch = 8 if long else 64
+    max_batch = args.max_batch or default_batch
     max_seq = args.max_seq or (33280 if long else 4096)
     token_bytes = 2 * layers * cfg.num_kv_heads * cfg.head_dim * 2  # K and V of every layer, bf16
     budget_tokens = args.budget_tokens or (6 * 32768 if long else 24 * 4096)  # static: 6 / 24 slots
@@ -195,7 +196,7 @@ def main():
 
     results, runs, checks, compile_s = {}, {}, {}, {}
     result_name = f"serving_{args.workload}_" + ("quick" if args.quick else f"{n_req}req")
-    if args.max_batch and not args.quick and args.max_batch != (8 if long else 64):
+    if not args.quick and max_batch != default_batch:
         result_name += f"_b{args.max_batch}"  # a non-default batch limit must not overwrite the default run
 
     def run(name, llm, overrides):

@@ -105,12 +105,13 @@ if [[ "${SANITIZE_WARM_CACHE:-0}" == 1 ]]; then
   export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1
   warm_start=$(date +%s)
   "$PYTHON" -m pytest -q -p no:cacheprovider "${TESTS[@]}" > "${LOG%.log}.warm.log" 2>&1
-  echo "# warm-up run without the sanitizer: exit status $? after $(( $(date +%s) - warm_start )) s," \
-       "$(find "$JAX_COMPILATION_CACHE_DIR" -type f | wc -l) cache entries in $JAX_COMPILATION_CACHE_DIR" > "$LOG.warm"
+  warm_rc=$?
+  WARM_NOTE="# warm-up run without the sanitizer: exit status $warm_rc after $(( $(date +%s) - warm_start )) s, \
+$(find "$JAX_COMPILATION_CACHE_DIR" -type f | wc -l) cache entries in $JAX_COMPILATION_CACHE_DIR"
 fi
 
 {
-  if [[ -f "$LOG.warm" ]]; then cat "$LOG.warm"; rm -f "$LOG.warm"; fi
+  if [[ -n "${WARM_NOTE:-}" ]]; then echo "$WARM_NOTE"; fi
   echo "# $("$SAN" --version 2>/dev/null | tail -1)"
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/# GPU: /'
   printf '# '; printf '%q ' "${CMD[@]}"; echo

@@ -126,17 +126,23 @@ def test_static_pool_budget_limits_the_batch(model):
         assert llm.pool.pages_live() == 0
 
 
-@pytest.mark.parametrize("overlap,lookahead,reclaim", [("off", 0, True), ("inline", 0, True), ("thread", 8, True),
-                                                       ("thread", 0, False)])
-def test_allocation_switches_keep_outputs(model, overlap, lookahead, reclaim, _switch_baseline={}):
+SWITCH_ENGINE = dict(max_batch=4, max_seq=256, attn=REF, page_bytes=4096, token_budget=48, chunk_size=32)
+
+
+@pytest.fixture(scope="module")
+def switch_workload(model):
+    """Prompts, params and the default engine's outputs, computed once for every switch setting."""
     ps = prompts(31, 5, model.config.vocab_size)
     sp = SamplingParams(max_tokens=20)
-    kw = dict(max_batch=4, max_seq=256, attn=REF, page_bytes=4096, token_budget=48, chunk_size=32)
-    if not _switch_baseline:  # the default engine's outputs, computed once for every switch setting
-        with LLM(model, **kw) as llm:
-            _switch_baseline["want"] = [o.tokens for o in llm.generate(ps, sp)]
-    want = _switch_baseline["want"]
-    with LLM(model, overlap_allocation=overlap, lookahead=lookahead, deferred_reclaim=reclaim, **kw) as llm:
+    with LLM(model, **SWITCH_ENGINE) as llm:
+        return ps, sp, [o.tokens for o in llm.generate(ps, sp)]
+
+
+@pytest.mark.parametrize("overlap,lookahead,reclaim", [("off", 0, True), ("inline", 0, True), ("thread", 8, True),
+                                                       ("thread", 0, False)])
+def test_allocation_switches_keep_outputs(model, switch_workload, overlap, lookahead, reclaim):
+    ps, sp, want = switch_workload
+    with LLM(model, overlap_allocation=overlap, lookahead=lookahead, deferred_reclaim=reclaim, **SWITCH_ENGINE) as llm:
         assert [o.tokens for o in llm.generate(ps, sp)] == want
         s = llm.manager.stats()
         assert s.live_slots == 0
