@@ -40,7 +40,6 @@ import math
 import os
 import pathlib
 import platform
-import re
 import statistics
 import sys
 import time
@@ -55,6 +54,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from jax_vattention import attention as attn  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import device_slug  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 HQ, HKV, D, DTYPE = 32, 8, 128, jnp.bfloat16
@@ -421,10 +423,6 @@ def targets(result):
     return out
 
 
-def device_name_slug(device_kind: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", device_kind).strip("_").lower() or "device"
-
-
 def write_report(result, stem: pathlib.Path) -> None:
     """``stem``.json (the raw record) and ``stem``.md (the tables), and the tables on stdout."""
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -461,7 +459,7 @@ def merge_parts(paths):
             raise SystemExit(f"--merge: {kind} shapes {dup} appear in more than one part")
     result["vmm"] = next((p["vmm"] for p in parts if p.get("vmm")), None)
     result["targets"] = targets(result)
-    write_report(result, RESULTS / f"attention_{device_name_slug(first['device'])}")
+    write_report(result, RESULTS / f"attention_{device_slug(first['device'])}")
 
 
 def main():
@@ -533,7 +531,7 @@ def main():
 
     suffix = "_smoke" if args.smoke else "_quick" if args.quick else ""
     suffix += f"_part-{args.part}" if args.part else ""
-    write_report(result, (pathlib.Path("/tmp") if args.smoke else RESULTS) / f"attention_{device_name_slug(dev.device_kind)}{suffix}")
+    write_report(result, (pathlib.Path("/tmp") if args.smoke else RESULTS) / f"attention_{device_slug(dev.device_kind)}{suffix}")
 
 
 if __name__ == "__main__":

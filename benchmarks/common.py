@@ -20,8 +20,10 @@ def device_name(device: jax.Device | None = None) -> str:
     return getattr(device, "device_kind", device.platform) or device.platform
 
 
-def device_slug(device: jax.Device | None = None) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
+def device_slug(device: jax.Device | str | None = None) -> str:
+    """File-name form of a device (default: the first) or of a device name, e.g. ``nvidia-h100-80gb-hbm3``."""
+    name = device if isinstance(device, str) else device_name(device)
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "device"
 
 
 def median(xs):

@@ -67,17 +67,22 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.layer = layer
 
+    def _qkv(self, x, positions):
+        """``x [B, T, H]``, ``positions [B, T]`` -> q ``[B, T, Hq, D]`` and k ``[B, T, Hkv, D]`` with RoPE, v."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        inv_freq = _inv_freq(cfg)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
     def __call__(self, x, positions, cache, attn: AttentionSpec, segments=None):
         if segments is not None:
             return self._segmented(x, positions, cache, attn, segments)
         cfg = self.cfg
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)  # [B, T, Hq, D]
-        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, Hkv, D]
-        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, Hkv, D]
-        inv_freq = _inv_freq(cfg)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q, k, v = self._qkv(x, positions)  # [B, T, Hq, D], [B, T, Hkv, D] x2
         if cache is None:
             o = dense_causal_attention(q, k, v)  # [B, T, Hq, D]
         else:
@@ -96,14 +101,7 @@ class Attention(nnx.Module):
         decode kernel instead of being padded to the prefill chunk length.
         """
         cfg = self.cfg
-        n = x.shape[0]
-        q = self.q_proj(x).reshape(n, 1, cfg.num_heads, cfg.head_dim)  # [N, 1, Hq, D]
-        k = self.k_proj(x).reshape(n, 1, cfg.num_kv_heads, cfg.head_dim)  # [N, 1, Hkv, D]
-        v = self.v_proj(x).reshape(n, 1, cfg.num_kv_heads, cfg.head_dim)
-        inv_freq = _inv_freq(cfg)
-        q = apply_rope(q, positions[:, None], inv_freq)[:, 0]  # [N, Hq, D]
-        k = apply_rope(k, positions[:, None], inv_freq)[:, 0]  # [N, Hkv, D]
-        v = v[:, 0]
+        q, k, v = (a[:, 0] for a in self._qkv(x[:, None], positions[:, None]))  # [N, Hq, D], [N, Hkv, D] x2
         dtype = cache.k[self.layer].dtype
         state, outs, off = cache.state, [], 0
         for r0, r1, t in segments:

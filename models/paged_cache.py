@@ -274,12 +274,9 @@ class PagedKVPool:
     def pages_live(self) -> int:
         return int(self._held[self._held > 0].sum())
 
-    def physical_bytes(self) -> int:
-        """Device bytes of all K/V page buffers (fixed at construction, scratch page included)."""
-        return self._physical
-
-    def used_bytes(self) -> int:
-        return self.pages_live() * self.page_bytes
+    def memory(self) -> tuple[int, int]:
+        """Bytes of the live pages, and device bytes of all K/V page buffers (fixed, scratch page included)."""
+        return self.pages_live() * self.page_bytes, self._physical
 
     # -- jit side --------------------------------------------------------------------
     def cache(self, slots, starts, counts) -> PagedKVCache:

@@ -69,12 +69,12 @@ def test_attention_merge_joins_parts(tmp_path, monkeypatch):
     a.write_text(json.dumps(attention_part("GPU X", [(32, 4096, 0.95), (8, 4096, 0.6)], 2800.0)))
     b.write_text(json.dumps(attention_part("GPU X", [(8, 1024, 0.5)], 2900.0)))
     bench_attention.merge_parts([a, b])
-    merged = json.loads((tmp_path / "attention_gpu_x.json").read_text())
+    merged = json.loads((tmp_path / "attention_gpu-x.json").read_text())
     assert [(r["B"], r["context"]) for r in merged["decode"]] == [(8, 1024), (8, 4096), (32, 4096)]
     assert merged["copy_peak_GBps_per_part"] == [2800.0, 2900.0]
     assert any("B=8 ctx=4096: 60%" in t and "FAIL" in t for t in merged["targets"])
     assert any("B=32 ctx=4096: 95%" in t and "PASS" in t for t in merged["targets"])
-    assert "(median of the parts' 2800, 2900)" in (tmp_path / "attention_gpu_x.md").read_text()
+    assert "(median of the parts' 2800, 2900)" in (tmp_path / "attention_gpu-x.md").read_text()
 
 
 @pytest.mark.parametrize("devices,shapes,error", [

@@ -187,7 +187,7 @@ def test_pool_accounting():
         assert pool.max_seq == 64 and pool.page_size == PAGE  # rounded up to whole pages
         page_bytes = 2 * 1 * PAGE * 2 * 64 * 2
         assert pool.pages_total() == 8 * 4
-        assert pool.physical_bytes() == (8 * 4 + 1) * page_bytes  # K and V, scratch page included
+        assert pool.memory()[1] == (8 * 4 + 1) * page_bytes  # K and V, scratch page included
         assert [pool.pages_needed(n) for n in (0, 1, 16, 17, 64)] == [0, 1, 1, 2, 4]
         a = pool.allocate(17)
         b = pool.allocate()
@@ -195,11 +195,11 @@ def test_pool_accounting():
         assert pool.capacity(a) == 32 and pool.capacity(b) == 0 and pool.pages_live() == 2
         pool.grow(a, 20)  # already backed: no change
         pool.grow(b, 33)
-        assert pool.capacity(b) == 48 and pool.pages_live() == 5 and pool.used_bytes() == 5 * page_bytes
+        assert pool.capacity(b) == 48 and pool.pages_live() == 5 and pool.memory()[0] == 5 * page_bytes
         pool.free(a)
         assert pool.pages_live() == 3 and not pool.allocated(a)
         assert pool.allocate(1) == 0  # the lowest free slot
-        assert pool.physical_bytes() == 33 * page_bytes  # fixed
+        assert pool.memory()[1] == 33 * page_bytes  # fixed
 
 
 def test_pool_budget_and_exhaustion_is_all_or_nothing():
@@ -217,7 +217,7 @@ def test_pool_budget_and_exhaustion_is_all_or_nothing():
             pool.allocate(17)  # needs 2, 1 free: the slot it tried stays free
         assert not pool.allocated(1) and pool.pages_live() == 4
         b = pool.allocate(16)
-        assert b == 1 and pool.pages_live() == 5 and pool.used_bytes() == 5 * page_bytes
+        assert b == 1 and pool.pages_live() == 5 and pool.memory()[0] == 5 * page_bytes
         with pytest.raises(PoolExhaustedError):
             pool.grow(b, 17)
         assert pool.capacity(b) == 16 and pool.pages_live() == 5

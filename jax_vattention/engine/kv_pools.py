@@ -14,7 +14,7 @@ the factory of one step's jit-side cache:
 The protocol (duck-typed): ``max_batch``, ``max_seq``, ``donate``;
 ``allocate(min_tokens)``, ``grow(slot, tokens)``, ``free(slot)``,
 ``capacity(slot)``; ``pages_needed(tokens)``, ``pages_total()``,
-``pages_live()``; ``physical_bytes()``, ``used_bytes()``;
+``pages_live()``; ``memory()`` (bytes mapped into slots, device bytes held);
 ``cache(slots, starts, counts)`` (the rows of one step with ``counts`` tokens
 pending, as ``KVCache.for_step`` makes them); ``adopt(cache)`` (take back a donated step's buffers); ``check_errors()``
 (after each step); ``close()``.
@@ -85,13 +85,10 @@ class VAttentionPool:
         s = self.manager.stats()
         return s.pages_mapped - s.pages_mapped_free_slots
 
-    def physical_bytes(self) -> int:
-        """Device memory held by pages (mapped ones and the pool's spare handles)."""
-        return self.manager.stats().physical_bytes
-
-    def used_bytes(self) -> int:
-        """Bytes mapped into slots (live and deferred)."""
-        return self.manager.stats().mapped_bytes
+    def memory(self) -> tuple[int, int]:
+        """Bytes mapped into slots (live and deferred), and device bytes held by pages (mapped and spare handles)."""
+        s = self.manager.stats()
+        return s.mapped_bytes, s.physical_bytes
 
     def premap(self) -> None:
         """Map every slot to ``max_seq`` and free it (pages stay): the "all mapped beforehand" control."""
@@ -187,11 +184,8 @@ class StaticPool:
     def pages_live(self) -> int:
         return int((self._length >= 0).sum())
 
-    def physical_bytes(self) -> int:
-        return self._bytes
-
-    def used_bytes(self) -> int:
-        return self._bytes
+    def memory(self) -> tuple[int, int]:
+        return self._bytes, self._bytes  # all of it, from construction
 
     def cache(self, slots, starts, counts):
         if self._cache is None:

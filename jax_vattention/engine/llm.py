@@ -345,7 +345,7 @@ class LLM:
         finished = out.failed + self.scheduler.update(out, sampled, now)
         s = self.stats
         s.steps += 1
-        used, physical = self.pool.used_bytes(), self.pool.physical_bytes()
+        used, physical = self.pool.memory()
         s.peak_batch = max(s.peak_batch, len(out.decodes) + len(out.prefills))
         s.peak_used_bytes, s.peak_physical_bytes = max(s.peak_used_bytes, used), max(s.peak_physical_bytes, physical)
         s.timeline.append((now, len(out.decodes) + len(out.prefills), used, physical))
