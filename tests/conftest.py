@@ -5,13 +5,19 @@
 * Tests marked ``gpu`` run on the first CUDA device and are skipped without
   one; every other test runs with the CPU as jax's default device, so the
   host-backend suite means the same thing on a GPU machine.
+* ``rng``: fresh random numbers each run; the seed is printed, and
+  ``VATTN_TEST_SEED=<seed>`` replays it (``scripts/gpu_sanitize.sh`` sets it so
+  that its warm-up run compiles the very shapes the sanitized run uses).
 """
 
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+import secrets  # noqa: E402
+
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -30,6 +36,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not GPUS:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def rng():
+    seed = int(os.environ.get("VATTN_TEST_SEED") or secrets.randbits(32))
+    print(f"VATTN_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,7 @@
 
 On CPU the Pallas kernels run in interpret mode. Every comparison uses fresh
 random inputs (the seed is printed, so a failure can be replayed with
-``ATTN_TEST_SEED=<seed>``) and the single tolerance table in
+``VATTN_TEST_SEED=<seed>``) and the single tolerance table in
 ``jax_vattention.attention.tolerances``. Cache memory past each row's length is
 filled with NaN, so any stray (unmasked) read of it shows up in the output.
 The no-read-past-length property on real unmapped memory is tested in a
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import secrets
 import subprocess
 import sys
 import textwrap
@@ -33,12 +32,6 @@ gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 # GPU machine, and Pallas runs on the CPU only in interpret mode.
 INTERPRET = True
 
-
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("ATTN_TEST_SEED", secrets.randbits(32)))
-    print(f"ATTN_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
 
 
 def make_cache(rng, mb, seq, hkv, d, dtype, slots, lengths):

@@ -46,12 +46,6 @@ def gen(model):
     return models.Generator(model, attn=REF)
 
 
-@pytest.fixture
-def rng():
-    seed = np.random.SeedSequence().entropy
-    print(f"rng seed {seed}")
-    return np.random.default_rng(seed)
-
 
 def manager(max_batch=4, max_seq=96, **kw):
     kw.setdefault("page_bytes", PAGE)

@@ -30,12 +30,6 @@ pytestmark = pytest.mark.gpu
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.fixture
-def rng():
-    seed = np.random.SeedSequence().entropy
-    print(f"rng seed {seed}")
-    return np.random.default_rng(seed)
-
 
 def ragged(rng, n, longest, vocab):
     lens = rng.integers(1, longest + 1, size=n)

@@ -5,14 +5,12 @@ right token of the right row through fragmented block tables, attention (JAX's P
 ``paged_attention`` for decode in interpret mode, gathered prefix + our prefill kernel for
 chunks, or the jnp reference) matches the reference on an equivalent contiguous cache, a
 model gives the static cache's logits, and the host pool's accounting is exact. Inputs are
-fresh random numbers each run (the seed is printed; replay with ``PAGED_TEST_SEED``).
+fresh random numbers each run (the seed is printed; replay with ``VATTN_TEST_SEED``).
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import secrets
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +27,6 @@ from models.paged_cache import PagedKVCache, PagedKVPool, decode_blocking
 PAGE = 16
 BF16 = jnp.bfloat16
 
-
-@pytest.fixture
-def rng():
-    seed = int(os.environ.get("PAGED_TEST_SEED", secrets.randbits(32)))
-    print(f"PAGED_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
 
 
 def make_pool(**kw) -> PagedKVPool:
