@@ -131,11 +131,11 @@ if [[ -n "${SANITIZE_TIMEOUT:-}" ]]; then
   setsid "${CMD[@]}" >> "$LOG" 2>&1 &
   pid=$!
   ( sleep "$SANITIZE_TIMEOUT"; echo "# deadline: ${SANITIZE_TIMEOUT} s, killing the process group" >> "$LOG"
-    kill -TERM -- "-$pid" 2>/dev/null; sleep 20; kill -KILL -- "-$pid" 2>/dev/null ) &
+    kill -TERM -- "-$pid" 2>/dev/null; sleep 20; kill -KILL -- "-$pid" 2>/dev/null ) > /dev/null 2>&1 &
   watchdog=$!
   wait "$pid"
   rc=$?
-  kill "$watchdog" 2>/dev/null
+  pkill -P "$watchdog" 2>/dev/null; kill "$watchdog" 2>/dev/null  # its sleep too (no stray process)
   if grep -q "^# deadline:" "$LOG"; then rc=124; fi
   kill -KILL -- "-$pid" 2>/dev/null  # anything of the group still alive
   tail -n +$((header + 1)) "$LOG" | grep -v -E "^E[0-9]{4}|Source Location|cuda_status.cc" | tail -40
