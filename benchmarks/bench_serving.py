@@ -197,7 +197,7 @@ def main():
     results, runs, checks, compile_s = {}, {}, {}, {}
     result_name = f"serving_{args.workload}_" + ("quick" if args.quick else f"{n_req}req")
     if not args.quick and max_batch != default_batch:
-        result_name += f"_b{args.max_batch}"  # a non-default batch limit must not overwrite the default run
+        result_name += f"_b{max_batch}"  # a non-default batch limit must not overwrite the default run
 
     def run(name, llm, overrides):
         llm.overlap_allocation = overrides.get("overlap_allocation", "thread")

@@ -5,8 +5,8 @@
 #        bench-alloc, bench-alloc-quick, bench-attention, bench-attention-quick,
 #        bench-generate, bench-generate-quick, bench-serving, bench-serving-quick, bench-serving-long,
 #        long-run, sanitize, sanitize-kernels (memcheck of our Pallas kernels only, attention GPU tests),
-#        sanitize-engine (memcheck of the small engine GPU test), sanitize-model (memcheck of the 3 model GPU
-#        tests that did not finish in stop 10; our kernels instrumented, one seed for warm-up and sanitized run), engine-tests (engine/paged/reliability tests),
+#        sanitize-engine (memcheck of the small engine GPU test), sanitize-model (memcheck of the 3 slowest model
+#        GPU tests, our kernels instrumented, warm compilation cache), engine-tests (engine/paged/reliability tests),
 #        tune-prefill (prefill tile sweep at the benchmark's shapes)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false

@@ -124,25 +124,25 @@ fi
   printf '# '; printf '%q ' "${CMD[@]}"; echo
 } | tee "$LOG"
 start=$(date +%s)
+# The sanitized run gets its own process group, so that a deadline kills all of it: TERM to compute-sanitizer
+# alone left the python under it running (holding the output open), and a plain `timeout` never returned.
+header=$(wc -l < "$LOG")
+setsid "${CMD[@]}" >> "$LOG" 2>&1 &
+pid=$!
+watchdog=
 if [[ -n "${SANITIZE_TIMEOUT:-}" ]]; then
-  # Own process group, killed whole at the deadline: TERM to compute-sanitizer alone left the python under it
-  # running (and holding the log pipe open), so a plain `timeout` never returned.
-  header=$(wc -l < "$LOG")
-  setsid "${CMD[@]}" >> "$LOG" 2>&1 &
-  pid=$!
   ( sleep "$SANITIZE_TIMEOUT"; echo "# deadline: ${SANITIZE_TIMEOUT} s, killing the process group" >> "$LOG"
     kill -TERM -- "-$pid" 2>/dev/null; sleep 20; kill -KILL -- "-$pid" 2>/dev/null ) > /dev/null 2>&1 &
   watchdog=$!
-  wait "$pid"
-  rc=$?
+fi
+tail -n +$((header + 1)) -f --pid="$pid" "$LOG" | grep --line-buffered -v -E "^E[0-9]{4}|Source Location|cuda_status.cc"
+wait "$pid"
+rc=$?
+if [[ -n "$watchdog" ]]; then
   pkill -P "$watchdog" 2>/dev/null; kill "$watchdog" 2>/dev/null  # its sleep too (no stray process)
   if grep -q "^# deadline:" "$LOG"; then rc=124; fi
-  kill -KILL -- "-$pid" 2>/dev/null  # anything of the group still alive
-  tail -n +$((header + 1)) "$LOG" | grep -v -E "^E[0-9]{4}|Source Location|cuda_status.cc" | tail -40
-else
-  "${CMD[@]}" 2>&1 | tee -a "$LOG"
-  rc=${PIPESTATUS[0]}
 fi
+kill -KILL -- "-$pid" 2>/dev/null  # anything of the group still alive
 echo "# exit status $rc after $(( $(date +%s) - start )) s" | tee -a "$LOG"
 
 echo "=== compute-sanitizer ($TOOL) summary; log: $LOG"

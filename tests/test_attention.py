@@ -33,7 +33,6 @@ gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 INTERPRET = True
 
 
-
 def make_cache(rng, mb, seq, hkv, d, dtype, slots, lengths):
     """Random K/V with every token at or past each used row's length set to NaN.
 

@@ -46,7 +46,6 @@ def gen(model):
     return models.Generator(model, attn=REF)
 
 
-
 def manager(max_batch=4, max_seq=96, **kw):
     kw.setdefault("page_bytes", PAGE)
     return jv.KVCacheManager(models.cache_config_for(CFG, max_batch=max_batch, max_seq=max_seq, dtype="float32", **kw))

@@ -30,7 +30,6 @@ pytestmark = pytest.mark.gpu
 DATA = Path(__file__).parent / "data"
 
 
-
 def ragged(rng, n, longest, vocab):
     lens = rng.integers(1, longest + 1, size=n)
     lens[0] = longest

@@ -28,7 +28,6 @@ PAGE = 16
 BF16 = jnp.bfloat16
 
 
-
 def make_pool(**kw) -> PagedKVPool:
     shape = dict(num_layers=1, max_batch=8, max_seq=64, kv_heads=2, head_dim=64, dtype=BF16, page_size=PAGE)
     return PagedKVPool(**{**shape, **kw})
