@@ -31,8 +31,9 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-import jax_vattention as jv  # noqa: E402
 from common import device_name, median, write_results  # noqa: E402
+
+import jax_vattention as jv  # noqa: E402
 from jax_vattention.hlo import assert_no_cache_copy  # noqa: E402
 
 MIB = 1 << 20
@@ -125,7 +126,8 @@ def step_overhead(args) -> dict:
     d_model, hkv, head_dim, d_ff = args.d_model, 8, 128, args.d_ff
     rng = np.random.default_rng(0)
     prompt = rng.integers(args.prompt // 2, args.prompt * 3 // 2, size=B).astype(np.int32)
-    cfg = jv.CacheConfig(num_layers=L, max_batch=B, max_seq=int(prompt.max()) + steps + 1, kv_heads=hkv, head_dim=head_dim)
+    cfg = jv.CacheConfig(num_layers=L, max_batch=B, max_seq=int(prompt.max()) + steps + 1, kv_heads=hkv,
+                         head_dim=head_dim)
     weights = make_weights(jax.random.key(0), L, d_model, d_model + 2 * hkv * head_dim, d_ff, jnp.bfloat16)
     h0 = jax.random.normal(jax.random.key(1), (B, d_model), jnp.bfloat16)
     loops = {
@@ -139,7 +141,7 @@ def step_overhead(args) -> dict:
         cache = m.cache(slots, prompt)
 
         def reset(premap: bool):
-            for s, n in zip(slots, prompt):
+            for s, _ in zip(slots, prompt):
                 m.free(int(s))
             m.trim()  # unmap everything: each run starts from the same mapped state
             for s, n in zip(slots, prompt):
@@ -171,7 +173,10 @@ def step_overhead(args) -> dict:
     out["ratio_grow_vs_no_grow"] = out["grow_in_graph"]["step_us"] / out["no_grow"]["step_us"]
     out["ratio_premapped_vs_no_grow"] = out["premapped"]["step_us"] / out["no_grow"]["step_us"]
     out["config"] = dict(layers=L, batch=B, steps=steps, prompt_mean=args.prompt, d_model=d_model, d_ff=d_ff,
-                         max_seq=m.max_seq, page_crossings=int(sum((-(-(p + steps) * cfg.token_bytes // cfg.page_bytes)) - (-(-p * cfg.token_bytes // cfg.page_bytes)) for p in prompt.tolist())))
+                         max_seq=m.max_seq,
+                         page_crossings=int(sum((-(-(p + steps) * cfg.token_bytes // cfg.page_bytes))
+                                                - (-(-p * cfg.token_bytes // cfg.page_bytes))
+                                                for p in prompt.tolist())))
     out["mapped_bytes_end"] = stats.mapped_bytes
     return out
 
@@ -199,7 +204,8 @@ def main():
     md.append(f"| config | {step['config']} |")
     table = "\n".join(md)
     print(table)
-    paths = write_results("alloc" + ("_quick" if args.quick else ""), dict(page_costs_us=costs, decode_step=step), table)
+    paths = write_results("alloc" + ("_quick" if args.quick else ""), dict(page_costs_us=costs, decode_step=step),
+                          table)
     print("wrote", *paths)
 
 

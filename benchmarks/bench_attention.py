@@ -122,7 +122,7 @@ def tune_best(ours, configs):
     best = None
     for cfg in configs:
         r = {}
-        run_baseline("t", r, lambda: ours(cfg))
+        run_baseline("t", r, lambda cfg=cfg: ours(cfg))
         if "us" in r["t"] and (best is None or r["t"]["us"] < best[1]):
             best = (cfg, r["t"]["us"])
     result = {"config": best[0], "us": best[1]} if best else None
@@ -174,8 +174,10 @@ def decode_case(b, ctx, args, key, copy_peak_bw, tune):
     # ours
     def ours(cfg=None):
         cfg = cfg or {}
-        op = lambda q_, k_, v_: attn.decode_attention(q_, k_, v_, slots, lengths, max_len=ctx,
-                                                                       interpret=INTERPRET, **cfg)  # noqa: E731
+
+        def op(q_, k_, v_):
+            return attn.decode_attention(q_, k_, v_, slots, lengths, max_len=ctx, interpret=INTERPRET, **cfg)
+
         attn.assert_close(op(q, k, v)[rows], ref, what=f"ours B={b} ctx={ctx} {cfg}")
         r = timed(op, (k, v))
         r["frac_peak_copy_bw"] = r["GBps"] * 1e9 / copy_peak_bw if copy_peak_bw else None
@@ -354,7 +356,7 @@ def cell(rec, name):
     if "us" not in r:
         return "n/a"
     ratio = r.get("ours_over_this")
-    wrong = " WRONG(max_err %.3g)" % r["max_err"] if r.get("max_err") is not None and r["max_err"] > 0.05 else ""
+    wrong = f" WRONG(max_err {r['max_err']:.3g})" if r.get("max_err") is not None and r["max_err"] > 0.05 else ""
     return f"{r['us']:.1f}" + (f" ({ratio:.2f}x)" if ratio is not None else "") + wrong
 
 
@@ -401,7 +403,8 @@ def markdown(result) -> str:
                          f"`{r['tune_best']['config']}` |")
     lines += ["", "## Targets", ""] + [f"- {t}" for t in result["targets"]]
     errors = [f"{r.get('B')}/{r.get('context', r.get('chunk'))} {n}: {x['error']}"
-              for r in result["decode"] + result["prefill"] for n, x in r.items() if isinstance(x, dict) and "error" in x]
+              for r in result["decode"] + result["prefill"] for n, x in r.items()
+              if isinstance(x, dict) and "error" in x]
     if errors:
         lines += ["", "## Failures", ""] + [f"- {e}" for e in errors]
     return "\n".join(lines) + "\n"
@@ -415,7 +418,8 @@ def targets(result):
             continue
         if r["B"] == 32 and r["context"] == 4096 and "us" in r.get("paged16", {}):
             ratio = r["paged16"]["ours_over_this"]
-            out.append(f"B=32 ctx=4096: ours/paged16 = {ratio:.2f} (target <= 0.67): {'PASS' if ratio <= 0.67 else 'FAIL'}")
+            out.append(f"B=32 ctx=4096: ours/paged16 = {ratio:.2f} (target <= 0.67): "
+                       f"{'PASS' if ratio <= 0.67 else 'FAIL'}")
         if r["B"] >= 8 and r["context"] >= 4096 and o.get("frac_peak_copy_bw"):
             f = o["frac_peak_copy_bw"]
             out.append(f"B={r['B']} ctx={r['context']}: {100 * f:.0f}% of peak copy BW (target >= 85%): "
@@ -465,7 +469,8 @@ def merge_parts(paths):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small subset (~3 min of GPU time)")
-    p.add_argument("--tune", action="store_true", help="sweep our kernels' knobs on each shape (slow; use with --quick)")
+    p.add_argument("--tune", action="store_true",
+                   help="sweep our kernels' knobs on each shape (slow; use with --quick)")
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--chain", type=int, default=None, help="ops per timed executable")
     p.add_argument("--no-vmm", action="store_true", help="skip the run on a real KVCacheManager view")
@@ -505,7 +510,8 @@ def main():
     limit = (dev.memory_stats() or {}).get("bytes_limit") if dev.platform == "gpu" else None
 
     result = {"device": dev.device_kind, "platform": platform.platform(), "jax": jax.__version__,
-              "mode": ("smoke" if args.smoke else "quick" if args.quick else "full") + (f" (part {args.part})" if args.part else ""),
+              "mode": ("smoke" if args.smoke else "quick" if args.quick else "full")
+              + (f" (part {args.part})" if args.part else ""),
               "samples": args.samples, "chain": args.chain,
               "decode": [], "prefill": [], "vmm": None}
     if not args.no_vmm:
@@ -531,7 +537,8 @@ def main():
 
     suffix = "_smoke" if args.smoke else "_quick" if args.quick else ""
     suffix += f"_part-{args.part}" if args.part else ""
-    write_report(result, (pathlib.Path("/tmp") if args.smoke else RESULTS) / f"attention_{device_slug(dev.device_kind)}{suffix}")
+    out_dir = pathlib.Path("/tmp") if args.smoke else RESULTS
+    write_report(result, out_dir / f"attention_{device_slug(dev.device_kind)}{suffix}")
 
 
 if __name__ == "__main__":

@@ -36,9 +36,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
+from common import device_name, median, write_results  # noqa: E402
+
 import jax_vattention as jv  # noqa: E402
 import models  # noqa: E402
-from common import device_name, median, write_results  # noqa: E402
 from jax_vattention.hlo import assert_no_cache_copy  # noqa: E402
 from models.testing import assert_same_greedy  # noqa: E402
 
@@ -90,17 +91,17 @@ def main():
     crossings = 2 * cfg.num_layers * sum(-(-(int(n) + N - 1) // tpp) - -(-int(n) // tpp) for n in lens)
     print(f"{tpp} tokens per {cache_cfg.page_bytes // MIB} MiB page: the decode loop maps {crossings} pages "
           "in-graph as rows cross page boundaries", flush=True)
-    run_kw = dict(max_new_tokens=N, stop_tokens=[])
+    params = jv.SamplingParams(max_tokens=N, ignore_eos=True)
     results = {name: [] for name in ("vattention", "premapped", "static")}
     with jv.KVCacheManager(cache_cfg) as m:
         # -- correctness first (untimed runs that also compile): both caches give the same greedy tokens,
         # and the compiled vAttention decode loop copies no cache tensor.
-        first = gen.generate(prompts, m, **run_kw)
+        first = gen.generate(prompts, m, params)
         m.trim()
         for compiled in gen.compiled_programs()["decode"]:
             assert_no_cache_copy(compiled.as_text(), m)
         static = models.static_cache_for(cfg, max_batch=B, max_seq=m.max_seq, dtype="bfloat16")
-        first_static = gen.generate(prompts, static, **run_kw)
+        first_static = gen.generate(prompts, static, params)
         static = first_static.static_cache
         ties = assert_same_greedy(first.tokens, first_static.tokens, prompts, model, tie_tol=0.05,
                                   what="vattention vs static")
@@ -110,11 +111,11 @@ def main():
         for rep in range(args.repeats):
             for name in results:
                 if name == "static":
-                    r = gen.generate(prompts, static, **run_kw)
+                    r = gen.generate(prompts, static, params)
                     static = r.static_cache
                 else:
                     maps0 = m.stats().maps
-                    r = gen.generate(prompts, m, premap=name == "premapped", **run_kw)
+                    r = gen.generate(prompts, m, params, premap=name == "premapped")
                     r.maps = m.stats().maps - maps0
                     m.trim()  # the next run starts with nothing mapped
                 assert [len(t) for t in r.tokens] == [N] * B and r.decode_steps == N - 1

@@ -37,11 +37,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-import models  # noqa: E402
 from common import RESULTS_DIR, device_name, device_slug, write_results  # noqa: E402
+
+import models  # noqa: E402
+from jax_vattention.attention import AttentionSpec  # noqa: E402
 from jax_vattention.engine import LLM, EngineStats, SamplingParams  # noqa: E402
 from jax_vattention.engine.workloads import long_context, sharegpt_like  # noqa: E402
-from models.attention import AttentionSpec  # noqa: E402
 from models.testing import greedy_deficits  # noqa: E402
 
 GIB = 1 << 30
@@ -89,7 +90,8 @@ def occupancy(timeline, budget_bytes: int, full_batch: int, slack_bytes: int) ->
 def markdown(payload: dict) -> str:
     """The report of one run (``payload`` as written to the JSON)."""
     results, ratios, targets, cfg = payload["results"], payload["ratios"], payload["targets"], payload["config"]
-    md = ["| config | req/s | out tok/s | TTFT p50 / p99 (s) | TBT p50 / p99 (ms) | peak batch | peak KV used / physical (GiB) | preempt |",
+    md = ["| config | req/s | out tok/s | TTFT p50 / p99 (s) | TBT p50 / p99 (ms) | peak batch "
+          "| peak KV used / physical (GiB) | preempt |",
           "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         md.append(f"| {name} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.0f} | "
@@ -100,12 +102,14 @@ def markdown(payload: dict) -> str:
         md.append("\nrepeats (out tok/s): " + ", ".join(
             f"{k} {min(v['all_output_tokens_per_s']):.0f}-{max(v['all_output_tokens_per_s']):.0f}"
             for k, v in results.items()))
-    md.append("\nthroughput ratios (output tokens/s, same run): " + ", ".join(f"{k} **{v:.3f}**" for k, v in ratios.items()))
+    md.append("\nthroughput ratios (output tokens/s, same run): "
+              + ", ".join(f"{k} **{v:.3f}**" for k, v in ratios.items()))
     md.append("\ntargets: " + ", ".join(f"{k}: {'PASS' if ok else 'FAIL'}" for k, ok in targets.items()))
     full_batch = max(int(0.95 * cfg["max_batch"]), 1)
     md += ["", f"where the time went (from the step timeline; full batch = {full_batch}+ requests, at budget = KV in "
            "use within one page per tensor of the budget):", "",
-           "| config | time-avg batch | time at full batch | time at KV budget | mean step (ms) | step at full batch (ms) |",
+           "| config | time-avg batch | time at full batch | time at KV budget | mean step (ms) "
+           "| step at full batch (ms) |",
            "|---|---|---|---|---|---|"]
     one_page_per_tensor = 2 * cfg["layers"] * PAGE_BYTES
     for name, r in results.items():
@@ -219,7 +223,8 @@ def main():
                                                                             runs[name]])
         write_results(result_name, dict(results=results, partial=True), "partial: " + ", ".join(results))
         print(f"  {name:22s} {r['requests_per_s']:7.2f} req/s {r['output_tokens_per_s']:9.0f} out tok/s  "
-              f"TTFT p50 {r['ttft_p50_s']:.2f}s  TBT p50 {r['tbt_p50_s'] * 1e3:.1f} ms p99 {r['tbt_p99_s'] * 1e3:.1f} ms"
+              f"TTFT p50 {r['ttft_p50_s']:.2f}s  TBT p50 {r['tbt_p50_s'] * 1e3:.1f} ms "
+              f"p99 {r['tbt_p99_s'] * 1e3:.1f} ms"
               f"  batch<={r['peak_batch']}  KV {r['peak_used_kv_bytes'] / GIB:.2f} GiB  compiled {r['num_compiled']}",
               flush=True)
 

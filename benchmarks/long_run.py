@@ -45,12 +45,13 @@ import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+
 import jax_vattention as jv  # noqa: E402
 import models  # noqa: E402
+from jax_vattention.attention import AttentionSpec  # noqa: E402
 from jax_vattention.engine import LLM  # noqa: E402
 from jax_vattention.engine.workloads import sharegpt_like  # noqa: E402
 from jax_vattention.manager import default_device  # noqa: E402
-from models.attention import AttentionSpec  # noqa: E402
 
 MIB = 1 << 20
 STAT_KEYS = ("reserved_bytes", "mapped_bytes", "physical_bytes", "pages_mapped", "pages_free", "live_slots",

@@ -23,6 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_attention as ba  # noqa: E402
+
 from jax_vattention import attention as attn  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -44,7 +45,7 @@ def sweep(b, ctx, grid, samples, chain):
         op = lambda q_, k_, v_, cfg=cfg: attn.decode_attention(q_, k_, v_, slots, lengths, max_len=ctx, **cfg)  # noqa: E731
         try:
             attn.assert_close(op(q, k, v)[rows], ref, what=str(cfg))
-            t = ba.time_op(lambda: ba.chained(op, ba.distinct_qs(q, chain), (k, v)), samples)
+            t = ba.time_op(lambda op=op: ba.chained(op, ba.distinct_qs(q, chain), (k, v)), samples)
         except Exception as e:  # noqa: BLE001 - an invalid configuration is a result
             print(f"  {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
             continue
@@ -71,7 +72,8 @@ def main():
         res = sorted(sweep(b, ctx, grid, args.samples, args.chain), key=lambda r: r["us"])
         default = next((r for r in res if r["config"] == "default"), None)
         summary[shape] = {"best": res[:3], "default": default, "copy_peak_GBps": copy_peak / 1e9}
-        print(f"== {shape}: best {res[0]}; default {default}; best = {100 * res[0]['GBps'] * 1e9 / copy_peak:.0f}% of copy")
+        print(f"== {shape}: best {res[0]}; default {default}; "
+              f"best = {100 * res[0]['GBps'] * 1e9 / copy_peak:.0f}% of copy")
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "tune_decode.json"), "w") as f:

@@ -55,7 +55,8 @@ class CacheConfig:
         if self.max_seq >= 2**31:
             raise CacheValueError(f"CacheConfig.max_seq must be < 2**31, got {self.max_seq}")
         if self.pool_bytes is not None and (
-            isinstance(self.pool_bytes, bool) or not isinstance(self.pool_bytes, (int, np.integer)) or self.pool_bytes <= 0
+            isinstance(self.pool_bytes, bool) or not isinstance(self.pool_bytes, (int, np.integer))
+            or self.pool_bytes <= 0
         ):
             raise CacheValueError(f"CacheConfig.pool_bytes must be a positive int or None, got {self.pool_bytes!r}")
         name = jnp.dtype(self.dtype).name if _is_dtype(self.dtype) else str(self.dtype)

@@ -31,7 +31,7 @@ class BackendError(VAttentionError):
     """A memory API call (cuMem*, mmap) failed."""
 
 
-ERROR_CLASSES = {
+ERROR_CLASSES: dict[str, type[BaseException]] = {
     cls.__name__: cls
     for cls in (CacheValueError, SlotStateError, PoolExhaustedError, CacheClosedError, BackendError)
 }

@@ -26,6 +26,7 @@ import os
 import threading
 import warnings
 import weakref
+from typing import Any
 
 import jax
 import numpy as np
@@ -142,7 +143,8 @@ class KVCacheManager:
         self.device = device if device is not None else default_device()
         if self.device.platform == "gpu":
             if not _core.cuda_compiled():
-                raise BackendError("this build of jax_vattention has no CUDA backend (nvcc was not found at build time)")
+                raise BackendError(
+                    "this build of jax_vattention has no CUDA backend (nvcc was not found at build time)")
             backend, ordinal = "cuda", self.device.local_hardware_id
         elif self.device.platform == "cpu":
             backend, ordinal = "host", 0
@@ -255,7 +257,7 @@ class KVCacheManager:
         return bool(self._native.allocated(self._check_slot(slot)))
 
     def stats(self) -> CacheStats:
-        s = self._native.stats()
+        s: dict[str, Any] = dict(self._native.stats())
         s["slot_capacity"] = tuple(s["slot_capacity"])
         s["slot_allocated"] = tuple(s["slot_allocated"])
         return CacheStats(**s)
@@ -277,7 +279,8 @@ class KVCacheManager:
         self._check_open()
         if self.backend != "cuda":
             raise CacheValueError("device_mem_info needs the cuda backend")
-        return tuple(int(x) for x in self._native.device_mem_info())
+        free, total = self._native.device_mem_info()
+        return int(free), int(total)
 
     def _inject_failures(self, creates: int = 0, maps: int = 0) -> None:
         """Test-only: make the next ``creates`` page creations / ``maps`` mappings fail."""

@@ -1,27 +1,30 @@
 """Llama-family models (Llama, Mistral, Qwen2) in Flax NNX on the vAttention KV cache.
 
     from models import Generator, load_model, random_model, get_preset
+    from jax_vattention import SamplingParams
     model = load_model("/path/to/hf-dir", dtype="bfloat16")      # or random_model(get_preset("tiny"))
     with jax_vattention.KVCacheManager(cache_config_for(model.config, ...)) as manager:
-        result = Generator(model).generate(prompts, manager, max_new_tokens=64)
+        result = Generator(model).generate(prompts, manager, SamplingParams(max_tokens=64))
+
+The layer above ``jax_vattention``: models implement its protocols (the model is
+a ``jax_vattention.engine.CausalLM`` and calls any ``jax_vattention.cache``
+cache the same way); nothing in ``jax_vattention`` imports this package.
 
 Modules: ``config`` (ModelConfig, presets), ``layers`` (norms, projections,
-RoPE) and ``llama`` (the decoder), ``attention`` (kernels or jnp over the cache), ``static_cache``
-(the XLA-allocated baseline), ``loading`` (HF safetensors), ``sampling``,
-``decode`` (jit programs), ``generate`` (the host loop).
+RoPE) and ``llama`` (the decoder), ``loading`` (HF safetensors), ``decode``
+(jit programs), ``generate`` (the host loop), ``testing`` (comparison helpers).
 """
 
 from __future__ import annotations
 
-from .attention import AttentionSpec
+from jax_vattention.cache import StaticKVCache
+
 from .config import PRESETS, ModelConfig, RopeScaling, get_preset
 from .decode import decode_step, prefill
 from .errors import CheckpointError, GenerationInputError, ModelError, UnknownPresetError, UnsupportedModelError
 from .generate import GenerationResult, Generator, check_requests, generate
 from .llama import LlamaForCausalLM, abstract_model, random_model
 from .loading import load_model, load_tokenizer
-from .sampling import SamplingConfig
-from .static_cache import StaticKVCache
 
 
 def cache_config_for(cfg: ModelConfig, *, max_batch: int, max_seq: int, dtype="bfloat16", **kwargs):
@@ -39,7 +42,6 @@ def static_cache_for(cfg: ModelConfig, *, max_batch: int, max_seq: int, dtype="b
 
 __all__ = [
     "PRESETS",
-    "AttentionSpec",
     "CheckpointError",
     "GenerationInputError",
     "GenerationResult",
@@ -48,8 +50,6 @@ __all__ = [
     "ModelConfig",
     "ModelError",
     "RopeScaling",
-    "SamplingConfig",
-    "StaticKVCache",
     "UnknownPresetError",
     "UnsupportedModelError",
     "abstract_model",

@@ -101,7 +101,7 @@ class ModelConfig:
         archs = hf.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
-            by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+            by_type: dict[object, str] = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}  # model_type: any JSON
             arch = by_type.get(hf.get("model_type")) if not archs else None
         if arch is None:
             raise UnsupportedModelError(

@@ -2,12 +2,17 @@
 
     gen = Generator(model)
     with jv.KVCacheManager(cfg) as manager:
-        result = gen.generate([[1, 2, 3], [4, 5]], manager, max_new_tokens=[16, 8], stop_tokens=[2])
+        result = gen.generate([[1, 2, 3], [4, 5]], manager,
+                              [SamplingParams(max_tokens=16), SamplingParams(max_tokens=8, stop_token_ids=[2])])
 
 ``cache`` is a ``KVCacheManager`` (vAttention: each request gets a slot, its pages
 are mapped by the grow calls inside the compiled prefill and decode programs
 and the slot is freed afterwards) or a ``StaticKVCache`` (the baseline; its
 buffers are donated, ``result.static_cache`` holds them afterwards).
+
+The vocabulary, sampling, prompt checks and bucketing are the serving engine's
+(``jax_vattention.sampling``, ``jax_vattention.inputs``): a request samples the
+same tokens here and in ``jax_vattention.engine.LLM`` for the same seed.
 
 Every request is checked before anything is allocated, so bad input leaves
 nothing mapped. Programs are compiled ahead of time (``lower().compile()``),
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +32,15 @@ import numpy as np
 from flax import nnx
 
 from jax_vattention import KVCacheManager
-from jax_vattention.attention import check_block_fits_pages
+from jax_vattention.attention import AttentionSpec, check_block_fits_pages
+from jax_vattention.cache import StaticKVCache
+from jax_vattention.hlo import check_compiled
+from jax_vattention.inputs import PromptError, bucket, check_prompts
+from jax_vattention.sampling import SamplingParams, SamplingRows, sampling_mode
+from jax_vattention.validation import check_int
 
 from . import decode as dec
-from .attention import AttentionSpec
 from .errors import GenerationInputError, UnsupportedModelError
-from .sampling import SamplingConfig, row_keys
-from .static_cache import StaticKVCache
 
 
 @dataclasses.dataclass
@@ -70,61 +77,43 @@ class GenerationResult:
 
 def _bucket(n: int, cap: int, minimum: int = 16) -> int:
     """``n`` rounded up to a power of two (>= minimum), at most ``cap``: limits recompilation."""
-    return min(max(minimum, 1 << max(0, int(n) - 1).bit_length()), cap)
+    return bucket(n, cap, minimum)
 
 
-def _per_request(value, n: int, what: str) -> list:
-    if isinstance(value, (list, tuple, np.ndarray)):
-        if len(value) != n:
-            raise GenerationInputError(f"{what} has {len(value)} values for {n} prompts")
-        return list(value)
-    return [value] * n
-
-
-def check_requests(prompts, max_new_tokens, *, vocab_size: int, max_seq: int, max_batch: int,
-                   sliding_window: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
-    """Validate prompts and budgets before anything is allocated; returns (prompts, max_new [B])."""
-    if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
-        prompts = [prompts]
-    if not isinstance(prompts, (list, tuple, np.ndarray)) or len(prompts) == 0:
-        raise GenerationInputError("prompts must be a non-empty list of token-id sequences")
-    if len(prompts) > max_batch:
-        raise GenerationInputError(f"{len(prompts)} prompts exceed the cache's max_batch={max_batch}")
-    out = []
-    for i, p in enumerate(prompts):
-        arr = np.asarray(p)
-        if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-            raise GenerationInputError(f"prompt {i} must be a non-empty 1-D sequence of token ids, got {p!r:.80}")
-        if arr.min() < 0 or arr.max() >= vocab_size:
-            raise GenerationInputError(f"prompt {i} has token ids outside [0, vocab_size={vocab_size})")
-        if arr.size > max_seq:
-            raise GenerationInputError(f"prompt {i} has {arr.size} tokens, longer than max_seq={max_seq}")
-        out.append(arr.astype(np.int32))
-    budgets = _per_request(max_new_tokens, len(out), "max_new_tokens")
-    for i, m in enumerate(budgets):
-        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m <= 0:
-            raise GenerationInputError(f"max_new_tokens must be a positive int, got {m!r} for prompt {i}")
-        need = out[i].size + int(m) - 1  # the last sampled token is never written
+def check_requests(prompts, params, *, vocab_size: int, max_seq: int, max_batch: int,
+                   sliding_window: int | None = None) -> tuple[list[np.ndarray], list[SamplingParams]]:
+    """Validate prompts and their ``SamplingParams`` before anything is allocated."""
+    try:
+        out = check_prompts(prompts, vocab_size)
+    except PromptError as e:
+        raise GenerationInputError(str(e)) from None
+    if len(out) > max_batch:
+        raise GenerationInputError(f"{len(out)} prompts exceed the cache's max_batch={max_batch}")
+    if isinstance(params, SamplingParams):
+        params = [params] * len(out)
+    if not isinstance(params, (list, tuple)) or len(params) != len(out):
+        raise GenerationInputError(f"give one SamplingParams or one per prompt ({len(out)}), got {params!r:.80}")
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise GenerationInputError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
+        if out[i].size > max_seq:
+            raise GenerationInputError(f"prompt {i} has {out[i].size} tokens, longer than max_seq={max_seq}")
+        need = out[i].size + p.max_tokens - 1  # the last sampled token is never written
         if need > max_seq:
             raise GenerationInputError(
-                f"prompt {i}: {out[i].size} prompt tokens + max_new_tokens={m} need {need} cache tokens, "
+                f"prompt {i}: {out[i].size} prompt tokens + max_tokens={p.max_tokens} need {need} cache tokens, "
                 f"more than max_seq={max_seq}")
         if sliding_window is not None and need > sliding_window:
             raise UnsupportedModelError(
                 f"prompt {i} needs {need} tokens of context, beyond the model's sliding_window={sliding_window} "
                 "(sliding-window attention is not implemented)")
-    return out, np.asarray(budgets, np.int32)
+    return out, [p.seeded() for p in params]
 
 
-def _stop_matrix(stop_tokens, n: int, default: Sequence[int]) -> np.ndarray:
-    if stop_tokens is None:
-        rows = [list(default)] * n
-    elif len(stop_tokens) and isinstance(stop_tokens[0], (list, tuple, np.ndarray)):
-        rows = [list(s) for s in _per_request(list(stop_tokens), n, "stop_tokens")]
-    else:
-        rows = [list(stop_tokens)] * n
+def _stop_matrix(params: Sequence[SamplingParams], eos: Sequence[int]) -> np.ndarray:
+    rows = [p.stop_ids(eos) for p in params]
     width = max(1, max(len(r) for r in rows))
-    mat = np.full((n, width), -1, np.int32)
+    mat = np.full((len(rows), width), -1, np.int32)
     for i, r in enumerate(rows):
         mat[i, : len(r)] = r
     return mat
@@ -159,7 +148,7 @@ class Generator:
             lead = (self.graphdef,) if model else ()
             compiled = jitted.lower(*lead, *args, **static).compile()
             if manager is not None and self.check_copies:
-                dec.check_compiled(compiled.as_text(), manager, strict=name == "decode")
+                check_compiled(compiled.as_text(), manager, strict=name == "decode")
             hit = self._compiled[key] = (compiled, time.perf_counter() - t0)
             self._compile_seconds += hit[1]
         return hit[0]
@@ -176,21 +165,18 @@ class Generator:
         return spec
 
     # -- generation --------------------------------------------------------
-    def generate(self, prompts, cache, *, max_new_tokens, stop_tokens=None, sampling: SamplingConfig = SamplingConfig(),
-                 key=None, row_seeds=None, prefill_chunk: int | None = None, decode_chunk: int | None = None,
-                 progress: bool = False, premap: bool = False) -> GenerationResult:
+    def generate(self, prompts, cache, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
+                 prefill_chunk: int | None = None, decode_chunk: int | None = None, progress: bool = False,
+                 premap: bool = False) -> GenerationResult:
         """Generate for every prompt; see the module docstring.
 
         Args:
           prompts: list of token-id sequences (ragged).
           cache: ``KVCacheManager`` or ``StaticKVCache``.
-          max_new_tokens: int or one per prompt (>= 1).
-          stop_tokens: ids that end a request (one list for all, or one list per
-            prompt); default the config's eos ids. The stop token is returned.
-          sampling: greedy by default; temperature / top-k / top-p otherwise.
-          key: PRNG key (default ``jax.random.key(0)``); ``row_seeds`` (default
-            ``range(B)``) derive each request's key, so a request samples the same
-            tokens alone or batched.
+          params: one ``SamplingParams`` for all prompts or one per prompt: ``max_tokens``,
+            ``stop_token_ids`` (plus the model's EOS unless ``ignore_eos``; the stop token is
+            returned), greedy / temperature / top-k / top-p, and ``seed``: a request samples
+            the same tokens alone or batched, and as in the serving engine.
           prefill_chunk: prefill at most this many tokens per row per program call.
           decode_chunk: decode steps per program call (default: all in one call);
             the host checks progress between calls, never per token.
@@ -220,23 +206,23 @@ class Generator:
             raise GenerationInputError(
                 f"cache shape (layers, kv_heads, head_dim)={shape} does not fit the model "
                 f"{(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)}")
-        prompts, max_new = check_requests(prompts, max_new_tokens, vocab_size=cfg.vocab_size, max_seq=max_seq,
-                                          max_batch=max_batch, sliding_window=cfg.sliding_window)
-        if not isinstance(sampling, SamplingConfig):
-            raise GenerationInputError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+        prompts, params = check_requests(prompts, params, vocab_size=cfg.vocab_size, max_seq=max_seq,
+                                         max_batch=max_batch, sliding_window=cfg.sliding_window)
+        for name, value in (("prefill_chunk", prefill_chunk), ("decode_chunk", decode_chunk)):
+            if value is not None:
+                check_int(name, value, low=1, error=GenerationInputError)
         n = len(prompts)
         if n > free:
             raise GenerationInputError(f"{n} prompts but only {free} free slots in the cache")
         lens = np.array([p.size for p in prompts], np.int32)
-        stop_ids = jnp.asarray(_stop_matrix(stop_tokens, n, cfg.eos_token_ids))
+        max_new = np.array([p.max_tokens for p in params], np.int32)
+        stop_ids = jnp.asarray(_stop_matrix(params, cfg.eos_token_ids))
         spec = self._spec(dtype, platform, _bucket(int((lens + max_new - 1).max()), max_seq), manager)
         width = _bucket(int(lens.max()), max_seq, minimum=8)
         if prefill_chunk is not None:
-            if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk <= 0:
-                raise GenerationInputError(f"prefill_chunk must be a positive int, got {prefill_chunk!r}")
-            width = min(width, prefill_chunk)
-        seeds = np.arange(n) if row_seeds is None else np.asarray(row_seeds)
-        keys = row_keys(jax.random.key(0) if key is None else key, jnp.asarray(seeds, jnp.uint32))
+            width = min(width, int(prefill_chunk))
+        sampling = SamplingRows.of(params, [0] * n)
+        mode = sampling_mode(params)
         self._compile_seconds = 0.0
 
         slots = []
@@ -249,7 +235,7 @@ class Generator:
                 kv = manager.cache(slots, np.zeros(n, np.int32))
             else:
                 kv = cache.with_rows(np.arange(n), np.zeros(n, np.int32))
-            return self._run(kv, manager, prompts, lens, max_new, stop_ids, keys, spec, sampling, width,
+            return self._run(kv, manager, prompts, lens, max_new, stop_ids, sampling, mode, spec, width,
                              decode_chunk, progress, max_seq, itemsize, slots)
         except BaseException:
             if manager is not None and slots and not manager.closed:
@@ -263,11 +249,11 @@ class Generator:
                 for s in slots:
                     manager.free(s)
 
-    def _run(self, kv, manager, prompts, lens, max_new, stop_ids, keys, spec, sampling, width, decode_chunk,
+    def _run(self, kv, manager, prompts, lens, max_new, stop_ids, sampling, mode, spec, width, decode_chunk,
              progress, max_seq, itemsize, slots):
         cfg = self.config
         n = len(prompts)
-        prefill_fn, decode_fn = dec.programs(manager is None)
+        prefill_fn, decode_fn = dec.programs(kv.donates)
         padded = np.zeros((n, -(-int(lens.max()) // width) * width), np.int32)
         for i, p in enumerate(prompts):
             padded[i, : p.size] = p
@@ -278,20 +264,20 @@ class Generator:
             counts = np.minimum(remaining, width).astype(np.int32)
             remaining -= counts
             chunks.append((jnp.asarray(padded[:, off: off + width]), jnp.asarray(counts)))
-        suffix = "" if manager is not None else "_static"
+        suffix = "_static" if kv.donates else ""
         prefill_c = self._compile("prefill" + suffix, prefill_fn, manager, dict(attn=spec), self.params, kv,
                                   *chunks[0], logits)
 
         out_len = _bucket(int(max_new.max()), 1 << 30, minimum=8)  # buffer width: few distinct shapes
         max_new_d = jnp.asarray(max_new)
-        start_c = self._compile("start", dec.start_program, None, dict(out_len=out_len, sampling=sampling),
-                                logits, keys, max_new_d, stop_ids, model=False)
+        start_c = self._compile("start", dec.start_program, None, dict(out_len=out_len, mode=mode),
+                                logits, sampling, max_new_d, stop_ids, model=False)
 
         t0 = time.perf_counter()
         for tokens, counts in chunks:
             logits, exported = prefill_c(self.params, kv, tokens, counts, logits)
-            kv = dec.import_cache(kv, exported)
-        carry = start_c(logits, keys, max_new_d, stop_ids)
+            kv = kv.restore(exported)
+        carry = start_c(logits, sampling, max_new_d, stop_ids)
         jax.block_until_ready(carry)
         prefill_s = time.perf_counter() - t0
 
@@ -299,15 +285,15 @@ class Generator:
         chunk = total if not decode_chunk else int(decode_chunk)
         decode_s, step = 0.0, 0
         if total > 0 and not bool(carry.done.all()):
-            static = dict(attn=spec, sampling=sampling)
-            args = (self.params, kv, carry, jnp.int32(0), max_new_d, stop_ids, keys)
+            static = dict(attn=spec, mode=mode)
+            args = (self.params, kv, carry, jnp.int32(0), max_new_d, stop_ids, sampling)
             decode_c = self._compile("decode" + suffix, decode_fn, manager, static, *args)
             bar = _progress_bar(total, progress)
             t0 = time.perf_counter()
             while step < total:
                 end = min(step + chunk, total)
-                carry, exported = decode_c(self.params, kv, carry, jnp.int32(end), max_new_d, stop_ids, keys)
-                kv = dec.import_cache(kv, exported)
+                carry, exported = decode_c(self.params, kv, carry, jnp.int32(end), max_new_d, stop_ids, sampling)
+                kv = kv.restore(exported)
                 new_step, all_done = int(carry.step), bool(carry.done.all())  # one sync per chunk
                 if bar is not None:
                     bar.update(new_step - step)
@@ -321,8 +307,8 @@ class Generator:
 
         out, n_gen = np.asarray(carry.out), np.asarray(carry.n_gen)
         stops = np.asarray(stop_ids)
-        tokens = [out[i, : n_gen[i]].tolist() for i in range(n)]
-        reasons = ["stop" if t and t[-1] in stops[i] else "length" for i, t in enumerate(tokens)]
+        generated = [out[i, : n_gen[i]].tolist() for i in range(n)]
+        reasons = ["stop" if t and t[-1] in stops[i] else "length" for i, t in enumerate(generated)]
         cache_lengths = np.asarray(kv.lengths).tolist()
         mapped = capacity = None
         if manager is not None:
@@ -331,7 +317,7 @@ class Generator:
             capacity = [manager.capacity(s) for s in slots]
         per_token = cfg.kv_bytes_per_token(itemsize)
         return GenerationResult(
-            tokens=tokens, finish_reasons=reasons, prompt_lengths=lens.tolist(), cache_lengths=cache_lengths,
+            tokens=generated, finish_reasons=reasons, prompt_lengths=lens.tolist(), cache_lengths=cache_lengths,
             slot_capacity=capacity, prefill_seconds=prefill_s, decode_seconds=decode_s,
             compile_seconds=self._compile_seconds, decode_steps=step, mapped_bytes=mapped,
             needed_bytes=sum(cache_lengths) * per_token, static_bytes=n * max_seq * per_token,
@@ -347,7 +333,8 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="step", desc="decode", leave=False)
 
 
-def generate(model, prompts, cache, **kwargs) -> GenerationResult:
-    """One-shot ``Generator(model).generate(prompts, cache, **kwargs)`` (compiles every call)."""
+def generate(model, prompts, cache, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+             **kwargs) -> GenerationResult:
+    """One-shot ``Generator(model).generate(prompts, cache, params, **kwargs)`` (compiles every call)."""
     attn = kwargs.pop("attn", AttentionSpec())
-    return Generator(model, attn=attn).generate(prompts, cache, **kwargs)
+    return Generator(model, attn=attn).generate(prompts, cache, params, **kwargs)

@@ -5,11 +5,13 @@ The cache is an argument, never module state::
     cache = cache.grow(cache.lengths + counts)       # back the new tokens (maps pages in-graph)
     logits, cache = model(tokens, positions, cache)  # writes K/V of the pending tokens, attends
 
-``tokens``/``positions`` are ``[B, T]``; row b's first ``cache.state.num_new[b]``
+``tokens``/``positions`` are ``[B, T]``; row b's first ``cache.num_new[b]``
 tokens are real (the ones ``grow`` made pending), the rest padding. ``cache`` is
-a ``jax_vattention.KVCache`` (vAttention: writes through the FFI call, returns
-the same views) or a ``StaticKVCache`` (functional writes, returns new
-buffers), or ``None`` for a plain causal forward over ``tokens``.
+any ``jax_vattention.cache.KVCacheLike`` (the vAttention cache writes through
+the FFI call and returns the same views; the static and paged baselines write
+functionally and return new buffers), called the same way for each, or
+``None`` for a plain causal forward over ``tokens``. The model implements
+``jax_vattention.engine.CausalLM`` (``forward_segments``).
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_vattention import KVCache
+from jax_vattention.attention import AttentionSpec, dense_causal_attention
 
-from .attention import AttentionSpec, cache_attention, dense_causal_attention
 from .config import ModelConfig
 from .layers import MLP, Embed, Linear, RMSNorm, apply_rope, model_inverse_frequencies
 
@@ -30,30 +31,6 @@ from .layers import MLP, Embed, Linear, RMSNorm, apply_rope, model_inverse_frequ
 @functools.lru_cache(maxsize=64)
 def _inv_freq(cfg: ModelConfig):
     return model_inverse_frequencies(cfg)
-
-
-def write_kv(cache, layer: int, k: jax.Array, v: jax.Array):
-    """Store the pending tokens' K/V in ``layer``; returns ``(lengths [B], cache)``.
-
-    The lengths come out of the write (the FFI call for a vAttention cache) and
-    are what the attention must read with, so reads are ordered after it.
-    Static and paged caches write functionally and return new buffers.
-    """
-    if isinstance(cache, KVCache):
-        return cache.write(layer, k, v), cache
-    return cache.write(layer, k, v)
-
-
-def attend_cache(cache, layer: int, q, lengths, attn: AttentionSpec):
-    """Attention of the pending tokens ``q [B, T, Hq, D]`` over the cache (after their write)."""
-    if hasattr(cache, "attention"):  # a paged cache brings its own kernel (block tables)
-        return cache.attention(layer, q, lengths, cache.state.num_new, attn)
-    return cache_attention(q, cache.k[layer], cache.v[layer], cache.slots, lengths, cache.state.num_new, attn)
-
-
-def select_rows(cache, r0: int, r1: int):
-    """The same cache buffers serving rows ``[r0, r1)`` only (every per-row leaf of the state is sliced)."""
-    return cache.with_state(jax.tree.map(lambda a: a[r0:r1], cache.state))
 
 
 class Attention(nnx.Module):
@@ -87,8 +64,8 @@ class Attention(nnx.Module):
             o = dense_causal_attention(q, k, v)  # [B, T, Hq, D]
         else:
             dtype = cache.k[self.layer].dtype
-            lengths, cache = write_kv(cache, self.layer, k.astype(dtype), v.astype(dtype))
-            o = attend_cache(cache, self.layer, q, lengths, attn)  # [B, T, Hq, D], reads below lengths only
+            lengths, cache = cache.write(self.layer, k.astype(dtype), v.astype(dtype))
+            o = cache.attention(self.layer, q, lengths, attn)  # [B, T, Hq, D], reads below lengths only
         return self.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(x.dtype)), cache
 
     def _segmented(self, x, positions, cache, attn: AttentionSpec, segments):
@@ -106,12 +83,12 @@ class Attention(nnx.Module):
         state, outs, off = cache.state, [], 0
         for r0, r1, t in segments:
             rows, m = r1 - r0, (r1 - r0) * t
-            part = select_rows(cache, r0, r1)
+            part = cache.select_rows(r0, r1)
             ks = k[off:off + m].reshape(rows, t, cfg.num_kv_heads, cfg.head_dim).astype(dtype)
             vs = v[off:off + m].reshape(rows, t, cfg.num_kv_heads, cfg.head_dim).astype(dtype)
-            lengths, part = write_kv(part, self.layer, ks, vs)
+            lengths, part = part.write(self.layer, ks, vs)
             qs = q[off:off + m].reshape(rows, t, cfg.num_heads, cfg.head_dim)
-            outs.append(attend_cache(part, self.layer, qs, lengths, attn).reshape(m, cfg.num_heads * cfg.head_dim))
+            outs.append(part.attention(self.layer, qs, lengths, attn).reshape(m, cfg.num_heads * cfg.head_dim))
             cache = part.with_state(state)  # the (possibly new) buffers serve every row again
             off += m
         o = jnp.concatenate(outs) if len(outs) > 1 else outs[0]  # [N, Hq * D]

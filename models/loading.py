@@ -18,6 +18,7 @@ import functools
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,7 @@ def load_model(directory: str | Path, *, dtype="float32", config: ModelConfig | 
     files = checkpoint_files(directory)
     graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=dtype))
     flat = nnx.to_flat_state(abstract_state)
-    handles: dict[Path, object] = {}
+    handles: dict[Path, Any] = {}  # safetensors handles
     wanted = set()
     loaded = []
     for path, var in flat:

@@ -24,8 +24,8 @@ for step in "$@"; do
   case "$step" in
     tests) python3 -m pytest -q -ra tests > "$OUT/tests.log" 2>&1 || status=1; summary "$OUT/tests.log" 30 ;;
     gpu-tests) python3 -m pytest -q -ra --durations=12 -m gpu tests > "$OUT/gpu_tests.log" 2>&1 || status=1; summary "$OUT/gpu_tests.log" 30 ;;
-    demo) python3 -m jax_vattention.cli demo 2>&1 | tail -20 ;;
-    generate) python3 -m jax_vattention.cli generate 2>&1 | tail -20 ;;
+    demo) python3 -m jax_vattention_cli demo 2>&1 | tail -20 ;;
+    generate) python3 -m jax_vattention_cli generate 2>&1 | tail -20 ;;
     bench-alloc) python3 benchmarks/bench_alloc.py > "$OUT/bench_alloc.log" 2>&1 || status=1; summary "$OUT/bench_alloc.log" ;;
     bench-alloc-quick) python3 benchmarks/bench_alloc.py --quick > "$OUT/bench_alloc.log" 2>&1 || status=1; summary "$OUT/bench_alloc.log" ;;
     bench-attention) python3 benchmarks/bench_attention.py > "$OUT/bench_attention.log" 2>&1 || status=1; summary "$OUT/bench_attention.log" 40 ;;

@@ -13,7 +13,7 @@ the problem, the process survives, and the token already cached in slot 0
 | 13-18 | ops.grow / ops.write | rank, dtype, row count, head shape, cache dtype, layer out of range | CacheValueError |
 | 19-21 | in jit | write past capacity, grow of a free slot, grow past the budget | JaxRuntimeError naming the class |
 | 22-24 | attention | q rank, group not dividing, slots dtype | ValueError |
-| 25-28 | models | unknown preset, missing checkpoint dir, corrupt safetensors, max_new_tokens <= 0 | ModelError subclasses |
+| 25-28 | models | unknown preset, missing model dir, corrupt safetensors, max_tokens <= 0 | ModelError subclasses |
 | 29-30 | CLI | unknown option, prompt longer than max_seq | exit code 2 with a message |
 | 31-33 | engine | empty prompt, prompt + max_tokens > max_seq, SamplingParams(top_p=0) | ValueError |
 
@@ -89,7 +89,8 @@ def ops_cases():
         (lambda m: jv.grow(m, i32(0)[None], i32(5)[None]), jv.CacheValueError, "shape"),
         (lambda m: jv.grow(m, jnp.array([0.0]), i32(5)), jv.CacheValueError, "int32"),
         (lambda m: jv.write(m, 0, kv(2), kv(2), i32(0), i32(0), i32(1)), jv.CacheValueError, "rows"),
-        (lambda m: jv.write(m, 0, kv(h=3), kv(h=3), i32(0), i32(0), i32(1)), jv.CacheValueError, r"k_new must be \[B, T, 2, 16\]"),
+        (lambda m: jv.write(m, 0, kv(h=3), kv(h=3), i32(0), i32(0), i32(1)), jv.CacheValueError,
+         r"k_new must be \[B, T, 2, 16\]"),
         (lambda m: jv.write(m, 0, kv(dtype=jnp.bfloat16), kv(dtype=jnp.bfloat16), i32(0), i32(0), i32(1)),
          jv.CacheValueError, "float32"),
         (lambda m: jv.write(m, 2, kv(), kv(), i32(0), i32(0), i32(1)), jv.CacheValueError, "layer"),
@@ -134,19 +135,20 @@ def model_cases(tmp_path_factory):
     def generate_zero_tokens(m):
         cache_cfg = models.cache_config_for(tiny_cfg, max_batch=1, max_seq=64, dtype="float32")
         with jv.KVCacheManager(cache_cfg) as own:
-            models.Generator(tiny).generate([[1, 2]], own, max_new_tokens=0)
+            models.Generator(tiny).generate([[1, 2]], own, jv.SamplingParams(max_tokens=0))
     return [
         (lambda m: models.get_preset("llama-9000"), models.UnknownPresetError, "llama-9000"),
-        (lambda m: models.load_model(corrupt.parent / "missing-dir"), models.CheckpointError, "missing|not found|exist"),
+        (lambda m: models.load_model(corrupt.parent / "missing-dir"), models.CheckpointError,
+         "missing|not found|exist"),
         (lambda m: models.load_model(corrupt), models.CheckpointError, "safetensors|corrupt|read"),
-        (generate_zero_tokens, models.GenerationInputError, "max_new_tokens"),
+        (generate_zero_tokens, ValueError, "max_tokens"),
     ]
 
 
 def cli_cases():
     def cli(*argv):
         def run(m):
-            proc = subprocess.run([sys.executable, "-m", "jax_vattention.cli", *argv], capture_output=True, text=True,
+            proc = subprocess.run([sys.executable, "-m", "jax_vattention_cli", *argv], capture_output=True, text=True,
                                   env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, timeout=300)
             raise SystemExit(proc.returncode, proc.stderr)
 

@@ -6,9 +6,9 @@ import pytest
 
 pytest.importorskip("flax")
 import models  # noqa: E402
+from jax_vattention.attention import AttentionSpec  # noqa: E402
 from jax_vattention.engine import SamplingParams  # noqa: E402
 from jax_vattention.engine.llm import LLM  # noqa: E402
-from models.attention import AttentionSpec  # noqa: E402
 from models.testing import assert_same_greedy  # noqa: E402
 
 REF = AttentionSpec(impl="reference")
@@ -82,7 +82,7 @@ def test_overlapped_allocation_maps_the_next_decode_during_the_step(model):
             sched, maps_in_schedule = llm.scheduler, []
             schedule = sched.schedule
 
-            def counted_schedule():
+            def counted_schedule(schedule=schedule, maps_in_schedule=maps_in_schedule):
                 before = llm.manager.stats().maps
                 out = schedule()
                 if out.decodes and not out.prefills:
@@ -103,7 +103,7 @@ def test_engine_matches_full_forward(model, kv_cache):
     from models.testing import greedy_deficits
 
     if kv_cache == "paged":
-        pytest.importorskip("models.paged_cache")
+        pytest.importorskip("flax")
     rng = np.random.default_rng(21)
     ps = [rng.integers(0, model.config.vocab_size, size=37).tolist() for _ in range(5)]  # 3 chunks of 16
     sp = SamplingParams(max_tokens=9)
@@ -165,7 +165,8 @@ def test_warmup_compiles_every_shape_a_run_uses(model):
     with LLM(model, max_batch=4, max_seq=128, attn=REF, page_bytes=4096, token_budget=32, chunk_size=16,
              max_prefill_rows=2, min_decode_bucket=2, min_prefill_bucket=8) as llm:
         shapes = llm.step_shapes()
-        assert len(shapes) == len(set(shapes)) == 2 + 3 * 2 * 2  # decode {2, 4}; x (none, 2, 4) x rows {1, 2} x T {8, 16}
+        # decode {2, 4}; x (none, 2, 4) x rows {1, 2} x T {8, 16}
+        assert len(shapes) == len(set(shapes)) == 2 + 3 * 2 * 2
         llm.warmup()
         assert llm.num_compiled == len(shapes)
         llm.generate(ps, SamplingParams(max_tokens=6))
@@ -176,18 +177,17 @@ def test_warmup_compiles_every_shape_a_run_uses(model):
 def test_engine_step_has_no_effects_and_keeps_every_write(model):
     """Host-mapped caches write through pure calls: the step is effect-free (jax's fast dispatch path), and XLA
     still keeps one write per layer and row group, because attention reads with the lengths each write returns."""
-    from flax import nnx
+    from jax_vattention.engine.model_runner import StepInputs
 
     with LLM(model, max_batch=4, max_seq=128, attn=REF, page_bytes=4096) as llm:
         slot = llm.manager.allocate(8)
         cache = llm.pool.cache(np.full(4, slot, np.int32), np.zeros(4, np.int32), np.array([1, 1, 0, 0], np.int32))
-        gd, params = nnx.split(model)
+        runner = llm.runner
         segments = ((0, 2, 1), (2, 4, 8))
-        args = (gd, params, cache, np.zeros(10 + 8, np.int32), np.zeros(18, np.int32), np.zeros(4, np.int32),
-                np.zeros(4, np.float32), np.zeros(4, np.int32), np.ones(4, np.float32), np.zeros(4, np.int32),
-                np.zeros(4, np.int32))
-        args = args[:3] + (np.zeros(2 + 2 * 8, np.int32), np.zeros(18, np.int32)) + args[5:]
-        traced = llm._step.trace(*args, segments=segments, mode="greedy")
+        inputs = StepInputs.padding(segments)
+        assert inputs.tokens.shape == (2 + 2 * 8,) and inputs.logit_index.shape == (4,)
+        traced = runner._jit(cache.donates).trace(runner.graphdef, runner.params, cache, inputs, segments=segments,
+                                                  mode="greedy")
         assert not traced.jaxpr.effects
         hlo = traced.lower().compile().as_text()
         assert hlo.count('custom_call_target="vattn_write"') == model.config.num_layers * len(segments)

@@ -45,11 +45,10 @@ import pytest
 
 pytest.importorskip("flax")
 import models  # noqa: E402
+from jax_vattention.attention import AttentionSpec  # noqa: E402
 from jax_vattention.engine import SamplingParams  # noqa: E402
 from jax_vattention.engine.llm import LLM  # noqa: E402
 from jax_vattention.engine.request import Status  # noqa: E402
-from jax_vattention.errors import BackendError  # noqa: E402
-from models.attention import AttentionSpec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,8 +93,9 @@ class FaultHarness:
     """Arms injected faults at chosen points of a run and counts those that fire.
 
     Wraps (on the instances only) the pool's ``grow`` / ``allocate`` (count the
-    ``BackendError``s that reach the engine; per-request "poisoned" mappings),
-    the scheduler's ``schedule`` and the engine's ``_map_ahead`` (faults armed
+    backend faults they report to the engine as typed results; per-request
+    "poisoned" mappings), the scheduler's ``schedule`` and the engine's
+    map-ahead pass (``llm.map_ahead._map``; faults armed
     for one scheduling pass or one map-ahead pass, disarmed after it, so they
     land where intended). Wrapping changes no behaviour.
     """
@@ -105,9 +105,10 @@ class FaultHarness:
         self.poisoned: set[int] = set()  # request ids whose every page mapping fails
         self.plan: dict[tuple[int, str], tuple[int, int]] = {}  # (step, "schedule"|"map_ahead") -> (creates, maps)
         self.step_no = 0
-        self.fired = 0  # BackendErrors raised to the engine (each is one injected fault that fired)
+        self.fired = 0  # backend faults reported to the engine (each is one injected fault that fired)
         self.fired_in_map_ahead = 0
-        grow, allocate, schedule, map_ahead = self.pool.grow, self.pool.allocate, self.sched.schedule, llm._map_ahead
+        grow, allocate, schedule = self.pool.grow, self.pool.allocate, self.sched.schedule
+        map_ahead = llm.map_ahead._map
 
         def counted(fn, who):
             def call(*args):
@@ -116,13 +117,14 @@ class FaultHarness:
                 if armed:
                     self.m._inject_failures(maps=1)
                 try:
-                    return fn(*args)
-                except BackendError:
-                    self.fired += 1
-                    raise
+                    out = fn(*args)
                 finally:
                     if armed:
                         self.m._inject_failures(0, 0)
+                result = getattr(out, "result", out)  # an Allocation carries its GrowResult
+                if result.fault is not None:
+                    self.fired += 1
+                return out
             return call
 
         self.pool.grow = counted(grow, lambda slot, tokens: next((r for r in self.sched.running if r.slot == slot),
@@ -139,7 +141,7 @@ class FaultHarness:
                 map_ahead(chunks)
             self.fired_in_map_ahead += self.fired - before
 
-        self.sched.schedule, llm._map_ahead = armed_schedule, armed_map_ahead
+        self.sched.schedule, llm.map_ahead._map = armed_schedule, armed_map_ahead
 
     @contextlib.contextmanager
     def armed(self, where):
@@ -417,7 +419,7 @@ import jax, jax.numpy as jnp, numpy as np
 import models
 from jax_vattention.engine import SamplingParams
 from jax_vattention.engine.llm import LLM
-from models.attention import AttentionSpec
+from jax_vattention.attention import AttentionSpec
 
 model = models.random_model(models.get_preset("tiny"), seed=1, dtype=jnp.float32, init_std=0.2)
 rng = np.random.default_rng(0)

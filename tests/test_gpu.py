@@ -111,7 +111,8 @@ def test_grow_and_write_in_fori_loop_land_in_vmm_memory():
                     got_k = token_bytes_at(m, layer, 0, slot, lengths[b] + i)
                     got_v = token_bytes_at(m, layer, 1, slot, lengths[b] + i)
                     np.testing.assert_array_equal(got_k, want)
-                    np.testing.assert_array_equal(got_v, np.asarray(-(kv0[b] + i).astype(jnp.bfloat16)).view(np.uint8).ravel())
+                    np.testing.assert_array_equal(
+                        got_v, np.asarray(-(kv0[b] + i).astype(jnp.bfloat16)).view(np.uint8).ravel())
         assert m.capacity(slots[2]) >= starts[2] + 20
 
 
@@ -210,7 +211,8 @@ def test_write_past_capacity_is_refused_on_device_and_reported():
         before = token_bytes_at(m, 0, 0, b, 3)
         cap = m.capacity(a)
         bad = jnp.ones((1, 1, 2, 128), jnp.bfloat16)
-        out = jv.ops.write(m, 0, bad, bad, jnp.array([a], jnp.int32), jnp.array([cap], jnp.int32), jnp.array([1], jnp.int32))
+        out = jv.ops.write(m, 0, bad, bad, jnp.array([a], jnp.int32), jnp.array([cap], jnp.int32),
+                           jnp.array([1], jnp.int32))
         out.block_until_ready()
         with pytest.raises(jv.CacheValueError, match="refused"):
             m.check_device_errors()

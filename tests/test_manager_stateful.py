@@ -85,8 +85,9 @@ class CacheMachine(RuleBasedStateMachine):
         self.shadow: dict[tuple[int, int, int], float] = {}  # (slot, layer, pos) -> value
         self.next_value = 1.0
         self.ranges = [
-            (self.m._native.tensor_address(l, kv), self.m._native.tensor_address(l, kv) + CFG.max_batch * self.m._native.slot_bytes)
-            for l in range(CFG.num_layers) for kv in (0, 1)
+            (self.m._native.tensor_address(layer, kv),
+             self.m._native.tensor_address(layer, kv) + CFG.max_batch * self.m._native.slot_bytes)
+            for layer in range(CFG.num_layers) for kv in (0, 1)
         ]
         self.steps = 0
 
@@ -182,7 +183,8 @@ class CacheMachine(RuleBasedStateMachine):
         got = self.m.trim(max_pages, release_physical=release)
         after = self.m.stats()
         assert before.pages_mapped - after.pages_mapped == got
-        assert after.pages_mapped - after.pages_mapped_free_slots == before.pages_mapped - before.pages_mapped_free_slots
+        assert (after.pages_mapped - after.pages_mapped_free_slots
+                == before.pages_mapped - before.pages_mapped_free_slots)
         if release:
             assert after.pages_free == 0
 

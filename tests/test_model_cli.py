@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("flax", reason="models needs flax (pip install -e .)")
 pytest.importorskip("safetensors", reason="models needs safetensors (pip install -e .)")
 
-from jax_vattention.cli import main
+from jax_vattention_cli.main import main
 
 DATA = Path(__file__).parent / "data"
 PARITY = np.load(DATA / "hf_parity.npz")
@@ -33,7 +33,7 @@ def generated_ids(out: str) -> list[list[int]]:
 
 
 def test_default_tiny_preset_runs(capsys):
-    rc, out, err = run(capsys, "--max-new-tokens", "6", "--num-prompts", "3", "--prompt-len", "20")
+    rc, out, err = run(capsys, "--max-tokens", "6", "--num-prompts", "3", "--prompt-len", "20")
     assert rc == 0, err
     assert "preset 'tiny', random weights" in out
     assert "[0] prompt 20 tokens -> 6 new (length)" in out
@@ -49,7 +49,7 @@ def test_default_tiny_preset_runs(capsys):
 def test_hf_checkpoint_matches_transformers_greedy(capsys):
     prompt = " ".join(str(t) for t in PARITY["llama_gen_prompt"][0])
     want = PARITY["llama_gen_tokens"].tolist()
-    rc, out, err = run(capsys, "--model", str(DATA / "hf_llama"), "--prompt-ids", prompt, "--max-new-tokens",
+    rc, out, err = run(capsys, "--model", str(DATA / "hf_llama"), "--prompt-ids", prompt, "--max-tokens",
                        str(len(want)), "--ignore-eos")
     assert rc == 0, err
     assert "LlamaForCausalLM" in out and "float32 on cpu" in out
@@ -71,19 +71,19 @@ def test_text_prompts_with_tokenizer(tmp_path, capsys):
     shutil.copytree(DATA / "hf_llama", d)
     make_tokenizer(d, 128)
     rc, out, err = run(capsys, "--model", str(d), "--prompt", "w5 w17 w99", "--prompt", "w3",
-                       "--max-new-tokens", "5", "--ignore-eos")
+                       "--max-tokens", "5", "--ignore-eos")
     assert rc == 0, err
     texts = re.findall(r"new \(length\): '(.*)'", out)
     assert len(texts) == 2 and all(re.fullmatch(r"(w\d+ ?){5}", t) for t in texts), out
-    rc, out2, _ = run(capsys, "--model", str(d), "--prompt-ids", "5 17 99", "--max-new-tokens", "5", "--ignore-eos")
+    rc, out2, _ = run(capsys, "--model", str(d), "--prompt-ids", "5 17 99", "--max-tokens", "5", "--ignore-eos")
     assert re.findall(r"new \(length\): '(.*)'", out2) == texts[:1]  # the same tokens as the id prompt
     (d / "tokenizer.json").unlink()
-    rc, out3, _ = run(capsys, "--model", str(d), "--prompt-ids", "5 17 99", "--max-new-tokens", "5", "--ignore-eos")
+    rc, out3, _ = run(capsys, "--model", str(d), "--prompt-ids", "5 17 99", "--max-tokens", "5", "--ignore-eos")
     assert " ".join(f"w{i}" for i in generated_ids(out3)[0]) == texts[0]
 
 
 def test_static_cache_sampling_and_progress(capsys):
-    rc, out, err = run(capsys, "--cache", "static", "--max-new-tokens", "24", "--progress", "on", "--decode-chunk",
+    rc, out, err = run(capsys, "--cache", "static", "--max-tokens", "24", "--progress", "on", "--decode-chunk",
                        "5", "--temperature", "0.9", "--top-k", "50", "--top-p", "0.95", "--seed", "3",
                        "--prefill-chunk", "16")
     assert rc == 0, err
@@ -103,9 +103,9 @@ def _corrupt_dir(tmp_path):
     (["--preset", "llama-5"], "unknown preset 'llama-5'"),
     (["--model", "/nonexistent/model"], "model directory '/nonexistent/model' does not exist"),
     (["--model", "CORRUPT"], "cannot read safetensors file"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be a positive int, got 0"),
+    (["--max-tokens", "0"], "max_tokens must be a positive int, got 0"),
     (["--prompt-ids", " ".join(["7"] * 20), "--max-seq", "16"], "20 tokens, longer than max_seq=16"),
-    (["--prompt-ids", "1 2 3", "--max-seq", "16", "--max-new-tokens", "15"], "need 17 cache tokens"),
+    (["--prompt-ids", "1 2 3", "--max-seq", "16", "--max-tokens", "15"], "need 17 cache tokens"),
     (["--prompt", "hello"], "text prompts need a model directory with tokenizer.json"),
     (["--top-p", "0"], "top_p must be in"),
 ])
@@ -119,14 +119,14 @@ def test_bad_input_exits_nonzero_with_message(tmp_path, capsys, argv, message):
 
 def test_console_entry_point_subprocess():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    ok = subprocess.run([sys.executable, "-m", "jax_vattention.cli", "generate", "--max-new-tokens", "4",
+    ok = subprocess.run([sys.executable, "-m", "jax_vattention_cli", "generate", "--max-tokens", "4",
                          "--num-prompts", "2", "--prompt-len", "8"], capture_output=True, text=True, env=env,
                         timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "closed: nothing reserved or mapped" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "jax_vattention.cli", "generate", "--max-new-tokens", "-1"],
+    bad = subprocess.run([sys.executable, "-m", "jax_vattention_cli", "generate", "--max-tokens", "-1"],
                          capture_output=True, text=True, env=env, timeout=300)
-    assert bad.returncode == 2 and "error: max_new_tokens must be a positive int" in bad.stderr
+    assert bad.returncode == 2 and "error: max_tokens must be a positive int" in bad.stderr
 
 
 def test_serve_runs_the_engine_on_a_synthetic_workload(capsys):

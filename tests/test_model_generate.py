@@ -22,11 +22,12 @@ from flax import nnx
 import jax_vattention as jv
 import models
 from jax_vattention import attention as vattn
-from jax_vattention.hlo import assert_no_cache_copy
-from models import AttentionSpec, GenerationInputError, SamplingConfig
+from jax_vattention.attention import AttentionSpec
+from jax_vattention.attention.dispatch import decode_attention_reference, prefill_attention_reference
+from jax_vattention.hlo import assert_no_cache_copy, check_compiled, copies_of_views
+from jax_vattention.sampling import SamplingParams, SamplingRows, filter_logits_reference
+from models import GenerationInputError
 from models import decode as dec
-from models.attention import decode_attention_reference, prefill_attention_reference
-from models.sampling import filter_logits
 from models.testing import assert_same_greedy, rel_error
 
 CFG = models.get_preset("tiny").replace(vocab_size=128, hidden_size=64, intermediate_size=128, head_dim=16,
@@ -67,6 +68,21 @@ def pages(tokens):
     return -(-tokens // TPP)
 
 
+def sp(budgets, stop=(), seed=None, **kw):
+    """``SamplingParams`` for one budget (an int) or one per budget (a list).
+
+    ``stop`` replaces the model's EOS (default: no stop token; ``None``: the EOS default;
+    a list of lists: one per request). ``seed``: request i samples with ``seed + i``.
+    """
+    many = isinstance(budgets, (list, tuple))
+    out = []
+    for i, n in enumerate(budgets if many else [budgets]):
+        s = stop[i] if stop and isinstance(stop[0], (list, tuple)) else stop
+        extra = dict(kw, seed=seed + i) if seed is not None else kw
+        out.append(SamplingParams(max_tokens=n, stop_token_ids=s or (), ignore_eos=s is not None, **extra))
+    return out if many else out[0]
+
+
 # -- consistency -----------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["vattention", "static"])
 def test_forward_equals_prefill_plus_decode_steps(model, rng, kind):
@@ -80,11 +96,12 @@ def test_forward_equals_prefill_plus_decode_steps(model, rng, kind):
 
     def prefill_fn(params, cache, toks, counts):
         logits, cache = models.prefill(nnx.merge(graphdef, params), toks, counts, cache, spec)
-        return logits, dec.export_cache(cache)
+        return logits, cache.export()
 
     def step_fn(params, cache, toks):
-        _, logits, cache = models.decode_step(nnx.merge(graphdef, params), toks, cache, spec)
-        return logits, dec.export_cache(cache)
+        _, logits, cache = models.decode_step(nnx.merge(graphdef, params), toks, cache, spec,
+                                              SamplingRows.padding(B))
+        return logits, cache.export()
 
     prefill_fn, step_fn = jax.jit(prefill_fn), jax.jit(step_fn)
     with manager() as m:
@@ -103,7 +120,7 @@ def test_forward_equals_prefill_plus_decode_steps(model, rng, kind):
             for b in range(B):
                 chunk[b, : counts[b]] = tokens[b, done[b]: done[b] + counts[b]]
             logits, exported = prefill_fn(params, cache, jnp.asarray(chunk), jnp.asarray(counts))
-            cache = dec.import_cache(cache, exported)
+            cache = cache.restore(exported)
             last = np.where((counts > 0)[:, None], np.asarray(logits), last)
             done += counts
         got.append(last)
@@ -111,7 +128,7 @@ def test_forward_equals_prefill_plus_decode_steps(model, rng, kind):
         for i in range(N):
             pos = prefix + i
             logits, exported = step_fn(params, cache, jnp.asarray(tokens[np.arange(B), pos]))
-            cache = dec.import_cache(cache, exported)
+            cache = cache.restore(exported)
             got.append(np.asarray(logits))
             want.append(full[np.arange(B), pos])
         np.testing.assert_array_equal(np.asarray(cache.lengths), prefix + N)
@@ -125,28 +142,27 @@ def test_vattention_and_static_cache_same_greedy_tokens(model, gen, rng):
     prompts = ragged_prompts(rng)
     budgets = random_budgets(rng)
     with manager() as m:
-        a = gen.generate(prompts, m, max_new_tokens=budgets, stop_tokens=[])
+        a = gen.generate(prompts, m, sp(budgets))
     static = models.static_cache_for(CFG, max_batch=4, max_seq=96, dtype="float32")
-    b = gen.generate(prompts, static, max_new_tokens=budgets, stop_tokens=[])
+    b = gen.generate(prompts, static, sp(budgets))
     assert [len(t) for t in a.tokens] == budgets
     assert_same_greedy(a.tokens, b.tokens, prompts, model, what="vattention vs static")
     assert b.static_cache is not None and b.static_cache.nbytes == a.static_bytes
     assert a.mapped_bytes < a.static_bytes
 
 
-@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.8, top_k=20, top_p=0.9)],
-                         ids=["greedy", "sampled"])
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, top_k=20, top_p=0.9)], ids=["greedy", "sampled"])
 def test_batched_equals_one_at_a_time(model, gen, rng, sampling):
     # Lengths and budgets keep every single-request run in one shape bucket (one compilation).
     prompts = ragged_prompts(rng, shortest=17)
     budgets = random_budgets(rng, low=17)
-    key = jax.random.key(int(rng.integers(2**31)))
+    key = int(rng.integers(2**30))
     with manager() as m:
-        batched = gen.generate(prompts, m, max_new_tokens=budgets, stop_tokens=[], sampling=sampling, key=key)
-        single = [gen.generate([p], m, max_new_tokens=n, stop_tokens=[], sampling=sampling, key=key,
-                               row_seeds=[i]).tokens[0] for i, (p, n) in enumerate(zip(prompts, budgets))]
+        batched = gen.generate(prompts, m, sp(budgets, seed=key, **sampling))
+        single = [gen.generate([p], m, sp(n, seed=key + i, **sampling)).tokens[0]
+                  for i, (p, n) in enumerate(zip(prompts, budgets))]
         assert m.stats().live_slots == 0
-    if sampling.greedy:
+    if SamplingParams(**sampling).greedy:
         assert_same_greedy(batched.tokens, single, prompts, model, what="batched vs single")
     else:
         assert batched.tokens == single
@@ -157,13 +173,13 @@ def test_stop_tokens_budgets_and_memory(gen, rng):
     prompts = ragged_prompts(rng)
     budgets = [1, 5, 32, 19]
     with manager() as m:
-        free = gen.generate(prompts, m, max_new_tokens=budgets, stop_tokens=[])
+        free = gen.generate(prompts, m, sp(budgets))
         assert [len(t) for t in free.tokens] == budgets and set(free.finish_reasons) == {"length"}
         stop = free.tokens[2][6]
         cut = free.tokens[2].index(stop) + 1
         stops = [[], [], [stop], []]  # per request
         m.trim()  # unmap the pages the freed slots keep (deferred reclamation): count only this run's
-        r = gen.generate(prompts, m, max_new_tokens=budgets, stop_tokens=stops)
+        r = gen.generate(prompts, m, sp(budgets, stop=stops))
         assert r.tokens[2] == free.tokens[2][:cut] and r.finish_reasons[2] == "stop"
         assert [r.tokens[i] for i in (0, 1, 3)] == [free.tokens[i] for i in (0, 1, 3)]
         lengths = np.array([len(p) for p in prompts]) + np.array([len(t) for t in r.tokens]) - 1
@@ -183,10 +199,10 @@ def test_stop_on_eos_from_config(model, rng):
     prompts = ragged_prompts(rng)
     g = models.Generator(model, attn=REF)
     with manager() as m:
-        free = g.generate(prompts, m, max_new_tokens=24, stop_tokens=[])
+        free = g.generate(prompts, m, sp(24))
         eos = free.tokens[0][3]
         g.config = CFG.replace(eos_token_ids=(eos,))
-        r = g.generate(prompts, m, max_new_tokens=24)
+        r = g.generate(prompts, m, sp(24, stop=None))
     for got, ref in zip(r.tokens, free.tokens):
         want = ref[: ref.index(eos) + 1] if eos in ref else ref
         assert got == want
@@ -195,10 +211,10 @@ def test_stop_on_eos_from_config(model, rng):
 def test_chunked_prefill_and_chunked_decode_loop(model, gen, rng):
     prompts = ragged_prompts(rng)
     with manager() as m:
-        whole = gen.generate(prompts, m, max_new_tokens=30, stop_tokens=[])
-        chunked = gen.generate(prompts, m, max_new_tokens=30, stop_tokens=[], prefill_chunk=8, decode_chunk=7,
+        whole = gen.generate(prompts, m, sp(30))
+        chunked = gen.generate(prompts, m, sp(30), prefill_chunk=8, decode_chunk=7,
                                progress=True)
-        again = gen.generate(prompts, m, max_new_tokens=30, stop_tokens=[])
+        again = gen.generate(prompts, m, sp(30))
     assert again.compile_seconds == 0.0  # compiled once per shape, reused
     assert_same_greedy(whole.tokens, chunked.tokens, prompts, model, what="chunked")
     assert chunked.decode_steps == whole.decode_steps == 29
@@ -206,22 +222,25 @@ def test_chunked_prefill_and_chunked_decode_loop(model, gen, rng):
 
 def test_sampling_settings(gen, rng):
     prompts = ragged_prompts(rng)
-    key = jax.random.key(int(rng.integers(2**31)))
+    key = int(rng.integers(2**30))
     with manager() as m:
-        run = lambda s, k=key: gen.generate(prompts, m, max_new_tokens=16, stop_tokens=[], sampling=s, key=k).tokens
-        greedy = run(SamplingConfig())
-        assert run(SamplingConfig(temperature=1.0, top_k=1)) == greedy
-        hot = SamplingConfig(temperature=1.5)
+
+        def run(s, k=key):
+            return gen.generate(prompts, m, [sp(16, seed=k + i, **s) for i in range(len(prompts))]).tokens
+
+        greedy = run(dict())
+        assert run(dict(temperature=1.0, top_k=1)) == greedy
+        hot = dict(temperature=1.5)
         a = run(hot)
-        assert run(hot) == a  # same key, same tokens
-        assert run(hot, jax.random.key(int(rng.integers(2**31)) + 1)) != a
+        assert run(hot) == a  # same seeds, same tokens
+        assert run(hot, key + 1000) != a
         assert a != greedy
 
 
 def test_filter_logits_matches_numpy(rng):
     logits = rng.standard_normal((5, 50)).astype(np.float32) * 3
     for k, p in [(7, 1.0), (0, 0.6), (10, 0.3), (0, 1.0)]:
-        got = np.asarray(filter_logits(jnp.asarray(logits), SamplingConfig(temperature=0.7, top_k=k, top_p=p)))
+        got = np.asarray(filter_logits_reference(jnp.asarray(logits), 0.7, k, p))
         for row, out in zip(logits / 0.7, got):
             order = np.argsort(-row)
             keep = np.zeros(50, bool)
@@ -245,24 +264,25 @@ def test_compiled_prefill_and_decode_loop_copy_no_cache(model):
         cache = m.cache([m.allocate() for _ in range(3)], np.zeros(3, np.int32))
         tokens, counts = jnp.zeros((3, 16), jnp.int32), jnp.array([3, 16, 9], jnp.int32)
         logits = jnp.zeros((3, CFG.vocab_size), jnp.float32)
-        text = dec.prefill_program.lower(graphdef, params, cache, tokens, counts, logits, attn=spec).compile().as_text()
+        prefill_program, decode_program = dec.programs(cache.donates)
+        text = prefill_program.lower(graphdef, params, cache, tokens, counts, logits, attn=spec).compile().as_text()
         assert_no_cache_copy(text, m)
         assert "vattn_grow" in text and "vattn_write" in text
-        keys = jax.random.split(jax.random.key(0), 3)
+        rows = SamplingRows.of([SamplingParams(temperature=1.0, top_p=0.9, seed=0)] * 3, [0] * 3)
         stop = jnp.full((3, 1), -1, jnp.int32)
-        carry = dec.start_carry(logits, keys, jnp.full((3,), 8), stop, 8, SamplingConfig())
-        lowered = dec.decode_program.lower(graphdef, params, cache, carry, jnp.int32(7), jnp.full((3,), 8), stop,
-                                           keys, attn=spec, sampling=SamplingConfig(temperature=1.0, top_p=0.9))
+        carry = dec.start_carry(logits, rows, jnp.full((3,), 8), stop, 8, "greedy")
+        lowered = decode_program.lower(graphdef, params, cache, carry, jnp.int32(7), jnp.full((3,), 8), stop,
+                                       rows, attn=spec, mode="filter")
         text = lowered.compile().as_text()
         assert_no_cache_copy(text, m)
         assert "while" in text and "vattn_grow" in text
         # A full batch with a full-length window: the reference's gathered window is as large as a cache
         # tensor, so any transposed copy of it would be flagged; the loop must have none.
         full = m.cache(np.arange(4, dtype=np.int32), np.zeros(4, np.int32))
-        keys4, stop4 = jax.random.split(jax.random.key(1), 4), jnp.full((4, 1), -1, jnp.int32)
-        carry4 = dec.start_carry(jnp.zeros((4, CFG.vocab_size)), keys4, jnp.full((4,), 8), stop4, 8, SamplingConfig())
-        text = dec.decode_program.lower(graphdef, params, full, carry4, jnp.int32(7), jnp.full((4,), 8), stop4, keys4,
-                                        attn=REF.with_max_len(512), sampling=SamplingConfig()).compile().as_text()
+        rows4, stop4 = SamplingRows.padding(4), jnp.full((4, 1), -1, jnp.int32)
+        carry4 = dec.start_carry(jnp.zeros((4, CFG.vocab_size)), rows4, jnp.full((4,), 8), stop4, 8, "greedy")
+        text = decode_program.lower(graphdef, params, full, carry4, jnp.int32(7), jnp.full((4,), 8), stop4, rows4,
+                                    attn=REF.with_max_len(512), mode="greedy").compile().as_text()
         assert_no_cache_copy(text, m)
         # Negative controls: returning a view from a top-level jit, or a transposed read of it, copies the cache;
         # the operand-tracing guard the Generator applies to prefill programs sees both, and no activations.
@@ -270,12 +290,12 @@ def test_compiled_prefill_and_decode_loop_copy_no_cache(model):
         with pytest.raises(jv.VAttentionError, match="cache-sized"):
             assert_no_cache_copy(bad, m)
         with pytest.raises(jv.VAttentionError, match="copies a cache view"):
-            dec.check_compiled(bad, m, strict=False)
+            check_compiled(bad, m, strict=False)
         view = (4, m.max_seq, CFG.num_kv_heads, CFG.head_dim)
         bad = jax.jit(lambda c: c.k[1].transpose(1, 0, 2, 3)[::2]).lower(cache).compile().as_text()
-        assert dec.copies_of_views(bad, view)
+        assert copies_of_views(bad, view)
         big = jax.jit(lambda c: jnp.ones(view[::-1]).transpose(3, 2, 1, 0) * c.lengths[0]).lower(cache)
-        assert dec.copies_of_views(big.compile().as_text(), view) == []  # an activation, not the view
+        assert copies_of_views(big.compile().as_text(), view) == []  # an activation, not the view
         for s in np.asarray(cache.slots):
             m.free(int(s))
 
@@ -283,12 +303,13 @@ def test_compiled_prefill_and_decode_loop_copy_no_cache(model):
 # -- bad input ---------------------------------------------------------------------
 @pytest.mark.parametrize("prompts,budget,match", [
     ([[1] * 97], 1, "97 tokens, longer than max_seq=96"),
-    ([[1] * 90, [2]], 8, "90 prompt tokens \\+ max_new_tokens=8 need 97"),
-    ([[1, 2]], 0, "max_new_tokens must be a positive int, got 0"),
-    ([[1, 2]], -3, "got -3"),
-    ([[1, 2], [3]], [4, 0], "got 0 for prompt 1"),
-    ([[1, 2], [3]], [4], "1 values for 2 prompts"),
+    ([[1] * 90, [2]], 8, "90 prompt tokens \\+ max_tokens=8 need 97"),
+    ([[1, 2], [3]], [4], "one per prompt \\(2\\)"),
     ([[1, 2], []], 4, "prompt 1 must be a non-empty"),
+    ([[1.7, 2.2]], 4, "integer token ids"),
+    ([[True, False]], 4, "integer token ids"),
+    (["12"], 4, "is a string"),
+    ([1, 2, 3], 4, "for one prompt pass \\[ids\\]"),
     ([[1, 128]], 4, "outside \\[0, vocab_size=128\\)"),
     ([[1]] * 5, 4, "5 prompts exceed the cache's max_batch=4"),
     ([], 4, "non-empty list"),
@@ -296,34 +317,44 @@ def test_compiled_prefill_and_decode_loop_copy_no_cache(model):
 def test_bad_requests_leave_nothing_mapped(gen, prompts, budget, match):
     with manager() as m:
         with pytest.raises(GenerationInputError, match=match):
-            gen.generate(prompts, m, max_new_tokens=budget)
+            gen.generate(prompts, m, sp(budget, stop=None))
         st = m.stats()
         assert st.pages_mapped == 0 and st.live_slots == 0 and st.maps == 0
 
 
 def test_bad_settings(gen, model):
-    with pytest.raises(GenerationInputError, match="top_p"):
-        SamplingConfig(temperature=1.0, top_p=0.0)
-    with pytest.raises(GenerationInputError, match="temperature"):
-        SamplingConfig(temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1.0)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"max_tokens must be a positive int, got {bad}"):
+            SamplingParams(max_tokens=bad)
+    with manager() as m:
+        for chunk in (0, -1, 1.5, True):  # a negative chunk used to spin forever in the decode loop
+            with pytest.raises(GenerationInputError, match="decode_chunk"):
+                gen.generate([[1]], m, sp(2), decode_chunk=chunk)
+            with pytest.raises(GenerationInputError, match="prefill_chunk"):
+                gen.generate([[1]], m, sp(2), prefill_chunk=chunk)
+        assert m.stats().pages_mapped == 0 and m.stats().live_slots == 0
     with manager() as m:
         slots = [m.allocate() for _ in range(3)]
         with pytest.raises(GenerationInputError, match="only 1 free slots"):
-            gen.generate([[1], [2]], m, max_new_tokens=2)
+            gen.generate([[1], [2]], m, sp(2, stop=None))
         for s in slots:
             m.free(s)
         m.trim()
         with pytest.raises(models.UnsupportedModelError, match="sliding_window=16"):
-            models.Generator(models.random_model(CFG.replace(sliding_window=16))).generate([[1] * 10], m,
-                                                                                         max_new_tokens=8)
+            windowed = models.Generator(models.random_model(CFG.replace(sliding_window=16)))
+            windowed.generate([[1] * 10], m, sp(8, stop=None))
         assert m.stats().pages_mapped == 0
     other = jv.CacheConfig(num_layers=3, max_batch=2, max_seq=64, kv_heads=2, head_dim=16, dtype="float32",
                            page_bytes=PAGE)
     with jv.KVCacheManager(other) as m:
         with pytest.raises(GenerationInputError, match="does not fit the model"):
-            gen.generate([[1]], m, max_new_tokens=2)
+            gen.generate([[1]], m, sp(2, stop=None))
     with pytest.raises(TypeError, match="KVCacheManager or a StaticKVCache"):
-        gen.generate([[1]], object(), max_new_tokens=2)
+        gen.generate([[1]], object(), sp(2, stop=None))
 
 
 def test_pool_exhausted_in_decode_loop_cleans_up(gen, rng):
@@ -332,16 +363,16 @@ def test_pool_exhausted_in_decode_loop_cleans_up(gen, rng):
     with manager(max_batch=2, max_seq=96, pool_bytes=tensors * 2 * PAGE) as m:  # 2 pages per tensor
         prompt = rng.integers(0, CFG.vocab_size, size=20).tolist()
         with pytest.raises(jax.errors.JaxRuntimeError, match="PoolExhaustedError"):
-            gen.generate([prompt], m, max_new_tokens=60, stop_tokens=[])  # needs 3 pages per tensor
+            gen.generate([prompt], m, sp(60))  # needs 3 pages per tensor
         st = m.stats()
         assert st.pages_mapped == 0 and st.live_slots == 0
-        ok = gen.generate([prompt], m, max_new_tokens=40, stop_tokens=[])  # fits: the manager still works
+        ok = gen.generate([prompt], m, sp(40))  # fits: the manager still works
         assert len(ok.tokens[0]) == 40
 
 
 # -- attention implementations -----------------------------------------------------
 def test_jnp_reference_matches_package_reference(rng):
-    """models.attention's any-dtype jnp attention agrees with the attention package's bf16 references."""
+    """The dispatch's any-dtype jnp attention agrees with the attention package's bf16 references."""
     mb, seq, hkv, d, hq = 4, 64, 2, 64, 8
     k = jnp.asarray(rng.standard_normal((mb, seq, hkv, d)), jnp.bfloat16)
     v = jnp.asarray(rng.standard_normal((mb, seq, hkv, d)), jnp.bfloat16)
@@ -367,7 +398,7 @@ def test_pallas_kernels_in_interpret_mode_match_reference(rng):
     for impl in ("kernel", "reference"):
         g = models.Generator(model, attn=AttentionSpec(impl=impl, interpret=True, block_k=32))
         with jv.KVCacheManager(cache_cfg) as m:  # 32 tokens per page: block_k=32 reads only mapped pages
-            out[impl] = g.generate(prompts, m, max_new_tokens=[12, 20, 30], stop_tokens=[], prefill_chunk=16)
+            out[impl] = g.generate(prompts, m, sp([12, 20, 30]), prefill_chunk=16)
     assert [len(t) for t in out["kernel"].tokens] == [12, 20, 30]
     # bf16 logits of magnitude ~8 are quantised in steps of 1/16; the two attention paths round differently.
     assert_same_greedy(out["kernel"].tokens, out["reference"].tokens, prompts, model, tie_tol=0.3,
@@ -375,5 +406,5 @@ def test_pallas_kernels_in_interpret_mode_match_reference(rng):
     with jv.KVCacheManager(cache_cfg.__class__(**{**cache_cfg.__dict__, "page_bytes": 4096})) as m:
         g = models.Generator(model, attn=AttentionSpec(impl="kernel", interpret=True, block_k=32))
         with pytest.raises(GenerationInputError, match="does not divide"):  # 16 tokens per page < block_k
-            g.generate(prompts, m, max_new_tokens=4)
+            g.generate(prompts, m, sp(4, stop=None))
         assert m.stats().pages_mapped == 0

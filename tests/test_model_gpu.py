@@ -21,14 +21,20 @@ from flax import nnx
 
 import jax_vattention as jv
 import models
+from jax_vattention.attention import AttentionSpec
 from jax_vattention.hlo import assert_no_cache_copy
-from models import AttentionSpec
+from jax_vattention.sampling import SamplingParams, SamplingRows
 from models import decode as dec
 from models.testing import assert_same_greedy, rel_error
 
 pytestmark = pytest.mark.gpu
 DATA = Path(__file__).parent / "data"
 
+
+
+def no_eos(budgets):
+    """One ``SamplingParams`` per budget that runs to it (no stop token)."""
+    return [SamplingParams(max_tokens=int(n), ignore_eos=True) for n in budgets]
 
 def ragged(rng, n, longest, vocab):
     lens = rng.integers(1, longest + 1, size=n)
@@ -47,7 +53,7 @@ def test_hf_parity_and_cache_path_fp32_on_gpu():
             cache_cfg = models.cache_config_for(model.config, max_batch=2, max_seq=64, dtype="float32")
             with jv.KVCacheManager(cache_cfg) as m:
                 r = models.Generator(model).generate([parity[f"{name}_gen_prompt"][0]], m,
-                                                     max_new_tokens=len(want), stop_tokens=[])
+                                                     SamplingParams(max_tokens=len(want), ignore_eos=True))
             assert r.tokens[0] == want, name
 
 
@@ -67,7 +73,8 @@ def test_forward_equals_prefill_plus_decode_fp32_on_cuda_cache(rng):
 
     @jax.jit
     def step(params, cache, toks):
-        _, logits, cache = models.decode_step(nnx.merge(graphdef, params), toks, cache, spec)
+        _, logits, cache = models.decode_step(nnx.merge(graphdef, params), toks, cache, spec,
+                                              SamplingRows.padding(B))
         return logits, cache.state
 
     with jax.default_matmul_precision("highest"):
@@ -100,7 +107,7 @@ def test_1b_shape_memory_bound_and_static_parity(rng):
     gen = models.Generator(model)  # auto: the Pallas kernels on the GPU
     cache_cfg = models.cache_config_for(cfg, max_batch=B, max_seq=max_seq, dtype="bfloat16")
     with jv.KVCacheManager(cache_cfg) as m:
-        r = gen.generate(prompts, m, max_new_tokens=budgets, stop_tokens=[])
+        r = gen.generate(prompts, m, no_eos(budgets))
         st = m.stats()
     tensors = 2 * cfg.num_layers
     token_bytes = cfg.num_kv_heads * cfg.head_dim * 2
@@ -111,7 +118,7 @@ def test_1b_shape_memory_bound_and_static_parity(rng):
     assert r.mapped_bytes <= need + tensors * B * st.page_bytes, (r.mapped_bytes, need)
     assert r.mapped_bytes < r.static_bytes
     static = models.static_cache_for(cfg, max_batch=B, max_seq=max_seq, dtype="bfloat16")
-    s = gen.generate(prompts, static, max_new_tokens=budgets, stop_tokens=[])
+    s = gen.generate(prompts, static, no_eos(budgets))
     assert_same_greedy(r.tokens, s.tokens, prompts, model, tie_tol=0.05, what="1B vattention vs static")
 
 
@@ -125,9 +132,9 @@ def test_kernels_match_reference_and_batching_at_8b_layer_shapes(rng):
     kernel = models.Generator(model, attn=AttentionSpec(impl="kernel"))
     reference = models.Generator(model, attn=AttentionSpec(impl="reference"))
     with jv.KVCacheManager(cache_cfg) as m:
-        a = kernel.generate(prompts, m, max_new_tokens=budgets, stop_tokens=[], prefill_chunk=512)
-        b = reference.generate(prompts, m, max_new_tokens=budgets, stop_tokens=[])
-        single = [kernel.generate([p], m, max_new_tokens=n, stop_tokens=[]).tokens[0]
+        a = kernel.generate(prompts, m, no_eos(budgets), prefill_chunk=512)
+        b = reference.generate(prompts, m, no_eos(budgets))
+        single = [kernel.generate([p], m, no_eos([n])).tokens[0]
                   for p, n in zip(prompts, budgets)]
         assert m.stats().live_slots == 0
     assert_same_greedy(a.tokens, b.tokens, prompts, model, tie_tol=0.1, what="kernel vs reference")
@@ -143,20 +150,20 @@ def test_decode_loop_has_no_cache_copy_at_scale():
     with jv.KVCacheManager(cache_cfg) as m:
         cache = m.cache(np.arange(B, dtype=np.int32), np.zeros(B, np.int32))
         spec = AttentionSpec(impl="kernel", max_len=1024)
-        keys = jax.random.split(jax.random.key(0), B)
+        rows = SamplingRows.padding(B)
         stop = jnp.full((B, 1), -1, jnp.int32)
         logits = jnp.zeros((B, cfg.vocab_size), jnp.float32)
-        carry = jax.eval_shape(lambda: dec.start_carry(logits, keys, jnp.full((B,), 8), stop, 256,
-                                                       models.SamplingConfig()))
-        text = dec.decode_program.lower(graphdef, params, cache, carry, jnp.int32(255), jnp.full((B,), 256), stop,
-                                        keys, attn=spec, sampling=models.SamplingConfig()).compile().as_text()
+        carry = jax.eval_shape(lambda: dec.start_carry(logits, rows, jnp.full((B,), 8), stop, 256, "greedy"))
+        decode_program = dec.programs(cache.donates)[1]
+        text = decode_program.lower(graphdef, params, cache, carry, jnp.int32(255), jnp.full((B,), 256), stop,
+                                    rows, attn=spec, mode="greedy").compile().as_text()
         assert_no_cache_copy(text, m)
 
 
 def test_cli_generate_on_gpu(capsys):
-    from jax_vattention.cli import main
+    from jax_vattention_cli.main import main
 
-    rc = main(["generate", "--max-new-tokens", "150", "--num-prompts", "4", "--prompt-len", "300"])
+    rc = main(["generate", "--max-tokens", "150", "--num-prompts", "4", "--prompt-len", "300"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "bfloat16 on gpu" in out and "closed: nothing reserved or mapped" in out

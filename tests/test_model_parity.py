@@ -89,7 +89,7 @@ def test_greedy_generation_matches_transformers(hf_models, name):
     want = PARITY[f"{name}_gen_tokens"].tolist()
     cache_cfg = models.cache_config_for(model.config, max_batch=2, max_seq=32, dtype="float32", page_bytes=4096)
     with jv.KVCacheManager(cache_cfg) as m:
-        result = models.Generator(model).generate([prompt], m, max_new_tokens=len(want), stop_tokens=[])
+        result = models.Generator(model).generate([prompt], m, jv.SamplingParams(max_tokens=len(want), ignore_eos=True))
     assert result.tokens[0] == want
 
 
@@ -173,8 +173,8 @@ def edit_config(d, **changes):
 
 
 def rewrite_tensors(d, fn):
-    from safetensors.numpy import save_file
     from safetensors import safe_open
+    from safetensors.numpy import save_file
 
     path = d / "model.safetensors"
     with safe_open(str(path), framework="numpy") as f:

@@ -1,4 +1,4 @@
-"""Tests of the PagedAttention baseline cache (``models.paged_cache``), CPU only.
+"""Tests of the PagedAttention baseline cache (``jax_vattention.cache.paged``), CPU only.
 
 The paged cache must mean exactly what the contiguous caches mean: writes land at the
 right token of the right row through fragmented block tables, attention (JAX's Pallas
@@ -20,9 +20,10 @@ from flax import nnx
 
 import models
 from jax_vattention import attention as attn
+from jax_vattention.attention import AttentionSpec
+from jax_vattention.cache import PagedKVCache, PagedKVPool
+from jax_vattention.cache.paged import decode_blocking
 from jax_vattention.errors import CacheClosedError, CacheValueError, PoolExhaustedError
-from models.attention import AttentionSpec
-from models.paged_cache import PagedKVCache, PagedKVPool, decode_blocking
 
 PAGE = 16
 BF16 = jnp.bfloat16
@@ -40,6 +41,13 @@ def dense_view(cache: PagedKVCache, layer: int, which: str = "k") -> np.ndarray:
     return g.transpose(1, 2, 3, 0, 4).reshape(g.shape[1], -1, pages.shape[0], pages.shape[-1])
 
 
+def take(pool, tokens: int = 0) -> int:
+    """A slot the pool must be able to back for ``tokens`` (typed results: nothing raised for a full pool)."""
+    alloc = pool.allocate(tokens)
+    assert alloc.result.ok and alloc.slot is not None, alloc.result
+    return alloc.slot
+
+
 def fill_rows(pool, rng, starts, counts, hkv, d):
     """Allocate one slot per row, write ``starts`` prefix tokens, then return the chunk step's cache.
 
@@ -47,7 +55,7 @@ def fill_rows(pool, rng, starts, counts, hkv, d):
     every row's tokens (prefix and chunk) contiguously, the reference layout.
     """
     b = len(starts)
-    slots = [pool.allocate(0) for _ in range(b)]
+    slots = [take(pool, 0) for _ in range(b)]
     for i in rng.permutation(b):  # grow in random order: interleaved, fragmented tables
         pool.grow(slots[i], int(starts[i] + counts[i]))
     k_full = jnp.asarray(rng.standard_normal((b, pool.max_seq, hkv, d), np.float32), BF16)
@@ -92,7 +100,7 @@ def test_write_and_attention_match_reference(rng, impl, mode, group):
         lengths, c = c.write(0, k_new, v_new)
         q = jnp.asarray(rng.standard_normal((b + 2, t, hkv * group, d), np.float32), BF16)
         spec = AttentionSpec(impl=impl, interpret=True)
-        out = c.attention(0, q, lengths, c.state.num_new, spec)
+        out = c.attention(0, q, lengths, spec)
 
         ends = starts + counts
         got = dense_view(c, 0)[:b]
@@ -123,7 +131,7 @@ def test_decode_blocking_fits_the_kernel():
 
 def test_jitted_donated_write_matches_eager(rng):
     with make_pool() as pool:
-        slots = [pool.allocate(20), pool.allocate(5)]
+        slots = [take(pool, 20), take(pool, 5)]
         k = jnp.asarray(rng.standard_normal((2, 8, 2, 64), np.float32), BF16)
         eager = pool.cache(slots, [0, 0], [8, 5]).write(0, k, -k)[1]
         want_k, want_v = dense_view(eager, 0, "k"), dense_view(eager, 0, "v")
@@ -153,7 +161,7 @@ def test_tiny_llama_paged_equals_static(rng, dtype, impl):
     static_slots = np.array([3, 0, 2], np.int32)
     with PagedKVPool(num_layers=cfg.num_layers, max_batch=4, max_seq=max_seq, kv_heads=cfg.num_kv_heads,
                      head_dim=cfg.head_dim, dtype=dtype, seed=int(rng.integers(1 << 16))) as pool:
-        slots = [pool.allocate(int(n)) for n in counts]
+        slots = [take(pool, int(n)) for n in counts]
         starts = np.zeros(b, np.int32)
         for step in range(4):  # one prefill, then three decode steps
             positions = (starts[:, None] + np.arange(tokens.shape[1])[None]).astype(np.int32)
@@ -180,8 +188,8 @@ def test_pool_accounting():
         assert pool.pages_total() == 8 * 4
         assert pool.memory()[1] == (8 * 4 + 1) * page_bytes  # K and V, scratch page included
         assert [pool.pages_needed(n) for n in (0, 1, 16, 17, 64)] == [0, 1, 1, 2, 4]
-        a = pool.allocate(17)
-        b = pool.allocate()
+        a = take(pool, 17)
+        b = take(pool)
         assert (a, b) == (0, 1) and pool.allocated(a) and pool.allocated(b) and not pool.allocated(2)
         assert pool.capacity(a) == 32 and pool.capacity(b) == 0 and pool.pages_live() == 2
         pool.grow(a, 20)  # already backed: no change
@@ -189,7 +197,7 @@ def test_pool_accounting():
         assert pool.capacity(b) == 48 and pool.pages_live() == 5 and pool.memory()[0] == 5 * page_bytes
         pool.free(a)
         assert pool.pages_live() == 3 and not pool.allocated(a)
-        assert pool.allocate(1) == 0  # the lowest free slot
+        assert take(pool, 1) == 0  # the lowest free slot
         assert pool.memory()[1] == 33 * page_bytes  # fixed
 
 
@@ -197,23 +205,22 @@ def test_pool_budget_and_exhaustion_is_all_or_nothing():
     page_bytes = 2 * 1 * PAGE * 2 * 64 * 2
     with make_pool(max_seq=128, pool_bytes=5 * page_bytes + page_bytes // 2) as pool:
         assert pool.pages_total() == 5
-        a = pool.allocate(48)  # 3 pages
+        a = take(pool, 48)  # 3 pages
         table = pool.cache([a], [0], [0]).state.block_tables.copy()
-        with pytest.raises(PoolExhaustedError, match="needs 3 more pages"):
-            pool.grow(a, 96)  # 6 pages in all, 5 exist
+        result = pool.grow(a, 96)  # 6 pages in all, 5 exist
+        assert result.exhausted and "needs 3 more pages" in result.reason
         assert pool.pages_live() == 3 and pool.capacity(a) == 48
         np.testing.assert_array_equal(pool.cache([a], [0], [0]).state.block_tables, table)
-        pool.grow(a, 64)  # 4 of 5
-        with pytest.raises(PoolExhaustedError):
-            pool.allocate(17)  # needs 2, 1 free: the slot it tried stays free
+        assert pool.grow(a, 64).ok  # 4 of 5
+        alloc = pool.allocate(17)  # needs 2, 1 free: the slot it tried stays free
+        assert alloc.slot is None and alloc.result.exhausted
         assert not pool.allocated(1) and pool.pages_live() == 4
-        b = pool.allocate(16)
+        b = take(pool, 16)
         assert b == 1 and pool.pages_live() == 5 and pool.memory()[0] == 5 * page_bytes
-        with pytest.raises(PoolExhaustedError):
-            pool.grow(b, 17)
+        assert pool.grow(b, 17).exhausted
         assert pool.capacity(b) == 16 and pool.pages_live() == 5
         pool.free(a)  # pages come back at once
-        pool.grow(b, 17)
+        assert pool.grow(b, 17).ok
         assert pool.pages_live() == 2
     with pytest.raises(PoolExhaustedError):
         make_pool(pool_bytes=page_bytes - 1)
@@ -221,16 +228,16 @@ def test_pool_budget_and_exhaustion_is_all_or_nothing():
 
 def test_pool_errors_name_the_problem():
     pool = make_pool(max_batch=2)
-    s = pool.allocate(1)
+    s = take(pool, 1)
     for bad in (-1, 2, 1, "0", 0.0):
         with pytest.raises(CacheValueError, match="not an allocated slot"):
             pool.grow(bad, 1)
     for tokens in (-1, 65):
         with pytest.raises(CacheValueError, match="outside"):
             pool.grow(s, tokens)
-    pool.allocate()
-    with pytest.raises(PoolExhaustedError, match="in use"):
-        pool.allocate()
+    take(pool)
+    full = pool.allocate()
+    assert full.slot is None and full.result.exhausted and "in use" in full.result.reason
     pool.free(s)
     with pytest.raises(CacheValueError, match="not an allocated slot"):
         pool.free(s)  # double free
@@ -244,12 +251,12 @@ def test_pool_errors_name_the_problem():
 
 def test_block_tables_are_fragmented_and_cache_checks_capacity():
     with make_pool(seed=3) as pool:
-        a, b = pool.allocate(64), pool.allocate(64)
+        a, b = take(pool, 64), take(pool, 64)
         bt = np.asarray(pool.cache([a, b, -1], [0, 0, 0], [0, 0, 0]).state.block_tables)  # [3, pps]
         assert len(set(bt[:2].ravel())) == 8 and bt[:2].max() < pool.pages_total()
         assert not (np.diff(bt[0]) == 1).all() and not (np.diff(bt[1]) == 1).all()  # not consecutive pages
         assert (bt[2] == pool.pages_total()).all()  # padding row: the scratch page
-        c = pool.allocate(20)
+        c = take(pool, 20)
         pool.cache([c], [16], [16])  # 32 tokens: exactly what two pages back
         with pytest.raises(CacheValueError, match="exceed its backed capacity"):
             pool.cache([c], [30], [3])

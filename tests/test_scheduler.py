@@ -170,7 +170,7 @@ def test_prefills_that_outgrow_the_pool_together_are_preempted_not_stalled():
     """Admission checks a request's own tokens; running prefills can still need more than is left between them.
     With no decode running, the newest prefill must be preempted (before the fix: an empty step, "no progress")."""
     pytest.importorskip("flax")
-    from models.paged_cache import PagedKVPool
+    from jax_vattention.cache import PagedKVPool
 
     with PagedKVPool(num_layers=1, max_batch=4, max_seq=128, kv_heads=1, head_dim=8, dtype="float32", page_size=16,
                      pool_bytes=10 * 2 * 16 * 8 * 4, device=jax.devices("cpu")[0]) as pool:  # 10 pages of 16

@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_vattention.engine.request import SamplingParams
-from jax_vattention.engine.sampling import sample_rows, sampling_mode
 from jax_vattention.engine.workloads import long_context, sharegpt_like
+from jax_vattention.sampling import SamplingParams, SamplingRows, filter_logits_reference, sample_rows, sampling_mode
 
 
 def test_workloads_are_seeded_and_shaped_like_their_traffic():
@@ -36,8 +35,7 @@ def test_sampling_mode_is_the_cheapest_that_covers_the_batch():
 
 
 def test_sample_rows_matches_the_per_request_reference():
-    """Each row samples exactly what models.sampling would for that request alone (same key, same filters)."""
-    from models.sampling import SamplingConfig, filter_logits
+    """Each row samples exactly what the per-request jnp reference draws for it alone (same key, same filters)."""
 
     rng = np.random.default_rng(0)
     rows = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 20, 1.0), (1.3, 0, 0.8), (0.9, 50, 0.6), (1.0, 1, 1.0)]
@@ -48,22 +46,23 @@ def test_sample_rows_matches_the_per_request_reference():
         top_p = jnp.asarray([r[2] for r in rows], jnp.float32)
         seeds = jnp.asarray(rng.integers(0, 1000, len(rows)), jnp.int32)
         counts = jnp.asarray(rng.integers(0, 50, len(rows)), jnp.int32)
-        got = np.asarray(jax.jit(sample_rows, static_argnums=6)(logits, temp, top_k, top_p, seeds, counts, "filter"))
+        sampling = SamplingRows(temp, top_k, top_p, seeds, counts)
+        got = np.asarray(jax.jit(sample_rows, static_argnums=2)(logits, sampling, "filter"))
         for b, (t, k, p) in enumerate(rows):
-            cfg = SamplingConfig(temperature=t, top_k=k, top_p=p)
-            if cfg.greedy:
+            if SamplingParams(temperature=t, top_k=k, top_p=p).greedy:
                 want = int(jnp.argmax(logits[b]))
             else:
                 key = jax.random.fold_in(jax.random.PRNGKey(int(seeds[b])), int(counts[b]))
-                want = int(jax.random.categorical(key, filter_logits(logits[b][None], cfg)[0]))
+                want = int(jax.random.categorical(key, filter_logits_reference(logits[b][None], t, k, p)[0]))
             assert got[b] == want, (trial, b)
-    greedy = sample_rows(logits, temp * 0, top_k, top_p, seeds, counts, "greedy")
+    greedy = sample_rows(logits, SamplingRows(temp * 0, top_k, top_p, seeds, counts), "greedy")
     np.testing.assert_array_equal(np.asarray(greedy), np.asarray(jnp.argmax(logits, -1)))
     with pytest.raises(ValueError, match="sampling mode"):
-        sample_rows(logits, temp, top_k, top_p, seeds, counts, "beam")
+        sample_rows(logits, sampling, "beam")
 
 
-@pytest.mark.parametrize("kw,match", [(dict(seed=2**40), "seed"), (dict(seed=1.5), "seed"), (dict(top_k=2.0), "top_k"), (dict(top_k=2**40), "top_k"),
+@pytest.mark.parametrize("kw,match", [(dict(seed=2**40), "seed"), (dict(seed=1.5), "seed"), (dict(top_k=2.0), "top_k"),
+                                      (dict(top_k=2**40), "top_k"),
                                       (dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),
                                       (dict(max_tokens=0), "max_tokens")])
 def test_sampling_params_refuse_what_the_device_step_cannot_hold(kw, match):

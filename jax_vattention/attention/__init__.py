@@ -6,6 +6,8 @@
   ``[B, Tmax, Hq, D]`` layout (see prefill.py).
 * ``*_reference``: plain-jnp fp32 references that read only within lengths.
 * ``*_dpa``: the same through ``jax.nn.dot_product_attention`` (portability).
+* ``dispatch``: ``AttentionSpec`` and ``cache_attention``, the static choice
+  between the kernels and jnp that the caches' ``attention`` method makes.
 
 All of them read each slot only below its length (rounded up to the KV block
 for the kernels); see ``common.py`` for the page-size requirement.
@@ -13,6 +15,7 @@ for the kernels); see ``common.py`` for the page-size requirement.
 
 from .common import check_block_fits_pages, tokens_per_page
 from .decode import DecodeConfig, decode_attention
+from .dispatch import AttentionSpec, cache_attention, dense_causal_attention
 from .portable import chunked_prefill_attention_dpa, decode_attention_dpa
 from .prefill import PrefillConfig, chunked_prefill_attention
 from .reference import chunked_prefill_attention_reference, decode_attention_reference
@@ -20,9 +23,11 @@ from .tolerances import TOLERANCES, assert_close
 
 __all__ = [
     "TOLERANCES",
+    "AttentionSpec",
     "DecodeConfig",
     "PrefillConfig",
     "assert_close",
+    "cache_attention",
     "check_block_fits_pages",
     "chunked_prefill_attention",
     "chunked_prefill_attention_dpa",
@@ -30,5 +35,6 @@ __all__ = [
     "decode_attention",
     "decode_attention_dpa",
     "decode_attention_reference",
+    "dense_causal_attention",
     "tokens_per_page",
 ]

@@ -33,8 +33,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 import numpy as np
+from jax.experimental import pallas as pl
 
 # Finite "minus infinity": exp(MASK_VALUE - m) underflows to exactly 0 while
 # MASK_VALUE - MASK_VALUE stays 0 (no inf - inf = nan).
@@ -99,7 +99,8 @@ def check_cache(k_cache, v_cache):
     if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache/v_cache must both be [MB, S, Hkv, D], got {k_cache.shape} and {v_cache.shape}")
     if k_cache.dtype != v_cache.dtype or k_cache.dtype not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-        raise ValueError(f"cache dtype must be bfloat16 or float16 (same for K and V), got {k_cache.dtype}, {v_cache.dtype}")
+        raise ValueError(f"cache dtype must be bfloat16 or float16 (same for K and V), got {k_cache.dtype}, "
+                         f"{v_cache.dtype}")
     mb, s, hkv, d = k_cache.shape
     if d not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {d}")

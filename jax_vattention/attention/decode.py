@@ -139,23 +139,23 @@ def _decode_kernel(slots_ref, lens_ref, q_ref, k_ref, v_ref, *out_refs, cfg: Dec
         jnp.full((cfg.block_h,), MASK_VALUE, jnp.float32),
         jnp.zeros((cfg.block_h,), jnp.float32),
     )
-    acc, m, l = lax.fori_loop(0, n_blocks, body, init)
+    acc, m, row_sum = lax.fori_loop(0, n_blocks, body, init)
     if normalize:
         (o_ref,) = out_refs
-        l_safe = jnp.where(l > 0.0, l, 1.0)  # empty rows (length 0) give 0, not nan
+        l_safe = jnp.where(row_sum > 0.0, row_sum, 1.0)  # empty rows (length 0) give 0, not nan
         o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
     else:
         o_ref, m_ref, l_ref = out_refs
         o_ref[...] = acc
         m_ref[...] = m
-        l_ref[...] = l
+        l_ref[...] = row_sum
 
 
-def combine_splits(acc, m, l):
-    """Merge flash-decoding partials: acc [..., S, M, D], m/l [..., S, M] (m in log2 units)."""
+def combine_splits(acc, m, row_sum):
+    """Merge flash-decoding partials: acc [..., S, M, D], m/row_sum [..., S, M] (m in log2 units)."""
     m_max = jnp.max(m, axis=-2, keepdims=True)
     w = jnp.exp2(m - m_max)  # empty splits have m = MASK_VALUE -> weight 0
-    l_tot = jnp.sum(w * l, axis=-2)
+    l_tot = jnp.sum(w * row_sum, axis=-2)
     o = jnp.sum(w[..., None] * acc, axis=-3)
     return o / jnp.where(l_tot > 0.0, l_tot, 1.0)[..., None]
 

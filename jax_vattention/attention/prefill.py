@@ -109,8 +109,8 @@ def _prefill_kernel(slots_ref, starts_ref, qlens_ref, q_ref, k_ref, v_ref, o_ref
         jnp.zeros((bm,), jnp.float32),
     )
     carry = lax.fori_loop(0, n_full, full_block, carry)
-    acc, _, l = lax.fori_loop(n_full, n_total, edge_block, carry)
-    o_ref[...] = (acc / jnp.where(l > 0.0, l, 1.0)[:, None]).astype(o_ref.dtype)
+    acc, _, row_sum = lax.fori_loop(n_full, n_total, edge_block, carry)
+    o_ref[...] = (acc / jnp.where(row_sum > 0.0, row_sum, 1.0)[:, None]).astype(o_ref.dtype)
 
 
 @functools.partial(

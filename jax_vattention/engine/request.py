@@ -1,4 +1,4 @@
-"""Requests, sampling parameters and per-request metrics of the serving engine."""
+"""Requests and per-request metrics of the serving engine (``SamplingParams`` lives in ``jax_vattention.sampling``)."""
 
 from __future__ import annotations
 
@@ -6,38 +6,7 @@ import dataclasses
 import enum
 import time
 
-
-def _is_int32(x) -> bool:
-    """An int (not a bool) that fits the device step's int32 arrays."""
-    return isinstance(x, int) and not isinstance(x, bool) and -2**31 <= x < 2**31
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How to sample one request (vLLM-style).
-
-    ``temperature == 0`` is greedy; ``top_k <= 0`` and ``top_p >= 1`` disable those filters.
-    """
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    stop_token_ids: tuple[int, ...] = ()
-    seed: int = 0
-
-    def __post_init__(self):
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise ValueError(f"SamplingParams.max_tokens must be a positive int, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int32(self.top_k):
-            raise ValueError(f"SamplingParams.top_k must be an int32 (<= 0 disables it), got {self.top_k!r}")
-        if not _is_int32(self.seed):
-            raise ValueError(f"SamplingParams.seed must be an int in [-2**31, 2**31), got {self.seed!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+from ..sampling import SamplingParams
 
 
 class Status(enum.Enum):
@@ -58,6 +27,7 @@ class Request:
     request_id: int
     prompt: list[int]
     params: SamplingParams
+    stop_ids: tuple[int, ...] | None = None  # default: params.stop_ids() (the engine adds the model's EOS)
     output: list[int] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING
     slot: int | None = None
@@ -70,6 +40,11 @@ class Request:
     first_token_time: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
     finish_time: float | None = None
+
+    def __post_init__(self):
+        self.params = self.params.seeded()  # seed=None: an independent random seed, fixed for the request's life
+        if self.stop_ids is None:
+            self.stop_ids = self.params.stop_ids()
 
     @property
     def tokens(self) -> list[int]:
@@ -100,7 +75,8 @@ class Request:
         if self.first_token_time is None:
             self.first_token_time = now
         self.token_times.append(now)
-        if token in self.params.stop_token_ids:
+        assert self.stop_ids is not None  # set by __post_init__
+        if token in self.stop_ids:
             self.finish("stop", now)
         elif len(self.output) >= self.params.max_tokens:
             self.finish("length", now)

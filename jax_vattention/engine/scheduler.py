@@ -12,8 +12,10 @@ or ``cuMemMap``) preempts the request it hit, which is retried; after
 ``max_faults`` faults in a row the request finishes with reason ``"error"``.
 No other request is touched either way.
 
-The scheduler works on any KV pool of ``kv_pools`` (vAttention, static or
-paged); a ``KVCacheManager`` is wrapped in a ``VAttentionPool``.
+The scheduler works on any ``KVPool`` (``jax_vattention.cache``: vAttention,
+static or paged); a ``KVCacheManager`` is wrapped in a ``VAttentionPool``. The
+pool answers with typed ``GrowResult`` values (done, out of pages, or a backend
+fault), so no exception steers the schedule.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import collections
 import dataclasses
 import time
 
-from ..errors import BackendError, PoolExhaustedError
+from ..cache import GrowResult, KVPool, VAttentionPool
+from ..errors import PoolExhaustedError
 from ..manager import KVCacheManager
-from .kv_pools import VAttentionPool
 from .request import Request, Status
 
 
@@ -77,7 +79,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, pool, config: SchedulerConfig):
+    def __init__(self, pool: KVPool | KVCacheManager, config: SchedulerConfig):
         if isinstance(pool, KVCacheManager):
             pool = VAttentionPool(pool)
         if config.max_batch > pool.max_batch:
@@ -164,22 +166,20 @@ class Scheduler:
                                            len(r.prompt) + r.params.max_tokens)):
                 break
             n = min(r.remaining, self.config.chunk_size, budget)
-            slot = None
-            try:
-                slot = self.pool.allocate(n if self.config.best_fit else 0)
-                if not self.config.best_fit:
-                    self.pool.grow(slot, n)
-            except PoolExhaustedError:
-                if slot is not None:
+            alloc = self.pool.allocate(n if self.config.best_fit else 0)
+            slot, result = alloc.slot, alloc.result
+            if slot is not None and not self.config.best_fit:
+                result = self.pool.grow(slot, n)
+                if not result.ok:
                     self.pool.free(slot)
+            if result.exhausted:
                 break
-            except BackendError as e:
-                if slot is not None:
-                    self.pool.free(slot)
-                if self._count_fault(r, e):
+            if not result.ok:
+                if self._count_fault(r, result):
                     self.waiting.popleft()
                     self._fail(r, out)
                 continue  # retry (bounded: every fault counts toward max_faults)
+            assert slot is not None
             self.waiting.popleft()
             r.slot, r.status = slot, Status.RUNNING
             self.running.append(r)
@@ -211,27 +211,27 @@ class Scheduler:
 
     def _try_grow(self, r: Request, tokens: int, out: SchedulerOutput) -> bool | None:
         """Grow ``r``; True on success, False when the pool is full, None after a backend fault (handled)."""
-        try:
-            self.pool.grow(r.slot, tokens)
+        assert r.slot is not None
+        result = self.pool.grow(r.slot, tokens)
+        if result.ok:
             return True
-        except PoolExhaustedError:
+        if result.exhausted:
             return False
-        except BackendError as e:
-            if self._count_fault(r, e):
-                self._release(r)
-                self._fail(r, out)
-            else:
-                self._preempt(r, out)
-            return None
+        if self._count_fault(r, result):
+            self._release(r)
+            self._fail(r, out)
+        else:
+            self._preempt(r, out)
+        return None
 
     def _grow(self, r: Request, tokens: int, out: SchedulerOutput) -> bool:
         return bool(self._try_grow(r, tokens, out))
 
-    def _count_fault(self, r: Request, error: BackendError) -> bool:
+    def _count_fault(self, r: Request, result: GrowResult) -> bool:
         """Record a backend fault on ``r``; True when it has now failed too often to retry."""
         self.num_faults += 1
         r.num_faults += 1
-        r.error = str(error)
+        r.error = result.fault
         return r.num_faults >= self.config.max_faults
 
     @staticmethod

@@ -31,8 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
-    Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 HERE = Path(__file__).resolve().parent
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, rms_norm_eps=1e-5,

@@ -1,10 +1,9 @@
 """Static-cache baseline: the same cache interface on XLA-allocated ``[MB, S, Hkv, D]`` arrays.
 
-``StaticKVCache`` mirrors ``jax_vattention.KVCache`` (``grow``, ``state``,
-``lengths``, ``slots``, ``with_state``) so the model and the generation loop run
-unchanged on it, but its memory is ordinary device arrays allocated up front at
-``max_batch x max_seq`` (what a framework without vAttention would hold), and a
-write is a functional scatter that returns a new cache. Inside a jitted
+``StaticKVCache`` implements the cache protocol (``cache.protocol``) like
+``jax_vattention.KVCache``, so the model and the generation loop run unchanged on it, but its memory is
+ordinary device arrays allocated up front at ``max_batch x max_seq`` (what a framework without vAttention
+would hold), and a write is a functional scatter that returns a new cache. Inside a jitted
 ``while_loop`` the arrays are loop-carried and XLA updates them in place; the
 top-level jit functions donate them.
 
@@ -19,8 +18,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jax_vattention import CacheState
-from jax_vattention.cache import CacheRows
+from ..attention.dispatch import AttentionSpec, cache_attention
+from .protocol import CacheRows
+from .vattention import CacheState
 
 
 @jax.tree_util.register_dataclass
@@ -64,6 +64,10 @@ class StaticKVCache(CacheRows):
         """
         new_lengths = jnp.minimum(jnp.asarray(new_lengths, jnp.int32), self.max_seq)
         return self.with_state(CacheState(self.slots, new_lengths, new_lengths - self.lengths))
+
+    def attention(self, layer: int, q: jax.Array, lengths: jax.Array, spec: AttentionSpec) -> jax.Array:
+        """Attention of the pending tokens ``q [B, T, Hq, D]`` over ``layer``, read below ``lengths`` only."""
+        return cache_attention(q, self.k[layer], self.v[layer], self.slots, lengths, self.num_new, spec)
 
     def write(self, layer: int, k_new: jax.Array, v_new: jax.Array) -> tuple[jax.Array, StaticKVCache]:
         """Store the pending tokens of every row into ``layer``; returns ``(lengths [B], new cache)``.

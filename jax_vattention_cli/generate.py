@@ -1,108 +1,20 @@
-"""Command line: ``jax-vattention demo`` and ``jax-vattention generate``.
+"""``jax-vattention generate``: a Llama-family model (``models``) on the vAttention cache.
 
-``generate`` runs a Llama-family model (``models`` package) on the vAttention
-cache: by default the ``tiny`` preset with seeded random weights (no download),
-or ``--model DIR`` for a local Hugging Face checkpoint. It prints the generated
+By default the ``tiny`` preset with seeded random weights (no download), or
+``--model DIR`` for a local Hugging Face checkpoint. It prints the generated
 ids (or text, when the directory has ``tokenizer.json``), tokens/s, and the
 physical KV memory actually mapped vs what a static ``batch x max_seq`` cache
 would hold.
-
-The demo opens a vAttention cache, admits a few requests of ragged prompt
-lengths, runs a jit-compiled ``lax.while_loop`` of decode steps that grows each
-slot inside the graph through the FFI grow call (rows stop growing when their
-request finishes), and prints physical (mapped) vs reserved memory and what a
-static ``max_batch x max_seq`` cache would hold.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 MIB = 1 << 20
 
 
-def _fmt(nbytes: int) -> str:
-    return f"{nbytes / MIB:,.1f} MiB"
-
-
-def run_demo(args) -> int:
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to the page pool
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax import lax
-
-    import jax_vattention as jv
-
-    prompts = np.array(args.prompts, np.int32)
-    budgets = np.array(args.new_tokens, np.int32)
-    if len(prompts) != len(budgets):
-        raise SystemExit("error: --prompts and --new-tokens need the same number of values")
-    if (budgets <= 0).any():
-        raise SystemExit("error: every --new-tokens value must be positive")
-    cfg = jv.CacheConfig(
-        num_layers=args.layers, max_batch=args.max_batch, max_seq=args.max_seq,
-        kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
-    )
-    device = jv.default_device()
-    print(f"device: {device.device_kind if hasattr(device, 'device_kind') else device.platform}")
-    with jv.KVCacheManager(cfg) as m:
-        print(m)
-        if (prompts + budgets > m.max_seq).any():
-            raise SystemExit(f"error: a prompt plus its new tokens exceeds max_seq={m.max_seq}")
-        slots = np.array([m.allocate(int(p)) for p in prompts], np.int32)  # prefill-sized slots
-        print(f"admitted {len(slots)} requests into slots {slots.tolist()}, prompts {prompts.tolist()}")
-        print(f"  after admission: mapped {_fmt(m.stats().mapped_bytes)}")
-        cache = m.cache(slots, prompts)
-        maps_before = m.stats().maps
-        head = (cfg.kv_heads, cfg.head_dim)
-
-        @jax.jit
-        def generate(cache, budgets):
-            def cond(carry):
-                step, _ = carry
-                return step < budgets.max()
-
-            def body(carry):
-                step, state = carry
-                c = cache.with_state(state)
-                alive = (step < budgets).astype(jnp.int32)  # finished rows stop growing
-                c = c.grow(c.lengths + alive)
-                pos = c.lengths - 1
-                kv = (pos[:, None, None, None] + jnp.zeros((len(budgets), 1, *head))).astype(cfg.jnp_dtype)
-                for layer in range(cfg.num_layers):
-                    c.write(layer, kv, -kv)
-                return step + 1, c.state
-
-            return lax.while_loop(cond, body, (jnp.int32(0), cache.state))[1]
-
-        state = generate(cache, jnp.asarray(budgets))
-        lengths = np.asarray(state.lengths)
-        assert (lengths == prompts + budgets).all(), lengths
-        # Spot check: the token at the last position of each slot holds its position.
-        last = [float(m.k[cfg.num_layers - 1][int(s), int(n) - 1, 0, 0]) for s, n in zip(slots, lengths)]
-        assert last == [float(jnp.asarray(n - 1, cfg.jnp_dtype)) for n in lengths], last
-        st = m.stats()
-        static_bytes = 2 * cfg.num_layers * cfg.max_batch * m.max_seq * cfg.token_bytes
-        live_bytes = 2 * cfg.num_layers * int(lengths.sum()) * cfg.token_bytes
-        print(f"decoded {int(budgets.sum())} tokens in one jitted while_loop; final lengths {lengths.tolist()}")
-        print(f"  the loop's grow calls mapped {st.maps - maps_before} more pages as rows crossed page boundaries")
-        print(f"  reserved (virtual)        {_fmt(st.reserved_bytes)}")
-        print(f"  mapped (physical)         {_fmt(st.mapped_bytes)}  in {st.pages_mapped} pages of {_fmt(st.page_bytes)}")
-        print(f"  tokens actually cached    {_fmt(live_bytes)}")
-        print(f"  static max_batch x max_seq cache would hold {_fmt(static_bytes)} "
-              f"({static_bytes / max(st.mapped_bytes, 1):.1f}x the mapped memory)")
-        m.free(int(slots[0]))
-        print(f"freed slot {slots[0]}: {st.pages_mapped - m.stats().pages_mapped} pages unmapped "
-              f"(deferred reclamation keeps {m.stats().pages_mapped_free_slots} for reuse)")
-        print(f"trim(): unmapped {m.trim()} pages; mapped now {_fmt(m.stats().mapped_bytes)}")
-    print("closed: " + ("nothing reserved or mapped" if m.stats().reserved_bytes == 0 else "LEAK"))
-    return 0
-
-
-# -- generate -------------------------------------------------------------------
 def add_generate_parser(sub) -> None:
     g = sub.add_parser(
         "generate", help="generate with a Llama-family model on the vAttention cache",
@@ -116,7 +28,8 @@ def add_generate_parser(sub) -> None:
                    help="prompt as token ids, e.g. '1 2 3' or '1,2,3' (repeatable)")
     g.add_argument("--num-prompts", type=int, default=4, help="random prompts when none are given (default 4)")
     g.add_argument("--prompt-len", type=int, default=48, help="longest random prompt (default 48)")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=32,
+                   help="tokens to generate per prompt (default 32)")
     g.add_argument("--max-seq", type=int, default=None,
                    help="cache tokens per slot (default 32768, capped by the model)")
     g.add_argument("--max-batch", type=int, default=None, help="cache slots (default: number of prompts)")
@@ -137,7 +50,7 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--prefill-chunk", type=int, default=None, help="prefill at most this many tokens per call")
     g.add_argument("--decode-chunk", type=int, default=None, help="decode steps per jitted call")
     g.add_argument("--progress", default="auto", choices=["auto", "on", "off"],
-                   help="tqdm bar over decode chunks (auto: when max_new_tokens >= 128)")
+                   help="tqdm bar over decode chunks (auto: when max_tokens >= 128)")
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -154,18 +67,19 @@ def run_generate(args) -> int:
 
     import jax_vattention as jv
     import models
+    from jax_vattention.attention import AttentionSpec
     from models.errors import ModelError
 
     try:
-        return _generate(args, jax, np, jv, models)
+        return _generate(args, jax, np, jv, models, AttentionSpec)
     except (ModelError, jv.VAttentionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _generate(args, jax, np, jv, models) -> int:
-    if args.max_new_tokens <= 0:  # before loading weights: the cheapest checks first
-        raise models.GenerationInputError(f"max_new_tokens must be a positive int, got {args.max_new_tokens}")
+def _generate(args, jax, np, jv, models, AttentionSpec) -> int:
+    if args.max_tokens <= 0:  # before loading weights: the cheapest checks first
+        raise models.GenerationInputError(f"max_tokens must be a positive int, got {args.max_tokens}")
     platform = jv.default_device().platform  # honours jax.default_device
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if platform == "gpu" else "float32")
     tokenizer = None
@@ -196,29 +110,34 @@ def _generate(args, jax, np, jv, models) -> int:
     max_seq = args.max_seq or min(32768, cfg.max_position_embeddings)
     max_batch = args.max_batch or len(prompts)
     # Validate before any memory is reserved: bad input leaves nothing behind.
-    models.check_requests(prompts, args.max_new_tokens, vocab_size=cfg.vocab_size, max_seq=max_seq,
+    try:
+        params = [jv.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                    top_p=args.top_p, stop_token_ids=() if args.ignore_eos else (args.stop or ()),
+                                    ignore_eos=bool(args.ignore_eos or args.stop), seed=args.seed + i)
+                  for i in range(len(prompts))]
+    except ValueError as e:
+        raise models.GenerationInputError(str(e)) from None
+    models.check_requests(prompts, params, vocab_size=cfg.vocab_size, max_seq=max_seq,
                           max_batch=max_batch, sliding_window=cfg.sliding_window)
-    sampling = models.SamplingConfig(args.temperature, args.top_k, args.top_p)
-    progress = args.progress == "on" or (args.progress == "auto" and args.max_new_tokens >= 128)
-    decode_chunk = args.decode_chunk or (max(8, args.max_new_tokens // 20) if progress else None)
-    gen = models.Generator(model, attn=models.AttentionSpec(impl=args.attention, interpret=args.interpret))
-    stop = [] if args.ignore_eos else args.stop
-    kw = dict(max_new_tokens=args.max_new_tokens, stop_tokens=stop, sampling=sampling,
-              key=jax.random.key(args.seed), prefill_chunk=args.prefill_chunk, decode_chunk=decode_chunk,
-              progress=progress)
+    progress = args.progress == "on" or (args.progress == "auto" and args.max_tokens >= 128)
+    decode_chunk = args.decode_chunk
+    if decode_chunk is None and progress:
+        decode_chunk = max(8, args.max_tokens // 20)
+    gen = models.Generator(model, attn=AttentionSpec(impl=args.attention, interpret=args.interpret))
+    kw = dict(prefill_chunk=args.prefill_chunk, decode_chunk=decode_chunk, progress=progress)
     page_bytes = args.page_bytes or (2 * MIB if platform == "gpu" else 64 << 10)
     if args.cache == "static":
         cache = models.static_cache_for(cfg, max_batch=max_batch, max_seq=max_seq, dtype=dtype)
-        result = gen.generate(prompts, cache, **kw)
+        result = gen.generate(prompts, cache, params, **kw)
         stats = None
     else:
         # Page budget: what these requests can need (+1 page per tensor per request), not max_batch x max_seq.
         token_bytes = cfg.num_kv_heads * cfg.head_dim * np.dtype(jax.numpy.dtype(dtype)).itemsize
-        need = sum(-(-(len(p) + args.max_new_tokens) * token_bytes // page_bytes) + 1 for p in prompts)
+        need = sum(-(-(len(p) + args.max_tokens) * token_bytes // page_bytes) + 1 for p in prompts)
         cache_cfg = models.cache_config_for(cfg, max_batch=max_batch, max_seq=max_seq, dtype=dtype,
                                             page_bytes=page_bytes, pool_bytes=2 * cfg.num_layers * need * page_bytes)
         with jv.KVCacheManager(cache_cfg) as manager:
-            result = gen.generate(prompts, manager, **kw)
+            result = gen.generate(prompts, manager, params, **kw)
             stats = manager.stats()
         assert manager.stats().reserved_bytes == 0 and manager.stats().pages_mapped == 0
     _report(result, prompts, tokenizer, cfg, stats, max_seq, args.cache)
@@ -253,36 +172,3 @@ def _report(result, prompts, tokenizer, cfg, stats, max_seq, cache_kind) -> None
     print(f"  static cache {len(prompts)} x {max_seq:<9} {_size(result.static_bytes)}{ratio}")
     if stats is not None:
         print("closed: nothing reserved or mapped")
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jax-vattention", description="vAttention KV caches for JAX")
-    sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="grow a vAttention cache inside a jitted decode loop and print memory")
-    demo.add_argument("--layers", type=int, default=4)
-    demo.add_argument("--max-batch", type=int, default=8)
-    demo.add_argument("--max-seq", type=int, default=16384)
-    demo.add_argument("--kv-heads", type=int, default=4)
-    demo.add_argument("--head-dim", type=int, default=64)
-    demo.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    demo.add_argument("--prompts", type=int, nargs="+", default=[100, 3000, 5000, 700])
-    demo.add_argument("--new-tokens", type=int, nargs="+", default=[300, 1200, 50, 900])
-    add_generate_parser(sub)
-    from .engine.serve_cli import add_serve_parser, run_serve
-
-    add_serve_parser(sub)
-    args = parser.parse_args(argv)
-    if args.command in (None, "demo"):
-        if args.command is None:
-            args = parser.parse_args(["demo", *(argv or sys.argv[1:])])
-        return run_demo(args)
-    if args.command == "generate":
-        return run_generate(args)
-    if args.command == "serve":
-        return run_serve(args)
-    parser.error(f"unknown command {args.command}")
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

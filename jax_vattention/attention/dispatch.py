@@ -1,4 +1,4 @@
-"""Attention over a KV cache ``[MB, S, Hkv, D]`` for the model: kernels or jnp, chosen statically.
+"""The engine's kernel dispatch: attention over a cache ``[MB, S, Hkv, D]``, kernels or jnp, chosen statically.
 
 Two implementations, one contract (read slot ``slots[b]`` only below the row's
 length, which must come from ``KVCache.write``):
@@ -26,8 +26,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jax_vattention import attention as vattn
-from jax_vattention.attention import common as vattn_common
+from ..manager import default_device
+from . import common
+from .decode import decode_attention
+from .prefill import chunked_prefill_attention
 
 KERNEL_DTYPES = ("bfloat16", "float16")
 KERNEL_HEAD_DIMS = (64, 128)
@@ -62,8 +64,7 @@ class AttentionSpec:
         """The KV tile the kernels will use on slots of ``seq_len`` tokens (their default when ``block_k`` is None)."""
         if self.block_k:
             return self.block_k
-        default = getattr(vattn_common, "default_block_k", None)
-        return default(head_dim, seq_len) if default else (64 if head_dim == 128 else 128)
+        return common.default_block_k(head_dim, seq_len)
 
     def with_max_len(self, max_len: int | None) -> AttentionSpec:
         return dataclasses.replace(self, max_len=max_len)
@@ -71,10 +72,7 @@ class AttentionSpec:
 
 def default_platform() -> str:
     """Platform of the device jit places computations on (honours ``jax.default_device``)."""
-    dev = jax.config.jax_default_device
-    if isinstance(dev, str):
-        return jax.devices(dev)[0].platform
-    return (dev if dev is not None else jax.devices()[0]).platform
+    return default_device().platform
 
 
 # -- jnp reference (any dtype, fp32 maths) -------------------------------------
@@ -149,8 +147,8 @@ def cache_attention(q, k_cache, v_cache, slots, lengths, num_new, spec: Attentio
     if spec.impl == "kernel":
         kw = dict(max_len=spec.max_len, interpret=spec.interpret, block_k=spec.block_k)
         if decode:
-            return vattn.decode_attention(q[:, 0], k_cache, v_cache, slots, lengths, **kw)[:, None]
-        return vattn.chunked_prefill_attention(q, k_cache, v_cache, slots, lengths - num_new, num_new, **kw)
+            return decode_attention(q[:, 0], k_cache, v_cache, slots, lengths, **kw)[:, None]
+        return chunked_prefill_attention(q, k_cache, v_cache, slots, lengths - num_new, num_new, **kw)
     if decode:
         return decode_attention_reference(q[:, 0], k_cache, v_cache, slots, lengths, window=window)[:, None]
     return prefill_attention_reference(q, k_cache, v_cache, slots, lengths - num_new, num_new, window=window)

@@ -40,9 +40,8 @@ def run_serve(args) -> int:
 
     import models
     from jax_vattention import VAttentionError, default_device
-
-    from . import LLM
-    from .workloads import long_context, sharegpt_like
+    from jax_vattention.engine import LLM
+    from jax_vattention.engine.workloads import long_context, sharegpt_like
 
     for name in ("requests", "max_batch", "token_budget", "chunk_size"):
         if getattr(args, name) <= 0:

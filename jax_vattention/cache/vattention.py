@@ -3,8 +3,8 @@
     cache = manager.cache(slots, lengths)           # views + per-row state
     cache = cache.grow(cache.lengths + 1)           # map pages for one more token
     for layer in range(L):
-        lengths = cache.write(layer, k, v)          # k, v: [B, 1, Hkv, D]
-        out = attention(q, cache.k[layer], cache.v[layer], cache.slots, lengths)
+        lengths, cache = cache.write(layer, k, v)   # k, v: [B, 1, Hkv, D]; the same views come back
+        out = cache.attention(layer, q, lengths, AttentionSpec())
 
 Rules that keep it copy-free:
   * The views (``k``, ``v``) are ordinary, non-donated jit arguments, read only.
@@ -18,12 +18,15 @@ Rules that keep it copy-free:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import ops
+from .. import ops
+from ..attention.dispatch import AttentionSpec, cache_attention
+from .protocol import CacheRows
 
 
 @jax.tree_util.register_dataclass
@@ -31,25 +34,9 @@ from . import ops
 class CacheState:
     """The per-row part of a KVCache: safe to return from a top-level jit."""
 
-    slots: jax.Array  # [B] int32, slot of each batch row, -1 for padding rows
-    lengths: jax.Array  # [B] int32, tokens in the cache (after grow: including pending ones)
-    num_new: jax.Array  # [B] int32, tokens the last grow added; each layer's write stores them
-
-
-class CacheRows:
-    """What every cache (vAttention, paged, static) forwards from its ``state``: the rows it serves."""
-
-    @property
-    def slots(self) -> jax.Array:
-        return self.state.slots  # [B] int32
-
-    @property
-    def lengths(self) -> jax.Array:
-        return self.state.lengths  # [B] int32
-
-    def with_state(self, state):
-        """The same buffers with other per-row state (e.g. a ``state`` a jitted step returned)."""
-        return dataclasses.replace(self, state=state)
+    slots: jax.Array | np.ndarray  # [B] int32, slot of each batch row, -1 for padding rows
+    lengths: jax.Array | np.ndarray  # [B] int32, tokens in the cache (after grow: including pending ones)
+    num_new: jax.Array | np.ndarray  # [B] int32, tokens the last grow added; each layer's write stores them
 
 
 @jax.tree_util.register_dataclass
@@ -58,9 +45,11 @@ class KVCache(CacheRows):
     k: tuple[jax.Array, ...]  # L x [MB, S, Hkv, D] zero-copy views
     v: tuple[jax.Array, ...]  # L x [MB, S, Hkv, D]
     state: CacheState
-    manager: object = dataclasses.field(metadata=dict(static=True))
+    manager: Any = dataclasses.field(metadata=dict(static=True))
     # Writes as pure calls ordered only by their lengths (see ``for_step`` and ``ops.write``).
     pure_writes: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    donates: ClassVar[bool] = False  # the views are the manager's memory: read in place, never donated
 
     @classmethod
     def create(cls, manager, slots, lengths) -> KVCache:
@@ -103,12 +92,31 @@ class KVCache(CacheRows):
         lengths = ops.grow(self.manager, self.slots, new_lengths)
         return self.with_state(CacheState(self.slots, lengths, lengths - self.lengths))
 
-    def write(self, layer: int, k_new: jax.Array, v_new: jax.Array) -> jax.Array:
-        """Write the pending tokens of every row into ``layer``; returns lengths [B].
+    def write(self, layer: int, k_new: jax.Array, v_new: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Write the pending tokens of every row into ``layer``; returns ``(lengths [B], self)``.
+
+        The views are written in place, so the same cache comes back.
 
         ``k_new``/``v_new`` are ``[B, T, Hkv, D]``; row b stores its first
         ``num_new[b]`` tokens at positions ``[lengths[b] - num_new[b], lengths[b])``.
         """
         starts = self.lengths - self.state.num_new
-        return ops.write(self.manager, layer, k_new, v_new, self.slots, starts, self.state.num_new,
-                         has_side_effect=not self.pure_writes)
+        lengths = ops.write(self.manager, layer, k_new, v_new, self.slots, starts, self.state.num_new,
+                            has_side_effect=not self.pure_writes)
+        return lengths, self
+
+    def attention(self, layer: int, q: jax.Array, lengths: jax.Array, spec: AttentionSpec) -> jax.Array:
+        """Attention of the pending tokens ``q [B, T, Hq, D]`` over ``layer``, read below ``lengths`` only."""
+        if spec.impl == "auto":
+            spec = spec.resolve(self.k[layer].dtype, q.shape[-1], self.manager.device.platform)
+        return cache_attention(q, self.k[layer], self.v[layer], self.slots, lengths, self.num_new, spec)
+
+    def export(self) -> CacheState:
+        """What a top-level jit returns: the per-row state only (returning a view would copy the cache)."""
+        return self.state
+
+    def restore(self, exported: CacheState) -> KVCache:
+        return self.with_state(exported)
+
+    def __repr__(self) -> str:  # never the views: printing one reads unmapped pages
+        return f"KVCache(manager={self.manager!r}, rows={jax.numpy.shape(self.state.slots)[0]})"

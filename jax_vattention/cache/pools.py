@@ -1,24 +1,17 @@
-"""Where the engine keeps K/V: the vAttention cache, or a baseline at the same memory budget.
+"""The pools of the vAttention cache and the static baseline (the paged one is in ``paged_pool.py``).
 
-A pool is the host side the scheduler talks to (slots, pages, accounting) plus
-the factory of one step's jit-side cache:
+A pool implements ``protocol.KVPool``: the host side the scheduler talks to
+(slots, pages, accounting) plus the factory of one step's jit-side cache:
 
 * ``VAttentionPool``: a ``KVCacheManager`` (virtual ranges; pages mapped as
   contexts grow). Its steps read the views in place (nothing donated).
 * ``StaticPool``: ``max_batch x max_seq`` XLA buffers, the classic
   preallocated cache; a slot is a whole ``max_seq`` row, so at a fixed budget
   it holds ``budget / (max_seq x bytes per token)`` requests.
-* ``models.paged_cache.PagedKVPool``: vLLM-style block tables with JAX's Pallas
+* ``PagedKVPool`` (``paged_pool.py``): vLLM-style block tables with JAX's Pallas
   ``paged_attention``.
 
-The protocol (duck-typed): ``max_batch``, ``max_seq``, ``donate``;
-``allocate(min_tokens)``, ``grow(slot, tokens)``, ``free(slot)``,
-``capacity(slot)``; ``pages_needed(tokens)``, ``pages_total()``,
-``pages_live()``; ``memory()`` (bytes mapped into slots, device bytes held);
-``cache(slots, starts, counts)`` (the rows of one step with ``counts`` tokens
-pending, as ``KVCache.for_step`` makes them); ``adopt(cache)`` (take back a donated step's buffers); ``check_errors()``
-(after each step); ``close()``.
-Growing raises ``PoolExhaustedError`` and changes nothing when pages run out.
+Running out of pages and memory-API faults come back as ``GrowResult`` values.
 """
 
 from __future__ import annotations
@@ -26,10 +19,14 @@ from __future__ import annotations
 import contextlib
 import math
 
+import jax
 import numpy as np
 
-from ..errors import CacheClosedError, CacheValueError, PoolExhaustedError
+from ..errors import BackendError, CacheClosedError, CacheValueError, PoolExhaustedError
 from ..manager import KVCacheManager
+from .protocol import GROWN, Allocation, GrowResult
+from .static import StaticKVCache
+from .vattention import CacheState, KVCache
 
 
 class VAttentionPool:
@@ -39,8 +36,6 @@ class VAttentionPool:
     ablation of vAttention's deferred reclamation); otherwise they stay mapped
     in the free slot and best-fit admission reuses them.
     """
-
-    donate = False
 
     def __init__(self, manager: KVCacheManager, *, deferred_reclaim: bool = True):
         self.manager = manager
@@ -54,16 +49,29 @@ class VAttentionPool:
         # every step, and most of those grows map nothing.
         self._capacity: dict[int, int] = {}
 
-    def allocate(self, min_tokens: int = 0) -> int:
-        slot = self.manager.allocate(min_tokens)
+    def allocate(self, min_tokens: int = 0) -> Allocation:
+        try:
+            slot = self.manager.allocate(min_tokens)
+        except PoolExhaustedError as e:
+            return Allocation(None, GrowResult.out_of_pages(str(e)))
+        except BackendError as e:
+            return Allocation(None, GrowResult.backend_fault(str(e)))
         self._capacity[slot] = self.manager.capacity(slot)
-        return slot
+        return Allocation(slot, GROWN)
 
-    def grow(self, slot: int, tokens: int) -> None:
+    def grow(self, slot: int, tokens: int) -> GrowResult:
         if slot in self._capacity and 0 <= tokens <= self._capacity[slot]:
-            return
-        self.manager.grow(slot, tokens)
+            if self.manager.closed:
+                raise CacheClosedError("the cache manager is closed")
+            return GROWN
+        try:
+            self.manager.grow(slot, tokens)
+        except PoolExhaustedError as e:
+            return GrowResult.out_of_pages(str(e))
+        except BackendError as e:
+            return GrowResult.backend_fault(str(e))
         self._capacity[slot] = self.manager.capacity(slot)
+        return GROWN
 
     def free(self, slot: int) -> None:
         self.manager.free(slot)
@@ -98,16 +106,14 @@ class VAttentionPool:
         for s in slots:
             self.manager.free(s)
 
-    def cache(self, slots, starts, counts):
+    def cache(self, slots, starts, counts) -> KVCache:
         """The step's rows with ``counts`` tokens pending: host arrays, no device work until the jit call."""
-        from ..cache import KVCache
-
         if self.manager.closed:
             raise CacheClosedError("the cache manager is closed")
         return KVCache.for_step(self.manager, slots, starts, counts)
 
-    def adopt(self, cache) -> None:
-        pass  # the views were written in place
+    def adopt(self, exported) -> None:
+        pass  # the views were written in place; the step returned only the rows' state
 
     def check_errors(self) -> None:
         """Raise a write the GPU refused (past a slot's backed pages); the steps themselves call no grow."""
@@ -124,14 +130,8 @@ class StaticPool:
     tokens per slot (at most ``max_batch``). Pages are whole slots.
     """
 
-    donate = True
-
     def __init__(self, *, num_layers: int, max_batch: int, max_seq: int, kv_heads: int, head_dim: int, dtype,
                  pool_bytes: int | None = None, device=None):
-        import jax
-
-        from models.static_cache import StaticKVCache
-
         slot_bytes = 2 * num_layers * max_seq * kv_heads * head_dim * np.dtype(dtype).itemsize
         if pool_bytes is not None:
             max_batch = min(max_batch, pool_bytes // slot_bytes)
@@ -140,7 +140,8 @@ class StaticPool:
                     f"pool_bytes={pool_bytes} cannot hold one static slot of max_seq={max_seq} ({slot_bytes} bytes)")
         self.max_batch, self.max_seq = int(max_batch), int(max_seq)
         with jax.default_device(device) if device is not None else contextlib.nullcontext():
-            self._cache = StaticKVCache.create(num_layers, self.max_batch, max_seq, kv_heads, head_dim, dtype)
+            self._cache: StaticKVCache | None = StaticKVCache.create(num_layers, self.max_batch, max_seq, kv_heads,
+                                                                     head_dim, dtype)
         self._bytes = self._cache.nbytes
         self._length = np.full(self.max_batch, -1, np.int64)  # -1: free
 
@@ -151,22 +152,27 @@ class StaticPool:
             raise CacheValueError(f"slot {slot!r} is not an allocated slot of this static pool")
         return int(slot)
 
-    def allocate(self, min_tokens: int = 0) -> int:
+    def allocate(self, min_tokens: int = 0) -> Allocation:
         if self._cache is None:
             raise CacheClosedError("the static pool is closed")
         free = np.flatnonzero(self._length < 0)
         if not len(free):
-            raise PoolExhaustedError(f"all {self.max_batch} static slots are in use")
+            return Allocation(None, GrowResult.out_of_pages(f"all {self.max_batch} static slots are in use"))
         slot = int(free[0])
         self._length[slot] = 0
-        self.grow(slot, min_tokens)
-        return slot
+        try:
+            self.grow(slot, min_tokens)
+        except BaseException:
+            self._length[slot] = -1
+            raise
+        return Allocation(slot, GROWN)
 
-    def grow(self, slot: int, tokens: int) -> None:
+    def grow(self, slot: int, tokens: int) -> GrowResult:
         slot = self._slot(slot)
-        if not 0 <= tokens <= self.max_seq:
-            raise CacheValueError(f"tokens={tokens} is outside [0, max_seq={self.max_seq}]")
+        if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or not 0 <= tokens <= self.max_seq:
+            raise CacheValueError(f"tokens={tokens!r} is outside [0, max_seq={self.max_seq}]")
         self._length[slot] = max(self._length[slot], tokens)
+        return GROWN
 
     def free(self, slot: int) -> None:
         self._length[self._slot(slot)] = -1
@@ -187,17 +193,15 @@ class StaticPool:
     def memory(self) -> tuple[int, int]:
         return self._bytes, self._bytes  # all of it, from construction
 
-    def cache(self, slots, starts, counts):
+    def cache(self, slots, starts, counts) -> StaticKVCache:
         if self._cache is None:
             raise CacheClosedError("the static pool is closed")
-        from jax_vattention import CacheState
-
         starts, counts = np.asarray(starts, np.int32), np.asarray(counts, np.int32)
         state = CacheState(np.asarray(slots, np.int32), starts + counts, counts)
         return self._cache.with_state(state)
 
-    def adopt(self, cache) -> None:
-        self._cache = cache
+    def adopt(self, exported: StaticKVCache) -> None:
+        self._cache = exported  # the step donated the buffers and returned the new ones
 
     def check_errors(self) -> None:
         pass  # XLA scatters drop out-of-range writes

@@ -1,0 +1,183 @@
+"""``ModelRunner``: lays a scheduled step out for the device, buckets its shapes, jits and warms it up.
+
+A step is flat tokens in row groups (``segments``): decodes ``[Bd] x 1`` and
+prefill chunks ``[Bp] x T``. The projections and MLP run once over all tokens
+(one pass over the weights), and each group gets its own attention kernel.
+Sampling runs on the device, so a step returns ``[R]`` token ids, not logits.
+``Bd``, ``Bp`` and ``T`` are bucketed to powers of two (``inputs.bucket``), so a
+long run compiles few shapes (``num_compiled``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..attention.dispatch import AttentionSpec
+from ..cache import KVPool
+from ..inputs import bucket
+from ..sampling import SamplingRows, sample_rows, sampling_mode
+from .config import EngineConfig
+from .protocol import CausalLM, Segment
+from .scheduler import Chunk, SchedulerOutput
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """One step's device inputs besides the model and the cache."""
+
+    tokens: Any  # [N] int32, flat tokens of every row group
+    positions: Any  # [N] int32
+    logit_index: Any  # [R] int32, flat index of each row's last token
+    sampling: SamplingRows  # [R] each
+
+    @classmethod
+    def padding(cls, segments: tuple[Segment, ...]) -> StepInputs:
+        """Inputs of ``segments`` whose rows all hold padding (warmup)."""
+        rows, n_tok = segments[-1][1], sum((r1 - r0) * t for r0, r1, t in segments)
+        zeros = np.zeros(n_tok, np.int32)
+        return cls(zeros, zeros.copy(), np.zeros(rows, np.int32), SamplingRows.padding(rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepLayout:
+    """A scheduled step laid out on the host: the rows' cache coordinates and their inputs."""
+
+    segments: tuple[Segment, ...]
+    slots: np.ndarray  # [R] int32
+    starts: np.ndarray  # [R] int32, tokens cached before the step
+    counts: np.ndarray  # [R] int32, tokens the step writes
+    inputs: StepInputs
+    mode: str  # static sampling mode (``sampling.MODES``)
+    chunks: list[tuple[int, Chunk]]  # (row, chunk) of every real row
+
+
+class ModelRunner:
+    """Runs a ``CausalLM`` on one pool's caches: layout, bucketing, jit, warmup."""
+
+    def __init__(self, model: CausalLM, pool: KVPool, config: EngineConfig, attn: AttentionSpec):
+        from flax import nnx  # the runner splits any NNX module; models implement CausalLM with it
+
+        self.pool = pool
+        self.config = config
+        self.attn = attn
+        self.graphdef, self.params = nnx.split(model)
+        self._jits: dict[bool, Any] = {}  # donate-the-cache -> jitted step
+        self._shapes: set[tuple] = set()
+
+    # -- layout ------------------------------------------------------------------
+    def layout(self, out: SchedulerOutput) -> StepLayout:
+        c = self.config
+        groups: list[tuple[list[Chunk], int, int]] = []  # (chunks, rows, T)
+        if out.decodes:
+            groups.append((out.decodes, bucket(len(out.decodes), c.max_batch, c.min_decode_bucket), 1))
+        if out.prefills:
+            t = bucket(max(ch.num_tokens for ch in out.prefills), c.chunk_size, c.min_prefill_bucket)
+            groups.append((out.prefills, bucket(len(out.prefills), c.max_prefill_rows), t))
+        segments, row, n_tok = [], 0, 0
+        for _, n_rows, t in groups:
+            segments.append((row, row + n_rows, t))
+            row, n_tok = row + n_rows, n_tok + n_rows * t
+        inputs = StepInputs.padding(tuple(segments))
+        pad_slot = (out.decodes or out.prefills)[0].request.slot  # padding rows: count 0 on a live slot
+        slots = np.full(row, pad_slot, np.int32)
+        starts, counts = np.zeros(row, np.int32), np.zeros(row, np.int32)
+        chunks = []
+        for (group, _, t), (r0, _, _) in zip(groups, segments):
+            off = sum((s1 - s0) * st for s0, s1, st in segments if s0 < r0)
+            for i, ch in enumerate(group):
+                r, b, o = ch.request, r0 + i, off + i * t
+                assert r.slot is not None  # scheduled requests hold a slot
+                inputs.tokens[o:o + ch.num_tokens] = r.token_slice(ch.start, ch.num_tokens)
+                inputs.positions[o:o + ch.num_tokens] = np.arange(ch.start, ch.start + ch.num_tokens)
+                slots[b], starts[b], counts[b] = r.slot, ch.start, ch.num_tokens
+                inputs.logit_index[b] = o + ch.num_tokens - 1
+                inputs.sampling.set_row(b, r.params, len(r.output))
+                chunks.append((b, ch))
+        mode = sampling_mode([ch.request.params for _, ch in chunks])
+        return StepLayout(tuple(segments), slots, starts, counts, inputs, mode, chunks)
+
+    # -- device ------------------------------------------------------------------
+    def _forward(self, graphdef, params, cache, inputs: StepInputs, *, segments, mode):
+        from flax import nnx
+
+        model = nnx.merge(graphdef, params)
+        logits, cache = model.forward_segments(inputs.tokens, inputs.positions, cache, segments, attn=self.attn,
+                                               logit_index=inputs.logit_index)  # [R, V]
+        return sample_rows(logits.astype(jnp.float32), inputs.sampling, mode), cache.export()
+
+    def _jit(self, donates: bool):
+        if donates not in self._jits:
+            self._jits[donates] = jax.jit(self._forward, static_argnames=("graphdef", "segments", "mode"),
+                                          donate_argnames=("cache",) if donates else ())
+        return self._jits[donates]
+
+    def _call(self, segments, mode, cache, inputs: StepInputs):
+        # host arrays go straight in: jit's C++ fast path transfers them (the step has no effects)
+        next_tokens, exported = self._jit(cache.donates)(self.graphdef, self.params, cache, inputs,
+                                                         segments=segments, mode=mode)
+        self.pool.adopt(exported)
+        self._shapes.add((segments, mode))
+        return next_tokens
+
+    def dispatch(self, step: StepLayout) -> jax.Array:
+        """Run the step asynchronously; returns the sampled ``next_tokens [R]`` (a device array)."""
+        cache = self.pool.cache(step.slots, step.starts, step.counts)
+        return self._call(step.segments, step.mode, cache, step.inputs)
+
+    # -- shapes ------------------------------------------------------------------
+    def step_shapes(self) -> list[tuple[Segment, ...]]:
+        """Every row-group layout the bucketing can produce."""
+        c = self.config
+        decode = sorted({bucket(n, c.max_batch, c.min_decode_bucket) for n in range(1, c.max_batch + 1)})
+        rows = sorted({bucket(n, c.max_prefill_rows) for n in range(1, c.max_prefill_rows + 1)})
+        chunk = sorted({bucket(n, c.chunk_size, c.min_prefill_bucket) for n in range(1, c.chunk_size + 1)})
+        layouts: list[tuple[Segment, ...]] = [((0, d, 1),) for d in decode]
+        for d in [0, *decode]:
+            layouts += [((0, d, 1), (d, d + p, t))[1 if d == 0 else 0:] for p in rows for t in chunk]
+        return layouts
+
+    @property
+    def num_compiled(self) -> int:
+        """Distinct step shapes (row groups, sampling mode) compiled so far."""
+        return len(self._shapes)
+
+    def warmup(self, modes=("greedy",), *, compile_threads: int = 1) -> float:
+        """Compile every step shape (``step_shapes`` x ``modes``) now, so timed runs never compile; returns seconds.
+
+        Shapes are lowered one by one, compiled on ``compile_threads`` threads
+        (XLA compiles outside the GIL), then run once each with padding rows
+        only, which finds the compiled executables in jax's cache.
+        """
+        t0 = time.perf_counter()
+        alloc = self.pool.allocate(1)  # the jnp reference reads token 0 even at length 0: keep it backed
+        if alloc.slot is None:
+            raise RuntimeError(f"warmup could not take a slot: {alloc.result}")
+        slot = alloc.slot
+        try:
+            jobs = [(segments, mode) for segments in self.step_shapes() for mode in modes]
+
+            def cache_for(segments):
+                zeros = np.zeros(segments[-1][1], np.int32)
+                return self.pool.cache(np.full(zeros.shape, slot, np.int32), zeros, zeros)  # nothing is written
+
+            if compile_threads > 1 and len(jobs) > 1:
+                lowered = []
+                for sg, m in jobs:
+                    cache = cache_for(sg)
+                    lowered.append(self._jit(cache.donates).lower(self.graphdef, self.params, cache,
+                                                                  StepInputs.padding(sg), segments=sg, mode=m))
+                with concurrent.futures.ThreadPoolExecutor(compile_threads) as ex:
+                    list(ex.map(lambda low: low.compile(), lowered))
+            for segments, mode in jobs:
+                self._call(segments, mode, cache_for(segments), StepInputs.padding(segments)).block_until_ready()
+        finally:
+            self.pool.free(slot)
+        return time.perf_counter() - t0

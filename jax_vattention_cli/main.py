@@ -1,0 +1,33 @@
+"""The ``jax-vattention`` command: ``demo``, ``generate`` and ``serve`` (``--help`` on each)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .demo import add_demo_parser, run_demo
+from .generate import add_generate_parser, run_generate
+from .serve import add_serve_parser, run_serve
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="jax-vattention", description="vAttention KV caches for JAX")
+    sub = parser.add_subparsers(dest="command")
+    add_demo_parser(sub)
+    add_generate_parser(sub)
+    add_serve_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command in (None, "demo"):
+        if args.command is None:
+            args = parser.parse_args(["demo", *(argv or sys.argv[1:])])
+        return run_demo(args)
+    if args.command == "generate":
+        return run_generate(args)
+    if args.command == "serve":
+        return run_serve(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
