@@ -104,7 +104,7 @@ def decode_loop(steps: int, hkv: int, head_dim: int, grow: bool):
                 qkv = h @ w["qkv"]  # [B, d_model + 2*Hkv*D]
                 k = qkv[:, d_model : d_model + hkv * head_dim].reshape(B, 1, hkv, head_dim)
                 v = qkv[:, d_model + hkv * head_dim :].reshape(B, 1, hkv, head_dim)
-                lens = c.write(layer, k, v)
+                lens, c = c.write(layer, k, v)
                 # Read row 0's token back (ordered by `lens`) so the write is on the data path.
                 # A scalar dynamic_slice: a vmapped one becomes a gather, for which XLA
                 # may copy the whole view into another layout.

@@ -26,7 +26,7 @@ from jax import lax
 import jax_vattention as jv
 from jax_vattention import ops
 from jax_vattention.errors import CacheClosedError, CacheValueError
-from jax_vattention.hlo import assert_no_cache_copy
+from jax_vattention.hlo import assert_no_cache_copy, cache_sized_copies, copied_element_counts
 
 PAGE = 4096
 L, MB, S, H, D = 3, 4, 128, 2, 16  # default cache: 3 layers x [4, 128, 2, 16]
@@ -180,7 +180,7 @@ def test_fori_loop_decode_writes_every_step(dtype):
                 # [B, 1, Hkv, D]
                 k = jnp.stack([decode_value(i, b, layer, 0, cfg.jnp_dtype) for b in range(3)])[:, None]
                 v = jnp.stack([decode_value(i, b, layer, 1, cfg.jnp_dtype) for b in range(3)])[:, None]
-                lens = cache.write(layer, k, v)
+                lens, cache = cache.write(layer, k, v)
                 # Read back the token just written, indexed by the lengths write returned.
                 got = [lax.dynamic_slice(view, (jnp.maximum(cache.slots[b], 0), lens[b] - 1, 0, 0), (1, 1, H, D))[0, 0]
                        for view in (cache.k[layer], cache.v[layer]) for b in (0, 2)]
@@ -272,7 +272,7 @@ def test_duplicate_rows_and_finished_rows(manager):
     @jax.jit
     def step(cache, x):  # x: [B, 1, Hkv, D]
         cache = cache.grow(cache.lengths + jnp.array([1, 1, 0], jnp.int32))
-        return cache.state, cache.write(0, x, x)
+        return cache.state, cache.write(0, x, x)[0]
 
     x = pattern((3, 1, H, D), 13, np.float32)
     state, lens = step(cache, x)
@@ -326,7 +326,7 @@ SPARSE_SCRIPT = textwrap.dedent(
         cache = cache.grow(cache.lengths + 1)
         got = []
         for layer in range(2):
-            lens = cache.write(layer, kv + layer, -kv - layer)
+            lens, cache = cache.write(layer, kv + layer, -kv - layer)
             got.append(lax.dynamic_slice(cache.k[layer], (cache.slots[2], lens[2] - 1, 0, 0), (1, 1, 2, 16)))
             got.append(lax.dynamic_slice(cache.v[layer], (cache.slots[0], lens[0] - 1, 0, 0), (1, 1, 2, 16)))
         return cache, jnp.concatenate(got)  # [4, 1, Hkv, D]
@@ -469,23 +469,13 @@ def test_close_waits_for_computations_in_flight(mode):
 
 # -- the no-copy guarantee, in the compiled HLO -----------------------------------------
 
-_COPY = re.compile(r"=\s*(?P<shape>.+?)\s+(?P<op>copy|copy-start)\(")
-_SHAPE = re.compile(r"\b[a-z]+[0-9]*\[([0-9,]*)\]")
+def hlo_copies(hlo: str) -> list[int]:
+    """Element counts of every copy / copy-start / transpose result: the project's one parser (``jax_vattention.hlo``)."""
+    return copied_element_counts(hlo)
 
 
-def hlo_copies(hlo: str) -> list[tuple[str, int]]:
-    """(instruction line, largest element count among its result shapes) of every copy/copy-start."""
-    found = []
-    for line in hlo.splitlines():
-        match = _COPY.search(line)
-        if match:
-            sizes = [math.prod(int(d) for d in dims.split(",") if d) for dims in _SHAPE.findall(match["shape"])]
-            found.append((line.strip(), max(sizes, default=0)))
-    return found
-
-
-def big_copies(hlo: str, tensor_elements: int) -> list[str]:
-    return [line for line, n in hlo_copies(hlo) if n >= tensor_elements]
+def big_copies(hlo: str, tensor_elements: int) -> list[int]:
+    return cache_sized_copies(hlo, tensor_elements)
 
 
 def compiled_hlo(f, *args) -> str:
@@ -499,8 +489,8 @@ def test_hlo_copy_parser():
       %copy.1 = s32[] copy(%x)
       %add = f32[4,128,2,16]{3,2,1,0} add(%a, %b)
     """
-    assert [n for _, n in hlo_copies(text)] == [4 * 128 * 2 * 16, 128, 1]
-    assert len(big_copies(text, 128)) == 2
+    assert hlo_copies(text) == [4 * 128 * 2 * 16, 128, 128, 1, 1]  # every result of a tuple-shaped copy-start
+    assert len(big_copies(text, 128)) == 3
 
 
 def model_step(cache, x):
@@ -508,7 +498,7 @@ def model_step(cache, x):
     cache = cache.grow(cache.lengths + 1)
     reads = []
     for layer in range(L):
-        lens = cache.write(layer, x + layer, x - layer)  # x: [B, 1, Hkv, D]
+        lens, cache = cache.write(layer, x + layer, x - layer)  # x: [B, 1, Hkv, D]
         start = (jnp.maximum(cache.slots[0], 0), lens[0] - 1, 0, 0)
         reads.append(lax.dynamic_slice(cache.k[layer], start, (1, 1, H, D)))
     return cache, jnp.concatenate(reads)
@@ -751,12 +741,12 @@ def test_jit_compiled_before_close_fails_cleanly_after():
     @jax.jit
     def step(cache, x):  # grows and writes through the KVCache, returns the state only
         cache = cache.grow(cache.lengths + 1)
-        return cache.write(0, x, x)
+        return cache.write(0, x, x)[0]  # the lengths only: returning the cache would copy the views
 
     @jax.jit
     def step_reading(cache, x):
         cache = cache.grow(cache.lengths + 1)
-        lens = cache.write(0, x, x)
+        lens, cache = cache.write(0, x, x)
         return lax.dynamic_slice(cache.k[0], (cache.slots[0], lens[0] - 1, 0, 0), (1, 1, H, D))
 
     f(i32([slot]), i32([1]), i32([0]), i32([1]), k)

@@ -166,7 +166,7 @@ SPARSE_STEP = """
     def steps(cache, kv):
         def body(i, state):
             c = cache.with_state(state).grow(state.lengths + 1)
-            lens = c.write(0, kv, kv)
+            lens, c = c.write(0, kv, kv)
             c.write(1, kv, kv)
             got = lax.dynamic_slice(c.k[0], (c.slots[0], lens[0] - 1, 0, 0), (1, 1, 8, 128))
             return c.state, got

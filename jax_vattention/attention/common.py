@@ -95,14 +95,18 @@ def default_sm_scale(head_dim: int, sm_scale: float | None) -> float:
     return float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(head_dim)
 
 
-def check_cache(k_cache, v_cache):
+def check_cache(k_cache, v_cache, *, kernel: bool = True):
+    """``(MB, S, Hkv, D)`` of a K/V cache pair. The kernels need bf16/fp16 and head_dim 64/128;
+    the references (``kernel=False``) take any float dtype (e.g. the CPU's fp32 caches) and head_dim."""
     if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache/v_cache must both be [MB, S, Hkv, D], got {k_cache.shape} and {v_cache.shape}")
-    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-        raise ValueError(f"cache dtype must be bfloat16 or float16 (same for K and V), got {k_cache.dtype}, "
-                         f"{v_cache.dtype}")
+    dtypes = [jnp.dtype(d) for d in (SUPPORTED_DTYPES if kernel else (*SUPPORTED_DTYPES, jnp.float32))]
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in dtypes:
+        raise ValueError(f"cache dtype must be one of {[d.name for d in dtypes]} (same for K and V), got "
+                         f"{k_cache.dtype}, {v_cache.dtype}" + ("; the jnp references also take float32" if kernel
+                                                                 else ""))
     mb, s, hkv, d = k_cache.shape
-    if d not in SUPPORTED_HEAD_DIMS:
+    if kernel and d not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
     return mb, s, hkv, d
 
@@ -110,6 +114,27 @@ def check_cache(k_cache, v_cache):
 def check_rows(name: str, x, batch: int):
     if jnp.ndim(x) != 1 or jnp.shape(x)[0] != batch or jnp.result_type(x) != jnp.int32:
         raise ValueError(f"{name} must be int32 [B={batch}], got {jnp.result_type(x)} {jnp.shape(x)}")
+
+
+def check_row_values(mb: int, seq: int, slots, *, padding_rows: bool = True, **lengths) -> None:
+    """Refuse rows that would read outside the cache: a slot past ``mb`` or a length outside ``[0, seq]``.
+
+    Checked where the values are known (concrete arrays, outside jit). Inside jit the
+    lengths come from the cache's ``write`` (checked against each slot's backed pages
+    natively); slots below 0 are padding rows everywhere.
+    """
+    arrays = (slots, *lengths.values())
+    if any(isinstance(x, jax.core.Tracer) for x in arrays):
+        return
+    s = np.asarray(slots)
+    if s.size and s.max() >= mb:
+        raise ValueError(f"slots must be < max_batch={mb} (negative: padding rows), got {s.tolist()}")
+    if s.size and not padding_rows and s.min() < 0:
+        raise ValueError(f"slots must be in [0, {mb}) here (no padding rows), got {s.tolist()}")
+    for name, x in lengths.items():
+        v = np.asarray(x)
+        if v.size and (v.min() < 0 or v.max() > seq):
+            raise ValueError(f"{name} must be in [0, {seq}] (the cache's tokens per slot), got {v.tolist()}")
 
 
 def check_heads(hq: int, hkv: int):

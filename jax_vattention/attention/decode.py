@@ -200,6 +200,7 @@ def decode_attention(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, soft
     group = common.check_heads(hq, hkv)
     common.check_rows("slots", slots, batch)
     common.check_rows("lengths", lengths, batch)
+    common.check_row_values(mb, seq, slots, lengths=lengths)
     max_len = seq if max_len is None else min(int(max_len), seq)
     scale = common.default_sm_scale(d, sm_scale)
     cfg = choose_config(batch, hkv, group, max_len, d, block_k=block_k, num_splits=num_splits,

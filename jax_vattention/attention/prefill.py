@@ -136,6 +136,7 @@ def chunked_prefill_attention(q, k_cache, v_cache, slots, starts, q_lens, *, sm_
     group = common.check_heads(hq, hkv)
     for name, x in (("slots", slots), ("starts", starts), ("q_lens", q_lens)):
         common.check_rows(name, x, batch)
+    common.check_row_values(mb, seq, slots, starts=starts, q_lens=q_lens, **{"starts + q_lens": starts + q_lens})
     limit = seq if max_len is None else min(int(max_len), seq)
     cfg = choose_config(group, d, block_m=block_m, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
                         seq_len=seq)

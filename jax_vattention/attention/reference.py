@@ -42,10 +42,36 @@ def _attend(q, k, v, mask, sm_scale, soft_cap):
     return o.reshape(b, t, hq, d)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "max_len"))
 def decode_attention_reference(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, soft_cap=None, max_len=None):
-    """Reference for ``decode_attention`` (same arguments and semantics)."""
-    _, seq, hkv, d = common.check_cache(k_cache, v_cache)
+    """Reference for ``decode_attention`` (same arguments and semantics; also fp32 caches, any head_dim)."""
+    mb, seq, _, _ = common.check_cache(k_cache, v_cache, kernel=False)
+    common.check_rows("slots", slots, q.shape[0])
+    common.check_rows("lengths", lengths, q.shape[0])
+    common.check_row_values(mb, seq, slots, padding_rows=False, lengths=lengths)
+    return _decode_reference(q, k_cache, v_cache, slots, lengths, sm_scale=sm_scale, soft_cap=soft_cap,
+                             max_len=max_len)
+
+
+def chunked_prefill_attention_reference(q, k_cache, v_cache, slots, starts, q_lens, *, sm_scale=None,
+                                        soft_cap=None, max_len=None):
+    """Reference for ``chunked_prefill_attention`` (padded ``q [B, Tmax, Hq, D]``; also fp32 caches).
+
+    Query ``t < q_lens[b]`` of row b sits at absolute position ``starts[b] + t``
+    and attends to cache tokens ``[0, starts[b] + t]``. Padding queries
+    (``t >= q_lens[b]``) give zeros. ``max_len`` bounds ``starts + q_lens``.
+    """
+    mb, seq, _, _ = common.check_cache(k_cache, v_cache, kernel=False)
+    for name, x in (("slots", slots), ("starts", starts), ("q_lens", q_lens)):
+        common.check_rows(name, x, q.shape[0])
+    common.check_row_values(mb, seq, slots, padding_rows=False, starts=starts, q_lens=q_lens,
+                            **{"starts + q_lens": starts + q_lens})
+    return _prefill_reference(q, k_cache, v_cache, slots, starts, q_lens, sm_scale=sm_scale, soft_cap=soft_cap,
+                              max_len=max_len)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "max_len"))
+def _decode_reference(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, soft_cap=None, max_len=None):
+    _, seq, hkv, d = common.check_cache(k_cache, v_cache, kernel=False)
     common.check_heads(q.shape[1], hkv)
     window = seq if max_len is None else min(int(max_len), seq)
     lengths = jnp.minimum(lengths, window)
@@ -56,15 +82,8 @@ def decode_attention_reference(q, k_cache, v_cache, slots, lengths, *, sm_scale=
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "max_len"))
-def chunked_prefill_attention_reference(q, k_cache, v_cache, slots, starts, q_lens, *, sm_scale=None,
-                                        soft_cap=None, max_len=None):
-    """Reference for ``chunked_prefill_attention`` (padded ``q [B, Tmax, Hq, D]``).
-
-    Query ``t < q_lens[b]`` of row b sits at absolute position ``starts[b] + t``
-    and attends to cache tokens ``[0, starts[b] + t]``. Padding queries
-    (``t >= q_lens[b]``) give zeros. ``max_len`` bounds ``starts + q_lens``.
-    """
-    _, seq, hkv, d = common.check_cache(k_cache, v_cache)
+def _prefill_reference(q, k_cache, v_cache, slots, starts, q_lens, *, sm_scale=None, soft_cap=None, max_len=None):
+    _, seq, hkv, d = common.check_cache(k_cache, v_cache, kernel=False)
     common.check_heads(q.shape[2], hkv)
     window = seq if max_len is None else min(int(max_len), seq)
     kv_lens = jnp.minimum(starts + q_lens, window)

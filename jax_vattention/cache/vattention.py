@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import ops
+from ..errors import CacheValueError, SlotStateError
 from ..attention.dispatch import AttentionSpec, cache_attention
 from .protocol import CacheRows
 
@@ -53,10 +54,26 @@ class KVCache(CacheRows):
 
     @classmethod
     def create(cls, manager, slots, lengths) -> KVCache:
+        """Rows ``slots [B]`` holding ``lengths [B]`` cached tokens (negative slot: a padding row).
+
+        Each real row must be an allocated slot of this manager with a length in
+        ``[0, max_seq]``; ``grow`` then backs what the rows will hold (reads go below
+        the lengths ``grow``/``write`` return).
+        """
         slots = jnp.asarray(slots, jnp.int32)
         lengths = jnp.asarray(lengths, jnp.int32)
         ops._check_rows("slots", slots)
         ops._check_rows("lengths", lengths, slots.shape[0])
+        for slot, length in zip(np.asarray(slots).tolist(), np.asarray(lengths).tolist()):
+            if slot >= manager.config.max_batch:
+                raise CacheValueError(f"slot {slot} is outside [0, max_batch={manager.config.max_batch}) "
+                                      "(negative: a padding row)")
+            if slot < 0 and length != 0:
+                raise CacheValueError(f"padding row (slot {slot}) must have length 0, got {length}")
+            if slot >= 0 and not manager.allocated(slot):
+                raise SlotStateError(f"slot {slot} is not allocated")
+            if not 0 <= length <= manager.max_seq:
+                raise CacheValueError(f"slot {slot}: length {length} is outside [0, max_seq={manager.max_seq}]")
         state = CacheState(slots, lengths, jnp.zeros_like(lengths))
         return cls(tuple(manager.k), tuple(manager.v), state, manager)
 
