@@ -24,8 +24,8 @@ import dataclasses
 import math
 import os
 import threading
-import warnings
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -87,6 +87,7 @@ class _ViewTracker:
     def __init__(self):
         self._cv = threading.Condition()
         self._alive = 0
+        self._on_idle: Callable[[], None] | None = None
 
     def token(self) -> _ViewToken:
         token = _ViewToken()
@@ -99,10 +100,27 @@ class _ViewTracker:
         with self._cv:
             self._alive -= 1
             self._cv.notify_all()
+            callback = self._on_idle if self._alive == 0 else None
+            if callback is not None:
+                self._on_idle = None
+        if callback is not None:
+            callback()
 
     def wait(self, timeout: float) -> bool:
         with self._cv:  # waiting releases the GIL, so jax's threads can drop their holds
             return self._cv.wait_for(lambda: self._alive == 0, timeout)
+
+    def when_idle(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once no view is alive: now, or when the last one dies."""
+        with self._cv:
+            if self._alive > 0:
+                self._on_idle = callback
+                return
+        callback()
+
+    @property
+    def alive(self) -> int:
+        return self._alive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +157,7 @@ class KVCacheManager:
     def __init__(self, config: CacheConfig, *, device: jax.Device | None = None):
         if not isinstance(config, CacheConfig):
             raise CacheValueError(f"config must be a CacheConfig, got {type(config).__name__}")
+        self._closing = False
         self.config = config
         self.device = device if device is not None else default_device()
         if self.device.platform == "gpu":
@@ -207,7 +226,7 @@ class KVCacheManager:
 
     # -- slot lifecycle ------------------------------------------------------
     def _check_open(self):
-        if self._native.closed:
+        if self.closed:
             raise CacheClosedError("the cache manager is closed")
 
     def _check_slot(self, slot) -> int:
@@ -290,33 +309,39 @@ class KVCacheManager:
     # -- lifetime ------------------------------------------------------------
     @property
     def closed(self) -> bool:
-        return self._native.closed
+        """True once ``close()`` was called (the memory may still await its last external view)."""
+        return getattr(self, "_closing", False) or self._native.closed
 
-    # Seconds close() waits for computations still reading the views.
-    _close_timeout_s = 60.0
+    # Seconds close() waits for computations already dispatched on the views before it defers the release.
+    _close_wait_s = 1.0
 
     def close(self) -> None:
-        """Delete the views, wait for computations still using them, then unmap and release everything.
+        """Close the cache: refuse every later call, delete the views, and release the memory.
 
-        Closing while a dispatched computation still reads the cache blocks
-        until it finishes (unmapping under it would crash the process). A view
-        kept alive elsewhere (a zero-copy numpy array of it, a jit constant)
-        holds close() for ``_close_timeout_s``; then it warns and releases.
+        Never blocks for long and never unmaps memory something can still read.
+        Computations already dispatched on the views finish first (close waits up to
+        ``_close_wait_s`` for them). A view kept alive elsewhere (a zero-copy numpy
+        array of it, a jit constant) defers the release: ``close()`` returns at once,
+        the manager refuses every call (``CacheClosedError``), and the pages and
+        reservations are released when that last view is garbage-collected.
+        ``pending_release`` says whether that is the case.
         """
-        if self._native.closed:
+        if self.closed:
             return
+        self._closing = True
         for view in (*getattr(self, "k", ()), *getattr(self, "v", ())):
             if not view.is_deleted():
                 view.delete()
         views = getattr(self, "_views", None)
-        if views is not None and not views.wait(self._close_timeout_s):
-            warnings.warn(
-                f"KVCacheManager.close(): a cache view was still in use after {self._close_timeout_s:.0f} s; "
-                "releasing the cache memory anyway",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        self._native.close()
+        if views is None or views.wait(self._close_wait_s):
+            self._native.close()
+        else:
+            views.when_idle(self._native.close)  # the last external view's finalizer releases the memory
+
+    @property
+    def pending_release(self) -> bool:
+        """Closed, with the memory still held for a view that is alive elsewhere."""
+        return self.closed and not self._native.closed
 
     def __enter__(self) -> KVCacheManager:
         return self
@@ -326,7 +351,7 @@ class KVCacheManager:
 
     def __del__(self):
         native = getattr(self, "_native", None)
-        if native is not None and not native.closed:
+        if native is not None and not self.closed:
             self.close()
 
     def __repr__(self) -> str:
