@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
-import numpy as np
 
 from .errors import CacheValueError
+from .validation import check_int
 
+INT64_MAX = 2**63 - 1  # sizes cross into the native layer as int64
 MIB = 1 << 20
 # dtypes the cache can hold, with their DLPack (type code, bits).
 SUPPORTED_DTYPES = {
@@ -48,17 +49,17 @@ class CacheConfig:
     deferred_reclaim: bool = True
 
     def __post_init__(self):
-        for name in ("num_layers", "max_batch", "max_seq", "kv_heads", "head_dim", "page_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise CacheValueError(f"CacheConfig.{name} must be a positive int, got {value!r}")
-        if self.max_seq >= 2**31:
-            raise CacheValueError(f"CacheConfig.max_seq must be < 2**31, got {self.max_seq}")
-        if self.pool_bytes is not None and (
-            isinstance(self.pool_bytes, bool) or not isinstance(self.pool_bytes, (int, np.integer))
-            or self.pool_bytes <= 0
-        ):
-            raise CacheValueError(f"CacheConfig.pool_bytes must be a positive int or None, got {self.pool_bytes!r}")
+        # Python ints from here on: numpy integers (np.uint16 too) would overflow in the layout arithmetic.
+        for name in ("num_layers", "max_batch", "kv_heads", "head_dim", "page_bytes"):
+            value = check_int(f"CacheConfig.{name}", getattr(self, name), low=1, high=INT64_MAX, error=CacheValueError)
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "max_seq", check_int("CacheConfig.max_seq", self.max_seq, low=1, high=2**31 - 1,
+                                                      error=CacheValueError))
+        if self.pool_bytes is not None:
+            object.__setattr__(self, "pool_bytes", check_int("CacheConfig.pool_bytes", self.pool_bytes, low=1,
+                                                             high=INT64_MAX, hint="or None", error=CacheValueError))
+        if not isinstance(self.deferred_reclaim, bool):
+            raise CacheValueError(f"CacheConfig.deferred_reclaim must be a bool, got {self.deferred_reclaim!r}")
         name = jnp.dtype(self.dtype).name if _is_dtype(self.dtype) else str(self.dtype)
         if name not in SUPPORTED_DTYPES:
             raise CacheValueError(f"CacheConfig.dtype must be one of {sorted(SUPPORTED_DTYPES)}, got {self.dtype!r}")

@@ -2,8 +2,8 @@
 
 Errors raised eagerly (manager calls, wrapper checks at trace time) arrive as
 these classes. Errors raised by an FFI handler while a compiled computation
-runs arrive as ``jax.errors.JaxRuntimeError`` whose message starts with the
-class name below, e.g. ``"PoolExhaustedError: grow: pool exhausted: ..."``.
+runs arrive as ``jax.errors.JaxRuntimeError`` whose message names the class
+below after XLA's status, e.g. ``"FAILED_PRECONDITION: PoolExhaustedError: grow: ..."``.
 """
 
 

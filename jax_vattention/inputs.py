@@ -16,22 +16,23 @@ def bucket(n: int, cap: int, floor: int = 1) -> int:
     return min(cap, max(floor, 1 << max(0, int(n) - 1).bit_length()))
 
 
-def check_prompt(prompt: Any, vocab_size: int, index: int = 0) -> np.ndarray:
-    """``prompt`` as ``[T] int32``, or ``PromptError`` naming prompt ``index``.
+def check_prompt(prompt: Any, vocab_size: int, index: int | None = None) -> np.ndarray:
+    """``prompt`` as ``[T] int32``, or ``PromptError`` naming prompt ``index`` (if given).
 
     Integer sequences only: floats, bools and strings are refused, never coerced.
     """
+    what = "the prompt" if index is None else f"prompt {index}"
     if isinstance(prompt, (str, bytes)):
-        raise PromptError(f"prompt {index} is a string ({prompt!r:.40}); pass token ids (tokenize it first)")
+        raise PromptError(f"{what} is a string ({prompt!r:.40}); pass token ids (tokenize it first)")
     try:
         arr = np.asarray(prompt)
     except (TypeError, ValueError) as e:
-        raise PromptError(f"prompt {index} is not a sequence of token ids: {e}") from None
+        raise PromptError(f"{what} is not a sequence of token ids: {e}") from None
     if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-        raise PromptError(f"prompt {index} must be a non-empty 1-D sequence of integer token ids, "
+        raise PromptError(f"{what} must be a non-empty 1-D sequence of integer token ids, "
                           f"got {prompt!r:.80}")
     if arr.min() < 0 or arr.max() >= vocab_size:
-        raise PromptError(f"prompt {index} has token ids outside [0, vocab_size={vocab_size})")
+        raise PromptError(f"{what} has token ids outside [0, vocab_size={vocab_size})")
     return arr.astype(np.int32)
 
 

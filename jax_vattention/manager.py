@@ -34,6 +34,7 @@ import numpy as np
 from . import _core
 from .config import SUPPORTED_DTYPES, CacheConfig
 from .errors import ERROR_CLASSES, BackendError, CacheClosedError, CacheValueError, PoolExhaustedError
+from .validation import check_int
 
 _core._set_error_classes(ERROR_CLASSES)
 
@@ -50,6 +51,20 @@ def default_device() -> jax.Device:
     if isinstance(default, str):
         return jax.devices(default)[0]
     return default if default is not None else jax.devices()[0]
+
+
+def _resolve_device(device) -> jax.Device:
+    """``device`` as a ``jax.Device``: a device, a platform name ("cpu", "gpu", "cuda") or None (the default)."""
+    if device is None:
+        return default_device()
+    if isinstance(device, str):
+        try:
+            return jax.devices(device)[0]
+        except RuntimeError as e:
+            raise CacheValueError(f"device={device!r}: no such platform here ({e})") from None
+    if not isinstance(device, jax.Device):
+        raise CacheValueError(f"device must be a jax.Device, a platform name or None, got {type(device).__name__}")
+    return device
 
 
 class _DLPackTensor:
@@ -154,12 +169,12 @@ class KVCacheManager:
     ``[max_batch, max_seq, kv_heads, head_dim]``.
     """
 
-    def __init__(self, config: CacheConfig, *, device: jax.Device | None = None):
+    def __init__(self, config: CacheConfig, *, device: jax.Device | str | None = None):
         if not isinstance(config, CacheConfig):
             raise CacheValueError(f"config must be a CacheConfig, got {type(config).__name__}")
         self._closing = False
         self.config = config
-        self.device = device if device is not None else default_device()
+        self.device = _resolve_device(device)
         if self.device.platform == "gpu":
             if not _core.cuda_compiled():
                 raise BackendError(
@@ -264,7 +279,11 @@ class KVCacheManager:
         host, call it only after computations that read freed slots have finished.
         """
         self._check_open()
-        return int(self._native.trim(-1 if max_pages is None else int(max_pages), bool(release_physical)))
+        if max_pages is not None:
+            max_pages = check_int("max_pages", max_pages, low=0, high=2**62, hint="or None", error=CacheValueError)
+        if not isinstance(release_physical, bool):
+            raise CacheValueError(f"release_physical must be a bool, got {release_physical!r}")
+        return int(self._native.trim(-1 if max_pages is None else max_pages, release_physical))
 
     def capacity(self, slot: int) -> int:
         """Tokens currently backed in ``slot``."""

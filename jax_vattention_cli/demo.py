@@ -42,9 +42,13 @@ def run_demo(args) -> int:
     prompts = np.array(args.prompts, np.int32)
     budgets = np.array(args.new_tokens, np.int32)
     if len(prompts) != len(budgets):
-        raise SystemExit("error: --prompts and --new-tokens need the same number of values")
+        raise ValueError("--prompts and --new-tokens need the same number of values")
     if (budgets <= 0).any():
-        raise SystemExit("error: every --new-tokens value must be positive")
+        raise ValueError("every --new-tokens value must be positive")
+    if (prompts <= 0).any():
+        raise ValueError("every --prompts value must be positive")
+    if len(prompts) > args.max_batch:
+        raise ValueError(f"{len(prompts)} prompts need {len(prompts)} slots, more than --max-batch={args.max_batch}")
     cfg = jv.CacheConfig(
         num_layers=args.layers, max_batch=args.max_batch, max_seq=args.max_seq,
         kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
@@ -54,7 +58,7 @@ def run_demo(args) -> int:
     with jv.KVCacheManager(cfg) as m:
         print(m)
         if (prompts + budgets > m.max_seq).any():
-            raise SystemExit(f"error: a prompt plus its new tokens exceeds max_seq={m.max_seq}")
+            raise ValueError(f"a prompt plus its new tokens exceeds max_seq={m.max_seq}")
         slots = np.array([m.allocate(int(p)) for p in prompts], np.int32)  # prefill-sized slots
         print(f"admitted {len(slots)} requests into slots {slots.tolist()}, prompts {prompts.tolist()}")
         print(f"  after admission: mapped {_fmt(m.stats().mapped_bytes)}")

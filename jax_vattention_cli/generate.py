@@ -57,7 +57,17 @@ def _parse_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
-        raise SystemExit(f"error: --prompt-ids expects integers, got {text!r}") from None
+        raise ValueError(f"--prompt-ids expects integers, got {text!r}") from None
+
+
+def _positive_or_default(args, name: str, default: int) -> int:
+    """``--name`` when given (it must be positive: 0 is an error, not "the default"), else ``default``."""
+    value = getattr(args, name)
+    if value is None:
+        return default
+    if value <= 0:
+        raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return value
 
 
 def run_generate(args) -> int:
@@ -107,8 +117,8 @@ def _generate(args, jax, np, jv, models, AttentionSpec) -> int:
         lens = rng.integers(max(1, args.prompt_len // 4), args.prompt_len + 1, size=args.num_prompts)
         lens[0] = args.prompt_len
         prompts = [rng.integers(0, cfg.vocab_size, size=int(n)).tolist() for n in lens]
-    max_seq = args.max_seq or min(32768, cfg.max_position_embeddings)
-    max_batch = args.max_batch or len(prompts)
+    max_seq = _positive_or_default(args, "max_seq", min(32768, cfg.max_position_embeddings))
+    max_batch = _positive_or_default(args, "max_batch", len(prompts))
     # Validate before any memory is reserved: bad input leaves nothing behind.
     try:
         params = [jv.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -125,7 +135,7 @@ def _generate(args, jax, np, jv, models, AttentionSpec) -> int:
         decode_chunk = max(8, args.max_tokens // 20)
     gen = models.Generator(model, attn=AttentionSpec(impl=args.attention, interpret=args.interpret))
     kw = dict(prefill_chunk=args.prefill_chunk, decode_chunk=decode_chunk, progress=progress)
-    page_bytes = args.page_bytes or (2 * MIB if platform == "gpu" else 64 << 10)
+    page_bytes = _positive_or_default(args, "page_bytes", 2 * MIB if platform == "gpu" else 64 << 10)
     if args.cache == "static":
         cache = models.static_cache_for(cfg, max_batch=max_batch, max_seq=max_seq, dtype=dtype)
         result = gen.generate(prompts, cache, params, **kw)

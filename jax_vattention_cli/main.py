@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jax_vattention.errors import VAttentionError
+
 from .demo import add_demo_parser, run_demo
 from .generate import add_generate_parser, run_generate
 from .serve import add_serve_parser, run_serve
@@ -17,16 +19,14 @@ def main(argv=None) -> int:
     add_generate_parser(sub)
     add_serve_parser(sub)
     args = parser.parse_args(argv)
-    if args.command in (None, "demo"):
-        if args.command is None:
-            args = parser.parse_args(["demo", *(argv or sys.argv[1:])])
-        return run_demo(args)
-    if args.command == "generate":
-        return run_generate(args)
-    if args.command == "serve":
-        return run_serve(args)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    if args.command is None:
+        args = parser.parse_args(["demo", *(argv or sys.argv[1:])])
+    run = {"demo": run_demo, "generate": run_generate, "serve": run_serve}[args.command]
+    try:
+        return run(args)
+    except (ValueError, VAttentionError) as e:  # bad input: a message and exit status 2, never a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -52,7 +52,10 @@ def run_serve(args) -> int:
     except (KeyError, ValueError, models.ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.layers:
+    if args.layers is not None:
+        if args.layers <= 0:
+            print(f"error: --layers must be positive, got {args.layers}", file=sys.stderr)
+            return 2
         cfg = cfg.replace(num_layers=args.layers)
     if args.workload == "long":
         wl = long_context(args.requests, vocab_size=cfg.vocab_size, seed=args.seed)
@@ -60,7 +63,11 @@ def run_serve(args) -> int:
         kw = {k: v for k, v in (("prompt_median", args.prompt_median), ("output_median", args.output_median))
               if v is not None}
         wl = sharegpt_like(args.requests, vocab_size=cfg.vocab_size, seed=args.seed, **kw)
-    max_seq = args.max_seq or -(-wl.max_len() // 64) * 64
+    max_seq = -(-wl.max_len() // 64) * 64 if args.max_seq is None else args.max_seq
+    if max_seq < wl.max_len():  # before any compilation: the run could not admit its longest request
+        print(f"error: --max-seq {max_seq} is shorter than the workload's longest request ({wl.max_len()} tokens)",
+              file=sys.stderr)
+        return 2
     gpu = default_device().platform == "gpu"
     dtype = "bfloat16" if gpu else "float32"
     model = models.random_model(cfg, seed=args.seed, dtype=jnp.dtype(dtype))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,18 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+
+def _hf_int(hf: dict[str, Any], key: str, source: str, default: int | None = None) -> int:
+    """An integer field of an HF config; a float (2.7), bool or string is refused, never truncated."""
+    value = hf.get(key)
+    if value is None:
+        if default is None:
+            raise KeyError(key)
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CheckpointError(f"{source}: {key} must be an integer, got {value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +81,9 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UnsupportedModelError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and math.isfinite(self.rms_norm_eps)
+                and self.rms_norm_eps > 0):
+            raise UnsupportedModelError(f"ModelConfig.rms_norm_eps must be a finite number > 0, got {self.rms_norm_eps!r}")
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
@@ -111,8 +127,8 @@ class ModelConfig:
         if act not in ("silu", "swish"):
             raise UnsupportedModelError(f"{source}: hidden_act={act!r} is not supported (SwiGLU needs silu)")
         try:
-            heads = int(hf["num_attention_heads"])
-            hidden = int(hf["hidden_size"])
+            heads = _hf_int(hf, "num_attention_heads", source)
+            hidden = _hf_int(hf, "hidden_size", source)
             theta, scaling = _rope_from_hf(hf, source)
             sliding = None
             if arch == "MistralForCausalLM" or hf.get("use_sliding_window"):
@@ -121,17 +137,17 @@ class ModelConfig:
             eos = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
             bias = bool(hf.get("attention_bias", False))
             return cls(
-                vocab_size=int(hf["vocab_size"]),
+                vocab_size=_hf_int(hf, "vocab_size", source),
                 hidden_size=hidden,
-                intermediate_size=int(hf["intermediate_size"]),
-                num_layers=int(hf["num_hidden_layers"]),
+                intermediate_size=_hf_int(hf, "intermediate_size", source),
+                num_layers=_hf_int(hf, "num_hidden_layers", source),
                 num_heads=heads,
-                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-                head_dim=int(hf.get("head_dim") or hidden // heads),
+                num_kv_heads=_hf_int(hf, "num_key_value_heads", source, heads),
+                head_dim=_hf_int(hf, "head_dim", source, hidden // heads),
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 rope_theta=theta,
                 rope_scaling=scaling,
-                max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
+                max_position_embeddings=_hf_int(hf, "max_position_embeddings", source, 8192),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 qkv_bias=arch == "Qwen2ForCausalLM" or bias,
                 o_bias=bias,
@@ -144,7 +160,7 @@ class ModelConfig:
         except KeyError as e:
             raise CheckpointError(f"{source}: missing required field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
-            if isinstance(e, UnsupportedModelError):
+            if isinstance(e, (UnsupportedModelError, CheckpointError)):
                 raise
             raise CheckpointError(f"{source}: bad value ({e})") from None
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jax_vattention as jv
-from jax_vattention.engine import Request, SamplingParams, Scheduler, SchedulerConfig, Status
+from jax_vattention.engine import VAttentionPool, Request, SamplingParams, Scheduler, SchedulerConfig, Status
 
 VOCAB = 1000
 
@@ -60,7 +60,7 @@ def make_requests(n, seed, max_tokens=(5, 60)):
 
 
 def run(m, reqs, config, on_iteration=None):
-    sched = Scheduler(m, config)
+    sched = Scheduler(VAttentionPool(m), config)
     for r in reqs:
         sched.add(r)
     iterations = 0
@@ -136,7 +136,7 @@ def test_cancel_mid_run_frees_the_slot():
 
 def test_admission_waits_for_pool_room_and_reuses_deferred_slots():
     with make_manager(pool_pages=8) as m:
-        sched = Scheduler(m, SchedulerConfig(max_batch=6, token_budget=512, chunk_size=512, admission_headroom=0))
+        sched = Scheduler(VAttentionPool(m), SchedulerConfig(max_batch=6, token_budget=512, chunk_size=512, admission_headroom=0))
         big = [Request(i, [5] * 120, SamplingParams(max_tokens=3)) for i in range(3)]  # 2 pages x (K, V) each
         for r in big:
             sched.add(r)
@@ -153,7 +153,7 @@ def test_admission_waits_for_pool_room_and_reuses_deferred_slots():
 
 def test_bad_requests_are_rejected_with_clear_errors():
     with make_manager(pool_pages=4) as m:
-        sched = Scheduler(m, SchedulerConfig(max_batch=2))
+        sched = Scheduler(VAttentionPool(m), SchedulerConfig(max_batch=2))
         with pytest.raises(ValueError, match="max_seq"):
             sched.add(Request(0, [1] * 500, SamplingParams(max_tokens=100)))
         with pytest.raises(ValueError, match="empty"):
@@ -163,7 +163,7 @@ def test_bad_requests_are_rejected_with_clear_errors():
         with pytest.raises(ValueError, match="max_tokens"):
             SamplingParams(max_tokens=0)
         with pytest.raises(ValueError, match="max_batch"):
-            Scheduler(m, SchedulerConfig(max_batch=7))
+            Scheduler(VAttentionPool(m), SchedulerConfig(max_batch=7))
 
 
 def test_prefills_that_outgrow_the_pool_together_are_preempted_not_stalled():

@@ -165,9 +165,9 @@ def combine_splits(acc, m, row_sum):
     static_argnames=("sm_scale", "soft_cap", "max_len", "interpret", "block_k", "num_splits",
                      "num_warps", "num_stages", "num_sms", "masked_loads"),
 )
-def decode_attention(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, soft_cap=None, max_len=None,
-                     interpret=False, block_k=None, num_splits=None, num_warps=None, num_stages=None,
-                     num_sms=None, masked_loads=None):
+def _decode_attention(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, soft_cap=None, max_len=None,
+                      interpret=False, block_k=None, num_splits=None, num_warps=None, num_stages=None,
+                      num_sms=None, masked_loads=None):
     """Single-token attention of ``q [B, Hq, D]`` over the cache rows ``slots``.
 
     Args:
@@ -200,7 +200,6 @@ def decode_attention(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, soft
     group = common.check_heads(hq, hkv)
     common.check_rows("slots", slots, batch)
     common.check_rows("lengths", lengths, batch)
-    common.check_row_values(mb, seq, slots, lengths=lengths)
     max_len = seq if max_len is None else min(int(max_len), seq)
     scale = common.default_sm_scale(d, sm_scale)
     cfg = choose_config(batch, hkv, group, max_len, d, block_k=block_k, num_splits=num_splits,
@@ -208,7 +207,8 @@ def decode_attention(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, soft
     masked_loads = (not interpret) if masked_loads is None else masked_loads
     common.check_tiles_fit_slot(seq, cfg.block_k, masked_loads)
 
-    lens = jnp.where(slots >= 0, jnp.clip(lengths, 0, max_len), 0).astype(jnp.int32)
+    live = (slots >= 0) & (slots < mb)  # a slot past the cache (only possible under jit) is a padding row
+    lens = jnp.where(live, jnp.clip(lengths, 0, max_len), 0).astype(jnp.int32)
     slots_c = jnp.clip(slots, 0, mb - 1).astype(jnp.int32)  # padding rows read nothing anyway
     rows = cfg.head_blocks * cfg.block_h
     qg = q.reshape(batch, hkv, group, d)
@@ -254,3 +254,14 @@ def decode_attention(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, soft
         o = combine_splits(*outs).astype(q.dtype)
     o = o.reshape(batch, hkv, rows, d)[:, :, :group]
     return o.reshape(batch, hq, d)
+
+
+def decode_attention(q, k_cache, v_cache, slots, lengths, **kwargs):
+    """Single-token attention of ``q [B, Hq, D]`` over the cache rows ``slots`` (see ``_decode_attention``).
+
+    Concrete rows are checked here, before jit: a slot past the cache or a length outside
+    ``[0, S]`` is a ``ValueError``, not a read of another slot's (possibly unmapped) memory.
+    """
+    mb, seq = jnp.shape(k_cache)[:2]
+    common.check_row_values(mb, seq, slots, lengths=lengths)
+    return _decode_attention(q, k_cache, v_cache, slots, lengths, **kwargs)

@@ -118,9 +118,9 @@ def _prefill_kernel(slots_ref, starts_ref, qlens_ref, q_ref, k_ref, v_ref, o_ref
     static_argnames=("sm_scale", "soft_cap", "max_len", "interpret", "block_m", "block_k", "num_warps",
                      "num_stages", "masked_loads"),
 )
-def chunked_prefill_attention(q, k_cache, v_cache, slots, starts, q_lens, *, sm_scale=None, soft_cap=None,
-                              max_len=None, interpret=False, block_m=None, block_k=None, num_warps=None,
-                              num_stages=None, masked_loads=None):
+def _chunked_prefill_attention(q, k_cache, v_cache, slots, starts, q_lens, *, sm_scale=None, soft_cap=None,
+                               max_len=None, interpret=False, block_m=None, block_k=None, num_warps=None,
+                               num_stages=None, masked_loads=None):
     """Causal attention of new chunks ``q [B, Tmax, Hq, D]`` over cached prefixes.
 
     See the module docstring for the layout. ``max_len`` (static, optional)
@@ -136,7 +136,6 @@ def chunked_prefill_attention(q, k_cache, v_cache, slots, starts, q_lens, *, sm_
     group = common.check_heads(hq, hkv)
     for name, x in (("slots", slots), ("starts", starts), ("q_lens", q_lens)):
         common.check_rows(name, x, batch)
-    common.check_row_values(mb, seq, slots, starts=starts, q_lens=q_lens, **{"starts + q_lens": starts + q_lens})
     limit = seq if max_len is None else min(int(max_len), seq)
     cfg = choose_config(group, d, block_m=block_m, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
                         seq_len=seq)
@@ -144,7 +143,7 @@ def chunked_prefill_attention(q, k_cache, v_cache, slots, starts, q_lens, *, sm_
     common.check_tiles_fit_slot(seq, cfg.block_k, masked_loads)
     scale = common.default_sm_scale(d, sm_scale)
 
-    live = slots >= 0
+    live = (slots >= 0) & (slots < mb)  # a slot past the cache (only possible under jit) is a padding row
     starts_c = jnp.where(live, jnp.clip(starts, 0, limit), 0).astype(jnp.int32)
     qlens_c = jnp.where(live, jnp.clip(q_lens, 0, jnp.minimum(tmax, limit - starts_c)), 0).astype(jnp.int32)
     slots_c = jnp.clip(slots, 0, mb - 1).astype(jnp.int32)
@@ -174,3 +173,14 @@ def chunked_prefill_attention(q, k_cache, v_cache, slots, starts, q_lens, *, sm_
     o = o.reshape(batch, tmax, hq, d)
     q_ok = jnp.arange(tmax, dtype=jnp.int32)[None, :] < qlens_c[:, None]
     return jnp.where(q_ok[:, :, None, None], o, jnp.zeros((), o.dtype))
+
+
+def chunked_prefill_attention(q, k_cache, v_cache, slots, starts, q_lens, **kwargs):
+    """Causal attention of new chunks ``q [B, Tmax, Hq, D]`` (see ``_chunked_prefill_attention``).
+
+    Concrete rows are checked here, before jit: a slot past the cache, or starts, q_lens or
+    their sum outside ``[0, S]``, is a ``ValueError``.
+    """
+    mb, seq = jnp.shape(k_cache)[:2]
+    common.check_row_values(mb, seq, slots, starts=starts, q_lens=q_lens, **{"starts + q_lens": starts + q_lens})
+    return _chunked_prefill_attention(q, k_cache, v_cache, slots, starts, q_lens, **kwargs)

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import ops
-from ..errors import CacheValueError, SlotStateError
 from ..attention.dispatch import AttentionSpec, cache_attention
+from ..errors import CacheValueError, SlotStateError
 from .protocol import CacheRows
 
 

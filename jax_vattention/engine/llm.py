@@ -92,7 +92,7 @@ class LLM:
             self.scheduler = Scheduler(self.pool, SchedulerConfig(
                 max_batch=min(config.max_batch, self.pool.max_batch), token_budget=config.token_budget,
                 chunk_size=config.chunk_size, admission_headroom=config.admission_headroom,
-                best_fit=config.best_fit, max_prefill_rows=config.max_prefill_rows))
+                best_fit=config.best_fit, max_prefill_rows=config.max_prefill_rows, max_seq=config.max_seq))
             manager = getattr(self.pool, "manager", None)
             platform = (manager.device if manager is not None else default_device()).platform
             self.attn = (config.attn or AttentionSpec()).resolve(dtype, cfg.head_dim, platform)
@@ -120,7 +120,12 @@ class LLM:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         cfg = self.model.config
-        ids = check_prompt(prompt, cfg.vocab_size, self._next_id).tolist()
+        ids = check_prompt(prompt, cfg.vocab_size).tolist()
+        positions = getattr(cfg, "max_position_embeddings", None)
+        if positions is not None and len(ids) + params.max_tokens - 1 > positions:
+            raise ValueError(f"the prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs "
+                             f"{len(ids) + params.max_tokens - 1} positions, beyond the model's "
+                             f"max_position_embeddings={positions}")
         r = Request(self._next_id, ids, params.seeded(), stop_ids=params.stop_ids(cfg.eos_token_ids))
         self.scheduler.add(r)
         self._next_id += 1
@@ -171,8 +176,11 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
         requests: list[Request] = []
         try:
-            for prompt, p in zip(prompts, params):
-                requests.append(self.add_request(prompt, p))
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                try:
+                    requests.append(self.add_request(prompt, p))
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"prompt {i}: {e}") from None
         except BaseException:
             for r in requests:
                 self.scheduler.cancel(r.request_id)

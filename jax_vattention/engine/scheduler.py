@@ -13,7 +13,7 @@ or ``cuMemMap``) preempts the request it hit, which is retried; after
 No other request is touched either way.
 
 The scheduler works on any ``KVPool`` (``jax_vattention.cache``: vAttention,
-static or paged); a ``KVCacheManager`` is wrapped in a ``VAttentionPool``. The
+static or paged; wrap a ``KVCacheManager`` in a ``VAttentionPool``). The
 pool answers with typed ``GrowResult`` values (done, out of pages, or a backend
 fault), so no exception steers the schedule.
 """
@@ -24,9 +24,8 @@ import collections
 import dataclasses
 import time
 
-from ..cache import GrowResult, KVPool, VAttentionPool
+from ..cache import GrowResult, KVPool
 from ..errors import PoolExhaustedError
-from ..manager import KVCacheManager
 from .request import Request, Status
 
 
@@ -39,6 +38,7 @@ class SchedulerConfig:
     best_fit: bool = True  # reuse the free slot whose deferred pages best fit the request
     max_prefill_rows: int = 4  # prefill chunks per iteration (bounds the compiled shapes)
     max_faults: int = 3  # consecutive backend faults after which a request fails
+    max_seq: int | None = None  # longest request (prompt + max_tokens); default: the pool's max_seq
 
     def __post_init__(self):
         for name in ("max_batch", "token_budget", "chunk_size", "max_prefill_rows", "max_faults"):
@@ -79,15 +79,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, pool: KVPool | KVCacheManager, config: SchedulerConfig):
-        if isinstance(pool, KVCacheManager):
-            pool = VAttentionPool(pool)
+    def __init__(self, pool: KVPool, config: SchedulerConfig):
         if config.max_batch > pool.max_batch:
             raise ValueError(
                 f"SchedulerConfig.max_batch={config.max_batch} exceeds the cache's max_batch={pool.max_batch}"
             )
         self.pool = pool
         self.config = config
+        # Requests must fit the configured limit, not the page-rounded one the pool may have.
+        self.max_seq = min(pool.max_seq, config.max_seq or pool.max_seq)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # admission order
         self.num_preemptions = 0
@@ -97,15 +97,15 @@ class Scheduler:
     def add(self, request: Request) -> None:
         need = len(request.prompt) + request.params.max_tokens
         if not request.prompt:
-            raise ValueError(f"request {request.request_id}: the prompt is empty")
-        if need > self.pool.max_seq:
+            raise ValueError("the prompt is empty")
+        if need > self.max_seq:
             raise ValueError(
-                f"request {request.request_id}: prompt ({len(request.prompt)}) + max_tokens "
-                f"({request.params.max_tokens}) exceeds the cache's max_seq={self.pool.max_seq}"
+                f"the prompt ({len(request.prompt)} tokens) + max_tokens ({request.params.max_tokens}) "
+                f"exceeds max_seq={self.max_seq}"
             )
         if self.pool.pages_needed(need) > self.pool.pages_total():
             raise PoolExhaustedError(
-                f"request {request.request_id}: {need} tokens need {self.pool.pages_needed(need)} pages, more than "
+                f"the prompt + max_tokens ({need} tokens) need {self.pool.pages_needed(need)} pages, more than "
                 f"the whole pool ({self.pool.pages_total()} pages); it could never run"
             )
         request.status = Status.WAITING
