@@ -32,6 +32,7 @@ import numpy as np
 from ..attention.dispatch import AttentionSpec
 from ..cache import KVPool, PagedKVPool, StaticPool, VAttentionPool
 from ..config import CacheConfig
+from ..errors import CacheClosedError
 from ..inputs import check_prompt, check_prompts
 from ..manager import KVCacheManager, default_device
 from ..sampling import SamplingParams
@@ -61,11 +62,14 @@ def make_pool(model_config, c: EngineConfig, dtype: str) -> KVPool:
 
 
 def _serialized(method):
-    """Run ``method`` holding the engine's lock: public calls from several threads never interleave."""
+    """Run ``method`` holding the engine's lock (public calls from several threads never interleave),
+    on an open engine."""
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         with self._lock:
+            if self._closed:
+                raise CacheClosedError(f"LLM.{method.__name__}: the engine is closed")
             return method(self, *args, **kwargs)
 
     return call
@@ -104,6 +108,7 @@ class LLM:
         self.stats = EngineStats()
         self._next_id = 0
         self._lock = threading.RLock()
+        self._closed = False
 
     @property
     def manager(self) -> KVCacheManager:
@@ -130,6 +135,14 @@ class LLM:
         self.scheduler.add(r)
         self._next_id += 1
         return r
+
+    @_serialized
+    def abort_request(self, request_id: int) -> bool:
+        """Finish a queued or running request now (reason ``"cancelled"``), freeing its slot at once.
+
+        Returns whether it was found unfinished.
+        """
+        return self.scheduler.cancel(request_id)
 
     # -- one step: schedule -> run -> postprocess -------------------------------------
     def _run(self, out: SchedulerOutput) -> dict[int, int]:
@@ -214,10 +227,14 @@ class LLM:
         return self.runner.num_compiled
 
     # -- lifetime ------------------------------------------------------------------------
-    @_serialized
     def close(self) -> None:
-        self.map_ahead.close()
-        self.pool.close()
+        """Release the cache (idempotent); every later call raises ``CacheClosedError``."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.map_ahead.close()
+            self.pool.close()
 
     def __enter__(self) -> LLM:
         return self

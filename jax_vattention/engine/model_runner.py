@@ -59,6 +59,22 @@ class StepLayout:
     chunks: list[tuple[int, Chunk]]  # (row, chunk) of every real row
 
 
+def _forward(graphdef, params, cache, inputs: StepInputs, *, segments, mode, attn):
+    """One step on the device: the model over the flat tokens, then sampling; returns ``(tokens [R], exported)``."""
+    from flax import nnx
+
+    model = nnx.merge(graphdef, params)
+    logits, cache = model.forward_segments(inputs.tokens, inputs.positions, cache, segments, attn=attn,
+                                           logit_index=inputs.logit_index)  # [R, V]
+    return sample_rows(logits.astype(jnp.float32), inputs.sampling, mode), cache.export()
+
+
+# Module-level, so every engine in the process shares the compiled steps of equal models and shapes.
+_STATIC = ("graphdef", "segments", "mode", "attn")
+_STEP = jax.jit(_forward, static_argnames=_STATIC)
+_STEP_DONATING = jax.jit(_forward, static_argnames=_STATIC, donate_argnames=("cache",))
+
+
 class ModelRunner:
     """Runs a ``CausalLM`` on one pool's caches: layout, bucketing, jit, warmup."""
 
@@ -69,7 +85,6 @@ class ModelRunner:
         self.config = config
         self.attn = attn
         self.graphdef, self.params = nnx.split(model)
-        self._jits: dict[bool, Any] = {}  # donate-the-cache -> jitted step
         self._shapes: set[tuple] = set()
 
     # -- layout ------------------------------------------------------------------
@@ -105,24 +120,13 @@ class ModelRunner:
         return StepLayout(tuple(segments), slots, starts, counts, inputs, mode, chunks)
 
     # -- device ------------------------------------------------------------------
-    def _forward(self, graphdef, params, cache, inputs: StepInputs, *, segments, mode):
-        from flax import nnx
-
-        model = nnx.merge(graphdef, params)
-        logits, cache = model.forward_segments(inputs.tokens, inputs.positions, cache, segments, attn=self.attn,
-                                               logit_index=inputs.logit_index)  # [R, V]
-        return sample_rows(logits.astype(jnp.float32), inputs.sampling, mode), cache.export()
-
     def _jit(self, donates: bool):
-        if donates not in self._jits:
-            self._jits[donates] = jax.jit(self._forward, static_argnames=("graphdef", "segments", "mode"),
-                                          donate_argnames=("cache",) if donates else ())
-        return self._jits[donates]
+        return _STEP_DONATING if donates else _STEP
 
     def _call(self, segments, mode, cache, inputs: StepInputs):
         # host arrays go straight in: jit's C++ fast path transfers them (the step has no effects)
         next_tokens, exported = self._jit(cache.donates)(self.graphdef, self.params, cache, inputs,
-                                                         segments=segments, mode=mode)
+                                                         segments=segments, mode=mode, attn=self.attn)
         self.pool.adopt(exported)
         self._shapes.add((segments, mode))
         return next_tokens
@@ -173,7 +177,8 @@ class ModelRunner:
                 for sg, m in jobs:
                     cache = cache_for(sg)
                     lowered.append(self._jit(cache.donates).lower(self.graphdef, self.params, cache,
-                                                                  StepInputs.padding(sg), segments=sg, mode=m))
+                                                                  StepInputs.padding(sg), segments=sg, mode=m,
+                                                                  attn=self.attn))
                 with concurrent.futures.ThreadPoolExecutor(compile_threads) as ex:
                     list(ex.map(lambda low: low.compile(), lowered))
             for segments, mode in jobs:
