@@ -83,7 +83,8 @@ class ModelConfig:
                 raise UnsupportedModelError(f"ModelConfig.{name} must be a positive int, got {value!r}")
         if not (isinstance(self.rms_norm_eps, (int, float)) and math.isfinite(self.rms_norm_eps)
                 and self.rms_norm_eps > 0):
-            raise UnsupportedModelError(f"ModelConfig.rms_norm_eps must be a finite number > 0, got {self.rms_norm_eps!r}")
+            raise UnsupportedModelError(
+                f"ModelConfig.rms_norm_eps must be a finite number > 0, got {self.rms_norm_eps!r}")
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")

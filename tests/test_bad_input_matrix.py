@@ -34,7 +34,7 @@ import pytest
 
 import jax_vattention as jv
 from jax_vattention import attention as attn
-from jax_vattention.engine import VAttentionPool, Request, SamplingParams, Scheduler, SchedulerConfig
+from jax_vattention.engine import Request, SamplingParams, Scheduler, SchedulerConfig, VAttentionPool
 
 CFG = dict(num_layers=2, max_batch=3, max_seq=128, kv_heads=2, head_dim=16, dtype="float32", page_bytes=4096)
 

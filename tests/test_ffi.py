@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -470,7 +469,10 @@ def test_close_waits_for_computations_in_flight(mode):
 # -- the no-copy guarantee, in the compiled HLO -----------------------------------------
 
 def hlo_copies(hlo: str) -> list[int]:
-    """Element counts of every copy / copy-start / transpose result: the project's one parser (``jax_vattention.hlo``)."""
+    """Element counts of every copy / copy-start / transpose result.
+
+    The project's one parser (``jax_vattention.hlo``).
+    """
     return copied_element_counts(hlo)
 
 

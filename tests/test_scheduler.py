@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jax_vattention as jv
-from jax_vattention.engine import VAttentionPool, Request, SamplingParams, Scheduler, SchedulerConfig, Status
+from jax_vattention.engine import Request, SamplingParams, Scheduler, SchedulerConfig, Status, VAttentionPool
 
 VOCAB = 1000
 
@@ -136,7 +136,8 @@ def test_cancel_mid_run_frees_the_slot():
 
 def test_admission_waits_for_pool_room_and_reuses_deferred_slots():
     with make_manager(pool_pages=8) as m:
-        sched = Scheduler(VAttentionPool(m), SchedulerConfig(max_batch=6, token_budget=512, chunk_size=512, admission_headroom=0))
+        sched = Scheduler(VAttentionPool(m), SchedulerConfig(max_batch=6, token_budget=512, chunk_size=512,
+                                                             admission_headroom=0))
         big = [Request(i, [5] * 120, SamplingParams(max_tokens=3)) for i in range(3)]  # 2 pages x (K, V) each
         for r in big:
             sched.add(r)
