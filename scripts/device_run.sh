@@ -7,7 +7,8 @@
 #        long-run, sanitize, sanitize-kernels (memcheck of our Pallas kernels only, attention GPU tests),
 #        sanitize-engine (memcheck of the small engine GPU test), sanitize-model (memcheck of the 3 slowest model
 #        GPU tests, our kernels instrumented, warm compilation cache), engine-tests (engine/paged/reliability tests),
-#        tune-prefill (prefill tile sweep at the benchmark's shapes)
+#        tune-prefill (prefill tile sweep at the benchmark's shapes),
+#        bench-zero-mapping (what a read-only zero mapping of a whole reservation costs on CUDA)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/vattn-out}
@@ -41,6 +42,7 @@ for step in "$@"; do
     sanitize-engine) SANITIZE_WARM_CACHE=1 SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-480} SANITIZER_ARGS="--kernel-name regex=vattn|write_kv" bash scripts/gpu_sanitize.sh tests/test_engine_gpu.py::test_small_engine_crossing_pages_for_memcheck > "$OUT/sanitize_engine_run.log" 2>&1 || status=1; summary "$OUT/sanitize_engine_run.log" 20 ;;
     sanitize-model) SANITIZE_WARM_CACHE=1 SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-420} SANITIZER_ARGS="--kernel-name regex=vattn|write_kv" bash scripts/gpu_sanitize.sh tests/test_model_gpu.py -m gpu -k "8b_layer_shapes or no_cache_copy_at_scale or cli_generate" > "$OUT/sanitize_model_run.log" 2>&1 || status=1; summary "$OUT/sanitize_model_run.log" 20 ;;
     tune-prefill) python3 benchmarks/bench_attention.py --decode "" --prefill 1x512x4096,4x2048x4096 --tune --no-vmm --part prefill-tune > "$OUT/tune_prefill.log" 2>&1 || status=1; summary "$OUT/tune_prefill.log" 25 ;;
+    bench-zero-mapping) python3 benchmarks/bench_zero_mapping.py > "$OUT/bench_zero_mapping.log" 2>&1 || status=1; summary "$OUT/bench_zero_mapping.log" 15 ;;
     engine-tests) python3 -m pytest -q -ra tests/test_engine.py tests/test_paged_cache.py tests/test_engine_reliability.py tests/test_scheduler.py > "$OUT/engine_tests.log" 2>&1 || status=1; summary "$OUT/engine_tests.log" 20 ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
