@@ -1,4 +1,7 @@
 // Python bindings: the handler registrations() dict and the Manager object.
+// Thin: Python ints are unbounded, so integer arguments are converted here with
+// a range check; everything else is the core's. jax_vattention/_core.pyi
+// describes this module; keep the two in step.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/pair.h>
@@ -10,6 +13,7 @@
 
 #include "backends/host_backend.h"
 #include "core/cache_manager.h"
+#include "handlers/device_write_guard.h"
 #include "handlers/handlers.h"
 #include "handlers/registry.h"
 #ifdef VATTN_WITH_CUDA
@@ -27,6 +31,27 @@ nb::capsule encapsulate_ffi_call(T* fn) {
   return nb::capsule(reinterpret_cast<void*>(fn));
 }
 
+// A Python int (or any object with __index__) as int64: TypeError for other
+// types, CacheValueError naming `name` for ints outside the int64 range.
+int64_t to_int64(nb::handle value, const char* name) {
+  nb::object index = nb::steal(PyNumber_Index(value.ptr()));
+  if (!index.is_valid()) {
+    PyErr_Clear();
+    throw nb::type_error((std::string(name) + " must be an int, got " + Py_TYPE(value.ptr())->tp_name).c_str());
+  }
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow) {
+    const size_t bits = nb::cast<size_t>(index.attr("bit_length")());
+    const std::string shown = bits <= 256 ? nb::cast<std::string>(nb::str(index))
+                                          : "a " + std::to_string(bits) + "-bit integer";
+    throw Error(ErrorKind::kInvalidArgument,
+                std::string(name) + "=" + shown + " does not fit in a signed 64-bit integer");
+  }
+  if (v == -1 && PyErr_Occurred()) throw nb::python_error();
+  return v;
+}
+
 std::unique_ptr<MemoryBackend> make_backend(const std::string& name, int device_ordinal) {
   if (name == "host") return std::make_unique<HostBackend>();
 #ifdef VATTN_WITH_CUDA
@@ -36,24 +61,24 @@ std::unique_ptr<MemoryBackend> make_backend(const std::string& name, int device_
   throw Error(ErrorKind::kInvalidArgument, "backend '" + name + "' is not available in this build");
 }
 
-// The Python-facing handle: owns the registry entry of one CacheManager.
+// The Python-facing handle: owns the registry entry of one CacheManager and,
+// when the host cannot store into the cache, its DeviceWriteGuard.
 class Manager {
  public:
-  Manager(int64_t num_layers, int64_t max_batch, int64_t max_seq, int64_t kv_heads, int64_t head_dim,
-          int64_t itemsize, int64_t page_bytes, int64_t pool_bytes, bool deferred_reclaim,
-          const std::string& backend, int device_ordinal) {
-    CacheLayout L;
-    L.num_layers = num_layers, L.max_batch = max_batch, L.requested_max_seq = max_seq;
-    L.kv_heads = kv_heads, L.head_dim = head_dim, L.itemsize = itemsize, L.page_bytes = page_bytes;
-    manager_ = std::make_shared<CacheManager>(L, pool_bytes, deferred_reclaim, make_backend(backend, device_ordinal));
-    id_ = ManagerRegistry::instance().add(manager_);
+  Manager(const CacheLayout& layout, int64_t pool_bytes, bool deferred_reclaim, const std::string& backend,
+          int device_ordinal) {
+    manager_ = std::make_shared<CacheManager>(layout, pool_bytes, deferred_reclaim,
+                                              make_backend(backend, device_ordinal));
+    if (manager_->backend().device_memory()) write_guard_ = std::make_shared<DeviceWriteGuard>(manager_);
+    id_ = ManagerRegistry::instance().add(manager_, write_guard_);
   }
   ~Manager() { close(); }
 
   void close() {
     if (!manager_) return;
     ManagerRegistry::instance().remove(id_);
-    manager_->close();
+    manager_->close();     // waits for the device, so no kernel still reads the guard's tables
+    write_guard_.reset();  // handlers still running hold their own reference
   }
   CacheManager& m() {
     if (!manager_ || manager_->closed()) throw Error(ErrorKind::kClosed, "the cache manager is closed");
@@ -62,6 +87,41 @@ class Manager {
   uint64_t id() const { return id_; }
   bool closed() const { return !manager_ || manager_->closed(); }
   const CacheLayout& layout() const { return manager_->layout(); }
+
+  // {flag, row, slot, end} of the first write the device refused since the
+  // last call, all zero if none (always on the host, which refuses eagerly).
+  std::vector<int32_t> take_device_error() {
+    m();
+    if (!write_guard_) return {0, 0, 0, 0};
+    const DeviceWriteGuard::RefusedWrite r = write_guard_->take_refused(nullptr);
+    return {r.flag, r.row, r.slot, r.end};
+  }
+
+  std::pair<size_t, size_t> device_mem_info() {
+    DeviceMemory* device = m().backend().device_memory();
+    if (!device) throw Error(ErrorKind::kInvalidArgument, "device_mem_info needs the cuda backend");
+    size_t free_bytes = 0, total_bytes = 0;
+    device->memory_info(&free_bytes, &total_bytes);
+    return {free_bytes, total_bytes};
+  }
+
+  // A DLPack tensor over one cache tensor, [max_batch, max_seq, kv_heads, head_dim].
+  nb::ndarray<> tensor_view(int64_t layer, int64_t kv, uint8_t dtype_code, uint8_t dtype_bits, nb::handle owner) {
+    CacheManager& mm = m();
+    const CacheLayout& L = mm.layout();
+    void* addr = reinterpret_cast<void*>(mm.tensor_base(layer, kv));
+    const size_t shape[4] = {static_cast<size_t>(L.max_batch), static_cast<size_t>(L.max_seq),
+                             static_cast<size_t>(L.kv_heads), static_cast<size_t>(L.head_dim)};
+    nb::dlpack::dtype dt{dtype_code, dtype_bits, 1};
+    int device_type = nb::device::cpu::value, device_id = 0;
+    if (DeviceMemory* device = mm.backend().device_memory()) {  // device memory means the CUDA backend
+      device_type = nb::device::cuda::value;
+      device_id = device->device_ordinal();
+    }
+    // `owner` is released when jax no longer uses the memory (after the view is
+    // deleted and computations using it finished); close() waits for it.
+    return nb::ndarray<>(addr, 4, shape, owner, nullptr, dt, device_type, device_id);
+  }
 
   nb::dict stats() {
     CacheStats s = manager_->stats();
@@ -80,15 +140,32 @@ class Manager {
     d["destroys"] = s.destroys;
     d["maps"] = s.maps;
     d["unmaps"] = s.unmaps;
-    d["slot_capacity"] = s.slot_capacity;
-    d["slot_allocated"] = std::vector<bool>(s.slot_allocated.begin(), s.slot_allocated.end());
+    // Tuples, as jax_vattention.CacheStats holds them.
+    d["slot_capacity"] = nb::tuple(nb::cast(s.slot_capacity));
+    d["slot_allocated"] = nb::tuple(nb::cast(std::vector<bool>(s.slot_allocated.begin(), s.slot_allocated.end())));
     return d;
   }
 
  private:
   std::shared_ptr<CacheManager> manager_;
+  std::shared_ptr<DeviceWriteGuard> write_guard_;
   uint64_t id_ = 0;
 };
+
+void init_manager(Manager* self, nb::handle num_layers, nb::handle max_batch, nb::handle max_seq,
+                  nb::handle kv_heads, nb::handle head_dim, nb::handle itemsize, nb::handle page_bytes,
+                  nb::handle pool_bytes, bool deferred_reclaim, const std::string& backend, int device_ordinal) {
+  CacheLayout L;
+  L.num_layers = to_int64(num_layers, "num_layers");
+  L.max_batch = to_int64(max_batch, "max_batch");
+  L.requested_max_seq = to_int64(max_seq, "max_seq");
+  L.kv_heads = to_int64(kv_heads, "kv_heads");
+  L.head_dim = to_int64(head_dim, "head_dim");
+  L.itemsize = to_int64(itemsize, "itemsize");
+  L.page_bytes = to_int64(page_bytes, "page_bytes");
+  L.finalize();  // a layout that overflows is named before the pool size derived from it
+  new (self) Manager(L, to_int64(pool_bytes, "pool_bytes"), deferred_reclaim, backend, device_ordinal);
+}
 
 nb::dict registrations() {
   nb::dict d;
@@ -108,7 +185,7 @@ NB_MODULE(_core, m) {
 
   // Error classes live in Python (jax_vattention.errors); Python hands them in.
   static nb::dict* error_classes = new nb::dict();  // leaked on purpose: used during exit
-  m.def("_set_error_classes", [](nb::dict classes) { *error_classes = classes; });
+  m.def("_set_error_classes", [](nb::dict classes) { *error_classes = classes; }, nb::arg("classes"));
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
       std::rethrow_exception(p);
@@ -131,11 +208,9 @@ NB_MODULE(_core, m) {
 
   using G = nb::call_guard<nb::gil_scoped_release>;
   nb::class_<Manager>(m, "Manager")
-      .def(nb::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, const std::string&,
-                    int>(),
-           nb::arg("num_layers"), nb::arg("max_batch"), nb::arg("max_seq"), nb::arg("kv_heads"), nb::arg("head_dim"),
-           nb::arg("itemsize"), nb::arg("page_bytes"), nb::arg("pool_bytes"), nb::arg("deferred_reclaim"),
-           nb::arg("backend"), nb::arg("device_ordinal"))
+      .def("__init__", &init_manager, nb::arg("num_layers"), nb::arg("max_batch"), nb::arg("max_seq"),
+           nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("itemsize"), nb::arg("page_bytes"),
+           nb::arg("pool_bytes"), nb::arg("deferred_reclaim"), nb::arg("backend"), nb::arg("device_ordinal"))
       .def_prop_ro("id", &Manager::id)
       .def_prop_ro("closed", &Manager::closed)
       .def_prop_ro("max_seq", [](Manager& s) { return s.layout().max_seq; })
@@ -143,58 +218,64 @@ NB_MODULE(_core, m) {
       .def_prop_ro("slot_bytes", [](Manager& s) { return s.layout().slot_bytes; })
       .def_prop_ro("pages_per_slot", [](Manager& s) { return s.layout().pages_per_slot; })
       .def_prop_ro("granularity", [](Manager& s) { return s.m().backend().granularity(); })
-      .def("tensor_address", [](Manager& s, int64_t layer, int64_t kv) { return s.m().tensor_base(layer, kv); })
       .def(
-          "allocate", [](Manager& s, int64_t min_tokens) { return s.m().allocate(min_tokens); }, nb::arg("min_tokens"),
-          G())
-      .def("grow", [](Manager& s, int64_t slot, int64_t tokens) { s.m().grow_one(slot, tokens); }, G())
-      .def("free", [](Manager& s, int64_t slot) { s.m().free(slot); }, G())
+          "tensor_address",
+          [](Manager& s, nb::handle layer, nb::handle kv) {
+            return s.m().tensor_base(to_int64(layer, "layer"), to_int64(kv, "kv"));
+          },
+          nb::arg("layer"), nb::arg("kv"))
+      // Integer arguments are converted with the GIL held; the core call then
+      // runs without it (it may wait on the device or on the manager's lock).
       .def(
-          "trim", [](Manager& s, int64_t max_pages, bool release) { return s.m().trim(max_pages, release); },
-          nb::arg("max_pages"), nb::arg("release_physical"), G())
+          "allocate",
+          [](Manager& s, nb::handle min_tokens) {
+            const int64_t n = to_int64(min_tokens, "min_tokens");
+            nb::gil_scoped_release release;
+            return s.m().allocate(n);
+          },
+          nb::arg("min_tokens"))
+      .def(
+          "grow",
+          [](Manager& s, nb::handle slot, nb::handle tokens) {
+            const int64_t i = to_int64(slot, "slot"), n = to_int64(tokens, "tokens");
+            nb::gil_scoped_release release;
+            s.m().grow_one(i, n);
+          },
+          nb::arg("slot"), nb::arg("tokens"))
+      .def(
+          "free",
+          [](Manager& s, nb::handle slot) {
+            const int64_t i = to_int64(slot, "slot");
+            nb::gil_scoped_release release;
+            s.m().free(i);
+          },
+          nb::arg("slot"))
+      .def(
+          "trim",
+          [](Manager& s, nb::handle max_pages, bool release_physical) {
+            const int64_t n = to_int64(max_pages, "max_pages");
+            nb::gil_scoped_release release;
+            return s.m().trim(n, release_physical);
+          },
+          nb::arg("max_pages"), nb::arg("release_physical"))
       .def(
           "tensor_view",
-          [](Manager& s, int64_t layer, int64_t kv, uint8_t dtype_code, uint8_t dtype_bits, nb::handle owner) {
-            CacheManager& mm = s.m();
-            const CacheLayout& L = mm.layout();
-            void* addr = reinterpret_cast<void*>(mm.tensor_base(layer, kv));
-            const size_t shape[4] = {static_cast<size_t>(L.max_batch), static_cast<size_t>(L.max_seq),
-                                     static_cast<size_t>(L.kv_heads), static_cast<size_t>(L.head_dim)};
-            nb::dlpack::dtype dt{dtype_code, dtype_bits, 1};
-            int device_type = nb::device::cpu::value, device_id = 0;
-#ifdef VATTN_WITH_CUDA
-            if (auto* b = dynamic_cast<CudaBackend*>(&mm.backend())) {
-              device_type = nb::device::cuda::value;
-              device_id = b->device_ordinal();
-            }
-#endif
-            // `owner` is released when jax no longer uses the memory (after the
-            // view is deleted and computations using it finished); close() waits for it.
-            return nb::ndarray<>(addr, 4, shape, owner, nullptr, dt, device_type, device_id);
+          [](Manager& s, nb::handle layer, nb::handle kv, uint8_t dtype_code, uint8_t dtype_bits, nb::handle owner) {
+            return s.tensor_view(to_int64(layer, "layer"), to_int64(kv, "kv"), dtype_code, dtype_bits, owner);
           },
-          nb::arg("layer"), nb::arg("kv"), nb::arg("dtype_code"), nb::arg("dtype_bits"), nb::arg("owner").none() = nb::none(),
-          nb::rv_policy::reference)
-      .def("capacity", [](Manager& s, int64_t slot) { return s.m().capacity(slot); })
-      .def("allocated", [](Manager& s, int64_t slot) { return s.m().allocated(slot); })
+          nb::arg("layer"), nb::arg("kv"), nb::arg("dtype_code"), nb::arg("dtype_bits"),
+          nb::arg("owner").none() = nb::none(), nb::rv_policy::reference)
+      .def(
+          "capacity", [](Manager& s, nb::handle slot) { return s.m().capacity(to_int64(slot, "slot")); },
+          nb::arg("slot"))
+      .def(
+          "allocated", [](Manager& s, nb::handle slot) { return s.m().allocated(to_int64(slot, "slot")); },
+          nb::arg("slot"))
       .def("stats", &Manager::stats)
       .def("close", &Manager::close, G())
-      .def("inject_failures", [](Manager& s, int creates, int maps) { s.m().backend().inject_failures(creates, maps); })
-#ifdef VATTN_WITH_CUDA
-      .def("device_mem_info",
-           [](Manager& s) {
-             auto* b = dynamic_cast<CudaBackend*>(&s.m().backend());
-             if (!b) throw Error(ErrorKind::kInvalidArgument, "device_mem_info needs the cuda backend");
-             size_t free_b = 0, total_b = 0;
-             b->mem_info(&free_b, &total_b);
-             return std::make_pair(free_b, total_b);
-           })
-      .def("take_device_error",
-           [](Manager& s) {
-             auto* b = dynamic_cast<CudaBackend*>(&s.m().backend());
-             std::vector<int32_t> out(4, 0);
-             if (b) b->take_error(nullptr, out.data());
-             return out;
-           })
-#endif
-      ;
+      .def(
+          "inject_failures", [](Manager& s, int creates, int maps) { s.m().backend().inject_failures(creates, maps); },
+          nb::arg("creates"), nb::arg("maps"))
+      .def("device_mem_info", &Manager::device_mem_info, G())
+      .def("take_device_error", &Manager::take_device_error, G());
 }

@@ -27,23 +27,21 @@ class CudaBackend::ScopedContext {
 CudaBackend::CudaBackend(int device_ordinal) : cu_(CudaDriver::get()), ordinal_(device_ordinal) {
   cu_.check(cu_.cuDeviceGet(&device_, ordinal_), "cuDeviceGet");
   cu_.check(cu_.cuDevicePrimaryCtxRetain(&ctx_, device_), "cuDevicePrimaryCtxRetain");
-  ScopedContext scope(*this);
-  CUmemAllocationProp prop = {};
-  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-  prop.location.id = ordinal_;
-  cu_.check(cu_.cuMemGetAllocationGranularity(&granularity_, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM),
-            "cuMemGetAllocationGranularity");
+  try {
+    ScopedContext scope(*this);
+    CUmemAllocationProp prop = {};
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = ordinal_;
+    cu_.check(cu_.cuMemGetAllocationGranularity(&granularity_, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+              "cuMemGetAllocationGranularity");
+  } catch (...) {
+    cu_.cuDevicePrimaryCtxRelease(device_);  // the destructor does not run for a failed constructor
+    throw;
+  }
 }
 
-CudaBackend::~CudaBackend() {
-  {
-    ScopedContext scope(*this);
-    if (tables_.capacity) cu_.cuMemFree(tables_.capacity);
-    if (tables_.error) cu_.cuMemFree(tables_.error);
-  }
-  cu_.cuDevicePrimaryCtxRelease(device_);
-}
+CudaBackend::~CudaBackend() { cu_.cuDevicePrimaryCtxRelease(device_); }
 
 uintptr_t CudaBackend::reserve(size_t bytes, size_t alignment) {
   ScopedContext scope(*this);
@@ -101,46 +99,63 @@ void CudaBackend::synchronize() {
   cu_.check(cu_.cuCtxSynchronize(), "cuCtxSynchronize");
 }
 
-void CudaBackend::mem_info(size_t* free_bytes, size_t* total_bytes) {
+// -- DeviceMemory ----------------------------------------------------------
+
+namespace {
+CUstream as_stream(void* stream) { return static_cast<CUstream>(stream); }
+}  // namespace
+
+void CudaBackend::memory_info(size_t* free_bytes, size_t* total_bytes) {
   ScopedContext scope(*this);
   cu_.check(cu_.cuMemGetInfo(free_bytes, total_bytes), "cuMemGetInfo");
 }
 
-uint64_t CudaBackend::tables_version() const {
-  std::lock_guard<std::mutex> lock(tables_mu_);
-  return tables_version_;
+uintptr_t CudaBackend::allocate(size_t bytes) {
+  ScopedContext scope(*this);
+  CUdeviceptr ptr = 0;
+  cu_.check(cu_.cuMemAlloc(&ptr, bytes), ("cuMemAlloc(" + std::to_string(bytes) + " bytes)").c_str());
+  return static_cast<uintptr_t>(ptr);
 }
 
-CudaBackend::Tables CudaBackend::tables(CUstream stream, const std::vector<int32_t>& capacity, uint64_t version) {
-  std::lock_guard<std::mutex> lock(tables_mu_);
-  ScopedContext scope(*this);
-  const int64_t n = static_cast<int64_t>(capacity.size());
-  if (!tables_.capacity) {
-    cu_.check(cu_.cuMemAlloc(&tables_.capacity, n * sizeof(int32_t)), "cuMemAlloc(capacity table)");
-    cu_.check(cu_.cuMemAlloc(&tables_.error, 4 * sizeof(int32_t)), "cuMemAlloc(error word)");
-    cu_.check(cu_.cuMemsetD8Async(tables_.error, 0, 4 * sizeof(int32_t), stream), "cuMemsetD8Async");
-    tables_size_ = n;
-    tables_version_ = 0;
+void CudaBackend::deallocate(uintptr_t ptr) noexcept {
+  try {
+    ScopedContext scope(*this);
+    cu_.cuMemFree(static_cast<CUdeviceptr>(ptr));
+  } catch (...) {
+    // Destructor path: a context that cannot be made current has nothing left to free.
   }
-  if (tables_version_ != version) {
-    // Pageable source: the call returns once the data is staged, so `capacity`
-    // may change afterwards; the copy is ordered on the stream before the kernel.
-    cu_.check(cu_.cuMemcpyHtoDAsync(tables_.capacity, capacity.data(), n * sizeof(int32_t), stream),
-              "cuMemcpyHtoDAsync(capacity table)");
-    tables_version_ = version;
-  }
-  return tables_;
 }
 
-void CudaBackend::take_error(CUstream stream, int32_t out[4]) {
-  std::lock_guard<std::mutex> lock(tables_mu_);
-  out[0] = out[1] = out[2] = out[3] = 0;
-  if (!tables_.error) return;
+void CudaBackend::copy_to_device(void* stream, uintptr_t dst, const void* src, size_t bytes) {
   ScopedContext scope(*this);
-  if (!stream) cu_.check(cu_.cuCtxSynchronize(), "cuCtxSynchronize");
-  cu_.check(cu_.cuMemcpyDtoHAsync(out, tables_.error, 4 * sizeof(int32_t), stream), "cuMemcpyDtoHAsync");
-  cu_.check(cu_.cuStreamSynchronize(stream), "cuStreamSynchronize");
-  if (out[0]) cu_.check(cu_.cuMemsetD8Async(tables_.error, 0, 4 * sizeof(int32_t), stream), "cuMemsetD8Async");
+  cu_.check(cu_.cuMemcpyHtoDAsync(static_cast<CUdeviceptr>(dst), src, bytes, as_stream(stream)),
+            "cuMemcpyHtoDAsync");
+}
+
+void CudaBackend::copy_to_host(void* stream, void* dst, uintptr_t src, size_t bytes) {
+  ScopedContext scope(*this);
+  cu_.check(cu_.cuMemcpyDtoHAsync(dst, static_cast<CUdeviceptr>(src), bytes, as_stream(stream)),
+            "cuMemcpyDtoHAsync");
+}
+
+void CudaBackend::copy_on_device(void* stream, uintptr_t dst, uintptr_t src, size_t bytes) {
+  ScopedContext scope(*this);
+  cu_.check(cu_.cuMemcpyDtoDAsync(static_cast<CUdeviceptr>(dst), static_cast<CUdeviceptr>(src), bytes,
+                                  as_stream(stream)),
+            "cuMemcpyDtoDAsync");
+}
+
+void CudaBackend::fill_zero(void* stream, uintptr_t dst, size_t bytes) {
+  ScopedContext scope(*this);
+  cu_.check(cu_.cuMemsetD8Async(static_cast<CUdeviceptr>(dst), 0, bytes, as_stream(stream)), "cuMemsetD8Async");
+}
+
+void CudaBackend::wait(void* stream) {
+  ScopedContext scope(*this);
+  if (stream)
+    cu_.check(cu_.cuStreamSynchronize(as_stream(stream)), "cuStreamSynchronize");
+  else
+    cu_.check(cu_.cuCtxSynchronize(), "cuCtxSynchronize");
 }
 
 }  // namespace vattn

@@ -1,25 +1,24 @@
 // CUDA VMM backend: cuMemAddressReserve / cuMemCreate / cuMemMap+cuMemSetAccess
-// / cuMemUnmap on the device's primary context (the one XLA uses).
-//
-// It also owns two small device tables that the CUDA FFI handlers need:
-// per-slot writable capacity (so the write kernel never stores past mapped
-// pages) and an error word the kernel sets instead of faulting.
+// / cuMemUnmap on the device's primary context (the one XLA uses), plus the
+// plain device-memory calls (cuMemAlloc, stream-ordered copies) that the FFI
+// handlers make through the DeviceMemory interface. It only wraps those calls:
+// whatever the handlers allocate is owned by them (see DeviceWriteGuard).
 #pragma once
 
 #include <cstdint>
-#include <mutex>
-#include <vector>
 
 #include "../core/backend.h"
+#include "../core/device_memory.h"
 #include "cuda_driver.h"
 
 namespace vattn {
 
-class CudaBackend final : public MemoryBackend {
+class CudaBackend final : public MemoryBackend, public DeviceMemory {
  public:
   explicit CudaBackend(int device_ordinal);
   ~CudaBackend() override;
 
+  // MemoryBackend: the cache's virtual memory.
   const char* name() const override { return "cuda"; }
   size_t granularity() const override { return granularity_; }
   uintptr_t reserve(size_t bytes, size_t alignment) override;
@@ -29,22 +28,18 @@ class CudaBackend final : public MemoryBackend {
   void map(uintptr_t addr, size_t bytes, PageHandle page) override;
   void unmap(uintptr_t addr, size_t bytes) override;
   void synchronize() override;
+  DeviceMemory* device_memory() override { return this; }
 
-  int device_ordinal() const { return ordinal_; }
-  const CudaDriver& driver() const { return cu_; }
-  // Free and total device memory as the driver reports it.
-  void mem_info(size_t* free_bytes, size_t* total_bytes);
-
-  // Device tables for the FFI handlers; all calls are stream-ordered on `stream`.
-  struct Tables {
-    CUdeviceptr capacity = 0;  // int32[max_batch]
-    CUdeviceptr error = 0;     // int32[4]: {flag, row, slot, position}
-  };
-  // Ensures the tables exist and hold capacity version `version`.
-  Tables tables(CUstream stream, const std::vector<int32_t>& capacity, uint64_t version);
-  uint64_t tables_version() const;
-  // Copies the error word to the host and clears it (synchronizes `stream`).
-  void take_error(CUstream stream, int32_t out[4]);
+  // DeviceMemory: ordinary device allocations and copies; `stream` is a CUstream.
+  int device_ordinal() const override { return ordinal_; }
+  void memory_info(size_t* free_bytes, size_t* total_bytes) override;
+  uintptr_t allocate(size_t bytes) override;
+  void deallocate(uintptr_t ptr) noexcept override;
+  void copy_to_device(void* stream, uintptr_t dst, const void* src, size_t bytes) override;
+  void copy_to_host(void* stream, void* dst, uintptr_t src, size_t bytes) override;
+  void copy_on_device(void* stream, uintptr_t dst, uintptr_t src, size_t bytes) override;
+  void fill_zero(void* stream, uintptr_t dst, size_t bytes) override;
+  void wait(void* stream) override;
 
  private:
   class ScopedContext;
@@ -53,10 +48,6 @@ class CudaBackend final : public MemoryBackend {
   CUdevice device_ = 0;
   CUcontext ctx_ = nullptr;
   size_t granularity_ = 0;
-  mutable std::mutex tables_mu_;
-  Tables tables_;
-  int64_t tables_size_ = 0;
-  uint64_t tables_version_ = 0;
 };
 
 }  // namespace vattn

@@ -5,10 +5,13 @@
 //   create   ~ cuMemCreate             destroy ~ cuMemRelease
 //   map      ~ cuMemMap+cuMemSetAccess unmap   ~ cuMemUnmap
 // so the manager logic that drives it is the same on the GPU and in CI.
+// A backend holds no state beyond what those calls need.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+
+#include "device_memory.h"
 
 namespace vattn {
 
@@ -37,6 +40,10 @@ class MemoryBackend {
 
   // Wait until no queued device work can touch the ranges (before unmapping).
   virtual void synchronize() = 0;
+
+  // The device's own memory calls when the host cannot store into the cache
+  // (CUDA); nullptr when it can (host). Handlers reach device memory only here.
+  virtual DeviceMemory* device_memory() { return nullptr; }
 
   // Test-only fault injection: the next `n` create_page / map calls fail.
   void inject_failures(int create_failures, int map_failures) {

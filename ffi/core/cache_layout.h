@@ -1,11 +1,16 @@
 // Geometry of the token-major cache: 2*L tensors of [max_batch, max_seq, kv_heads, head_dim].
 // Each batch slot owns a page-aligned region, so max_seq is rounded up until a
 // slot is a whole number of pages; the rounding is reported, never hidden.
+//
+// Every size is computed with overflow checks: a configuration whose byte
+// counts do not fit in int64 is a CacheValueError naming the fields, never a
+// wrapped (zero or negative) size.
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <numeric>
 #include <string>
 
@@ -29,7 +34,14 @@ struct CacheLayout {
   int64_t pages_per_slot = 0;  // slot_bytes / page_bytes
   int64_t tensor_bytes = 0;    // max_batch * slot_bytes
 
+  // Limits: slots and tokens are int32 in the FFI calls and device tables; one
+  // tensor and the whole cache must fit the address space that can be reserved.
+  static constexpr int64_t kMaxIndex = (int64_t{1} << 31) - 1;
+  static constexpr int64_t kMaxTensorBytes = int64_t{1} << 46;  // 64 TiB
+  static constexpr int64_t kMaxTotalBytes = int64_t{1} << 47;   // 128 TiB, a 48-bit address space's user half
+
   int64_t num_tensors() const { return 2 * num_layers; }
+  int64_t reserved_bytes() const { return num_tensors() * tensor_bytes; }
 
   // Pages a slot needs so that tokens [0, n) are backed.
   int64_t pages_for_tokens(int64_t n) const {
@@ -41,9 +53,6 @@ struct CacheLayout {
   }
 
   void finalize() {
-    auto positive = [](int64_t v, const char* what) {
-      if (v <= 0) throw Error(ErrorKind::kInvalidArgument, std::string(what) + " must be positive, got " + std::to_string(v));
-    };
     positive(num_layers, "num_layers");
     positive(max_batch, "max_batch");
     positive(requested_max_seq, "max_seq");
@@ -51,18 +60,60 @@ struct CacheLayout {
     positive(head_dim, "head_dim");
     positive(itemsize, "itemsize");
     positive(page_bytes, "page_bytes");
-    token_bytes = kv_heads * head_dim * itemsize;
-    // Smallest token count whose bytes are a whole number of pages.
-    int64_t lcm = std::lcm(token_bytes, page_bytes);
-    int64_t seq_quantum = lcm / token_bytes;
-    max_seq = (requested_max_seq + seq_quantum - 1) / seq_quantum * seq_quantum;
-    slot_bytes = max_seq * token_bytes;
+    if (max_batch > kMaxIndex)
+      throw Error(ErrorKind::kInvalidArgument, "max_batch=" + str(max_batch) + " exceeds " + str(kMaxIndex) +
+                                                   " (slots are int32 in the FFI calls)");
+    token_bytes = product({kv_heads, head_dim, itemsize}, "kv_heads * head_dim * itemsize");
+    // Smallest token count whose bytes are a whole number of pages:
+    // lcm(token_bytes, page_bytes) / token_bytes, computed without the lcm.
+    const int64_t seq_quantum = page_bytes / std::gcd(token_bytes, page_bytes);
+    int64_t padded = 0;
+    if (__builtin_add_overflow(requested_max_seq, seq_quantum - 1, &padded))
+      throw Error(ErrorKind::kInvalidArgument, "cache too large: max_seq=" + str(requested_max_seq) +
+                                                   " rounded up to a multiple of " + str(seq_quantum) +
+                                                   " tokens (whole pages) overflows a 64-bit count");
+    max_seq = padded / seq_quantum * seq_quantum;
+    if (max_seq > kMaxIndex)
+      throw Error(ErrorKind::kInvalidArgument,
+                  "cache too large: max_seq=" + str(requested_max_seq) + " rounds up to " + str(max_seq) +
+                      " tokens (whole pages of " + str(page_bytes) + " bytes at " + str(token_bytes) +
+                      " bytes per token), more than " + str(kMaxIndex));
+    slot_bytes = product({max_seq, token_bytes}, "max_seq * token_bytes");
     pages_per_slot = slot_bytes / page_bytes;
-    tensor_bytes = max_batch * slot_bytes;
-    constexpr int64_t kMaxTensorBytes = int64_t{1} << 46;  // 64 TiB of address space
-    if (tensor_bytes > kMaxTensorBytes || max_seq > (int64_t{1} << 31) - 1)
-      throw Error(ErrorKind::kInvalidArgument, "cache too large: one tensor would reserve " +
-                                                   std::to_string(tensor_bytes) + " bytes");
+    tensor_bytes = product({max_batch, max_seq, token_bytes}, "max_batch * max_seq * token_bytes");
+    if (tensor_bytes > kMaxTensorBytes)
+      throw Error(ErrorKind::kInvalidArgument, "cache too large: one tensor would reserve " + str(tensor_bytes) +
+                                                   " bytes (max_batch * max_seq * token_bytes; limit " +
+                                                   str(kMaxTensorBytes) + ")");
+    const int64_t total =
+        product({2, num_layers, max_batch, max_seq, token_bytes}, "2 * num_layers * max_batch * max_seq * token_bytes");
+    if (total > kMaxTotalBytes)
+      throw Error(ErrorKind::kInvalidArgument, "cache too large: 2 * num_layers = " + str(2 * num_layers) +
+                                                   " tensors would reserve " + str(total) + " bytes (limit " +
+                                                   str(kMaxTotalBytes) + ")");
+  }
+
+ private:
+  static std::string str(int64_t v) { return std::to_string(v); }
+
+  static void positive(int64_t v, const char* what) {
+    if (v <= 0) throw Error(ErrorKind::kInvalidArgument, std::string(what) + " must be positive, got " + str(v));
+  }
+
+  // The product of positive factors, or a CacheValueError "what = v1 * v2 * ...
+  // overflows" (`what` names the factors, in order).
+  static int64_t product(std::initializer_list<int64_t> factors, const std::string& what) {
+    int64_t result = 1;
+    for (int64_t f : factors) {
+      if (!__builtin_mul_overflow(result, f, &result)) continue;
+      std::string values;
+      for (int64_t v : factors) values += (values.empty() ? "" : " * ") + str(v);
+      const bool per_token = what.find("token_bytes") != std::string::npos;
+      throw Error(ErrorKind::kInvalidArgument, "cache too large: " + what + " = " + values +
+                                                   " overflows a 64-bit byte count" +
+                                                   (per_token ? " (token_bytes = kv_heads * head_dim * itemsize)" : ""));
+    }
+    return result;
   }
 };
 

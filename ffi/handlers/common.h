@@ -46,13 +46,21 @@ inline void require(bool ok, const std::string& message) {
   if (!ok) throw Error(ErrorKind::kInvalidArgument, message);
 }
 
+// Rows of one grow call: slots and lengths are both [B].
+inline int64_t check_grow_args(const I32Vec& slots, const I32Vec& lengths) {
+  const int64_t n = static_cast<int64_t>(slots.element_count());
+  require(static_cast<int64_t>(lengths.element_count()) == n, "slots and lengths must have the same shape [B]");
+  return n;
+}
+
 // Shape of one write call: k_new / v_new are [B, T, kv_heads, head_dim].
 struct WriteShape {
   int64_t batch = 0, tokens = 0;
 };
 
-inline WriteShape check_write_args(const CacheLayout& L, int64_t layer, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                                   int64_t n_slots, int64_t n_starts, int64_t n_counts) {
+inline WriteShape check_write_args(const CacheLayout& L, int64_t layer, const ffi::AnyBuffer& k,
+                                   const ffi::AnyBuffer& v, const I32Vec& slots, const I32Vec& starts,
+                                   const I32Vec& counts) {
   require(layer >= 0 && layer < L.num_layers,
           "layer " + std::to_string(layer) + " is out of range [0, " + std::to_string(L.num_layers) + ")");
   auto dk = k.dimensions(), dv = v.dimensions();
@@ -64,9 +72,11 @@ inline WriteShape check_write_args(const CacheLayout& L, int64_t layer, ffi::Any
   require(static_cast<int64_t>(ffi::ByteWidth(k.element_type())) == L.itemsize &&
               k.element_type() == v.element_type(),
           "k_new/v_new element size does not match the cache dtype");
-  require(n_slots == dk[0] && n_starts == dk[0] && n_counts == dk[0],
+  const int64_t b = dk[0];
+  require(static_cast<int64_t>(slots.element_count()) == b && static_cast<int64_t>(starts.element_count()) == b &&
+              static_cast<int64_t>(counts.element_count()) == b,
           "slots, starts and counts must all have shape [B] with B = k_new.shape[0]");
-  return {dk[0], dk[1]};
+  return {b, dk[1]};
 }
 
 }  // namespace vattn

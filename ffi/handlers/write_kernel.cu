@@ -46,12 +46,11 @@ __global__ void write_kv_kernel(WriteKernelArgs a) {
 
 }  // namespace
 
-const char* launch_write_kv(void* stream, const WriteKernelArgs& args) {
-  if (args.batch == 0 || args.tokens == 0) return "";
+cudaError_t launch_write_kv(cudaStream_t stream, const WriteKernelArgs& args) {
+  if (args.batch == 0 || args.tokens == 0) return cudaSuccess;
   dim3 grid(static_cast<unsigned>(args.tokens), static_cast<unsigned>(args.batch));
-  write_kv_kernel<<<grid, 128, 0, static_cast<cudaStream_t>(stream)>>>(args);
-  cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? "" : cudaGetErrorString(err);
+  write_kv_kernel<<<grid, 128, 0, stream>>>(args);
+  return cudaGetLastError();
 }
 
 }  // namespace vattn

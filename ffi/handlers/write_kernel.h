@@ -1,6 +1,8 @@
 // Launcher for the CUDA scatter of new K/V rows into the VMM cache.
 #pragma once
 
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
 
 namespace vattn {
@@ -19,7 +21,8 @@ struct WriteKernelArgs {
   int64_t batch, tokens, token_bytes, slot_bytes, max_batch;
 };
 
-// Returns an empty string on success, else the launch error.
-const char* launch_write_kv(void* stream, const WriteKernelArgs& args);
+// Enqueues the write on `stream`; returns the launch error (cudaSuccess when
+// there is nothing to launch).
+cudaError_t launch_write_kv(cudaStream_t stream, const WriteKernelArgs& args);
 
 }  // namespace vattn

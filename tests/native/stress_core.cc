@@ -4,7 +4,10 @@
 // Phase 1: one thread, random operations, invariants checked after each.
 // Phase 2: several threads own one slot each (allocate/grow/write/verify/free)
 // while others trim, read stats and churn the registry.
+// Phase 3: layouts whose sizes overflow int64 are rejected (kInvalidArgument),
+// never wrapped (UB the sanitizers would not always see).
 #include <atomic>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -142,10 +145,43 @@ static void phase_threads() {
   std::printf("threads: %lld slot cycles\n", static_cast<long long>(cycles.load()));
 }
 
+static void phase_layout_overflow() {
+  struct Case {
+    int64_t num_layers, max_batch, max_seq, kv_heads, head_dim, itemsize;
+    const char* names;  // expected in the message
+  };
+  const int64_t big = int64_t{1} << 62;
+  const Case cases[] = {
+      {2, 3, 128, big, 16, 4, "kv_heads * head_dim * itemsize"},
+      {2, 3, 128, int64_t{1} << 31, int64_t{1} << 31, 4, "kv_heads * head_dim * itemsize"},
+      {2, 3, (int64_t{1} << 31) - 1, int64_t{1} << 40, 16, 4, "max_seq * token_bytes"},
+      {2, int64_t{1} << 30, int64_t{1} << 30, int64_t{1} << 14, 16, 4, "max_batch * max_seq * token_bytes"},
+      {2, big, 128, 2, 16, 4, "max_batch"},
+      {big, 3, 128, 2, 16, 4, "num_layers"},
+      {int64_t{1} << 40, 3, 128, 2, 16, 4, "num_layers"},
+      {2, 3, INT64_MAX, 3, 16, 4, "max_seq"},
+  };
+  for (const Case& c : cases) {
+    CacheLayout L;
+    L.num_layers = c.num_layers, L.max_batch = c.max_batch, L.requested_max_seq = c.max_seq;
+    L.kv_heads = c.kv_heads, L.head_dim = c.head_dim, L.itemsize = c.itemsize, L.page_bytes = 4096;
+    bool rejected = false;
+    try {
+      CacheManager m(L, 1 << 20, true, std::make_unique<HostBackend>());
+    } catch (const Error& e) {
+      rejected = e.kind() == ErrorKind::kInvalidArgument && std::strstr(e.what(), c.names) != nullptr;
+      if (!rejected) std::fprintf(stderr, "unexpected error for %s: %s\n", c.names, e.what());
+    }
+    CHECK(rejected);
+  }
+  std::printf("layout overflow: %zu cases rejected\n", sizeof(cases) / sizeof(cases[0]));
+}
+
 int main() {
   phase_single_thread(1);
   phase_single_thread(2);
   phase_threads();
+  phase_layout_overflow();
   std::printf("OK\n");
   return 0;
 }

@@ -1,0 +1,105 @@
+"""Type stubs for ``jax_vattention._core``, the native extension built from ``ffi/bindings.cc``.
+
+Integer arguments accept anything with ``__index__`` (int, numpy integers); an
+int outside the signed 64-bit range raises ``CacheValueError`` naming the
+argument, any other type ``TypeError``. Errors of the core arrive as the classes
+handed to ``_set_error_classes`` (``jax_vattention.errors``).
+"""
+
+import sys
+from typing import SupportsIndex, TypedDict
+
+if sys.version_info >= (3, 13):
+    from types import CapsuleType
+else:
+    from typing_extensions import CapsuleType
+
+def _set_error_classes(classes: dict[str, type[BaseException]]) -> None:
+    """Map the core's error kinds (keys: the class names) to Python exception classes."""
+
+def registrations() -> dict[str, CapsuleType]:
+    """XLA FFI handler capsules, keyed ``vattn_{grow,write}_{cpu,cuda}`` (cuda only when compiled)."""
+
+def cuda_compiled() -> bool:
+    """Whether this build has the CUDA backend and handlers."""
+
+class _Stats(TypedDict):
+    reserved_bytes: int
+    page_bytes: int
+    pages_budget: int
+    pages_created: int
+    pages_free: int
+    pages_mapped: int
+    pages_mapped_free_slots: int
+    mapped_bytes: int
+    physical_bytes: int
+    live_slots: int
+    creates: int
+    destroys: int
+    maps: int
+    unmaps: int
+    slot_capacity: tuple[int, ...]
+    slot_allocated: tuple[bool, ...]
+
+class Manager:
+    """One cache: its reservations, page pool and slots, registered for the FFI handlers under ``id``."""
+
+    def __init__(
+        self,
+        num_layers: SupportsIndex,
+        max_batch: SupportsIndex,
+        max_seq: SupportsIndex,
+        kv_heads: SupportsIndex,
+        head_dim: SupportsIndex,
+        itemsize: SupportsIndex,
+        page_bytes: SupportsIndex,
+        pool_bytes: SupportsIndex,
+        deferred_reclaim: bool,
+        backend: str,
+        device_ordinal: int,
+    ) -> None: ...
+    @property
+    def id(self) -> int:
+        """The ``manager_id`` attribute the FFI calls carry."""
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def max_seq(self) -> int:
+        """max_seq rounded up so that a slot is a whole number of pages."""
+    @property
+    def token_bytes(self) -> int: ...
+    @property
+    def slot_bytes(self) -> int: ...
+    @property
+    def pages_per_slot(self) -> int: ...
+    @property
+    def granularity(self) -> int:
+        """The backend's mapping granularity in bytes."""
+    def tensor_address(self, layer: SupportsIndex, kv: SupportsIndex) -> int:
+        """Base address of layer ``layer``'s K (kv=0) or V (kv=1) tensor."""
+    def allocate(self, min_tokens: SupportsIndex) -> int: ...
+    def grow(self, slot: SupportsIndex, tokens: SupportsIndex) -> None: ...
+    def free(self, slot: SupportsIndex) -> None: ...
+    def trim(self, max_pages: SupportsIndex, release_physical: bool) -> int:
+        """Unmap pages of free slots (all when max_pages < 0); returns the pages unmapped."""
+    def tensor_view(
+        self,
+        layer: SupportsIndex,
+        kv: SupportsIndex,
+        dtype_code: int,
+        dtype_bits: int,
+        owner: object | None = None,
+    ) -> CapsuleType:
+        """A DLPack capsule over one tensor, [max_batch, max_seq, kv_heads, head_dim]; ``owner`` is kept alive
+        until the consumer releases the memory."""
+    def capacity(self, slot: SupportsIndex) -> int: ...
+    def allocated(self, slot: SupportsIndex) -> bool: ...
+    def stats(self) -> _Stats: ...
+    def close(self) -> None: ...
+    def inject_failures(self, creates: int, maps: int) -> None:
+        """Test-only: the next ``creates`` page creations and ``maps`` mappings fail."""
+    def device_mem_info(self) -> tuple[int, int]:
+        """(free, total) device bytes; CacheValueError on the host backend."""
+    def take_device_error(self) -> list[int]:
+        """[flag, row, slot, end] of the first write the device refused since the last call (zeros if none;
+        always zeros on the host backend)."""
