@@ -22,7 +22,6 @@ once per shape, and - for the vAttention cache - checked with
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -35,88 +34,13 @@ from jax_vattention import KVCacheManager
 from jax_vattention.attention import AttentionSpec, check_block_fits_pages
 from jax_vattention.cache import StaticKVCache
 from jax_vattention.hlo import check_compiled
-from jax_vattention.inputs import PromptError, bucket, check_prompts
+from jax_vattention.inputs import bucket
 from jax_vattention.sampling import SamplingParams, SamplingRows, sampling_mode
 from jax_vattention.validation import check_int
 
 from . import decode as dec
-from .errors import GenerationInputError, UnsupportedModelError
-
-
-@dataclasses.dataclass
-class GenerationResult:
-    tokens: list[list[int]]  # generated ids per request (a stop token, if hit, is the last one)
-    finish_reasons: list[str]  # "stop" or "length"
-    prompt_lengths: list[int]
-    cache_lengths: list[int]  # tokens each request holds in the cache at the end
-    slot_capacity: list[int] | None  # tokens backed per request's slot at the end (vAttention)
-    prefill_seconds: float
-    decode_seconds: float
-    compile_seconds: float
-    decode_steps: int
-    mapped_bytes: int | None  # physical KV bytes mapped at the end, before slots are freed (vAttention)
-    needed_bytes: int  # bytes the cached tokens occupy
-    static_bytes: int  # what a static [requests, max_seq] cache holds
-    static_cache: StaticKVCache | None = None
-
-    @property
-    def num_generated(self) -> int:
-        return sum(len(t) for t in self.tokens)
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        """Tokens produced by the decode loop (all but each request's first) per second."""
-        n = self.num_generated - len(self.tokens)
-        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
-
-    @property
-    def tokens_per_second(self) -> float:
-        total = self.prefill_seconds + self.decode_seconds
-        return self.num_generated / total if total > 0 else float("nan")
-
-
-def _bucket(n: int, cap: int, minimum: int = 16) -> int:
-    """``n`` rounded up to a power of two (>= minimum), at most ``cap``: limits recompilation."""
-    return bucket(n, cap, minimum)
-
-
-def check_requests(prompts, params, *, vocab_size: int, max_seq: int, max_batch: int,
-                   sliding_window: int | None = None) -> tuple[list[np.ndarray], list[SamplingParams]]:
-    """Validate prompts and their ``SamplingParams`` before anything is allocated."""
-    try:
-        out = check_prompts(prompts, vocab_size)
-    except PromptError as e:
-        raise GenerationInputError(str(e)) from None
-    if len(out) > max_batch:
-        raise GenerationInputError(f"{len(out)} prompts exceed the cache's max_batch={max_batch}")
-    if isinstance(params, SamplingParams):
-        params = [params] * len(out)
-    if not isinstance(params, (list, tuple)) or len(params) != len(out):
-        raise GenerationInputError(f"give one SamplingParams or one per prompt ({len(out)}), got {params!r:.80}")
-    for i, p in enumerate(params):
-        if not isinstance(p, SamplingParams):
-            raise GenerationInputError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
-        if out[i].size > max_seq:
-            raise GenerationInputError(f"prompt {i} has {out[i].size} tokens, longer than max_seq={max_seq}")
-        need = out[i].size + p.max_tokens - 1  # the last sampled token is never written
-        if need > max_seq:
-            raise GenerationInputError(
-                f"prompt {i}: {out[i].size} prompt tokens + max_tokens={p.max_tokens} need {need} cache tokens, "
-                f"more than max_seq={max_seq}")
-        if sliding_window is not None and need > sliding_window:
-            raise UnsupportedModelError(
-                f"prompt {i} needs {need} tokens of context, beyond the model's sliding_window={sliding_window} "
-                "(sliding-window attention is not implemented)")
-    return out, [p.seeded() for p in params]
-
-
-def _stop_matrix(params: Sequence[SamplingParams], eos: Sequence[int]) -> np.ndarray:
-    rows = [p.stop_ids(eos) for p in params]
-    width = max(1, max(len(r) for r in rows))
-    mat = np.full((len(rows), width), -1, np.int32)
-    for i, r in enumerate(rows):
-        mat[i, : len(r)] = r
-    return mat
+from .errors import GenerationInputError
+from .requests import GenerationResult, check_requests, stop_matrix
 
 
 class Generator:
@@ -216,9 +140,9 @@ class Generator:
             raise GenerationInputError(f"{n} prompts but only {free} free slots in the cache")
         lens = np.array([p.size for p in prompts], np.int32)
         max_new = np.array([p.max_tokens for p in params], np.int32)
-        stop_ids = jnp.asarray(_stop_matrix(params, cfg.eos_token_ids))
-        spec = self._spec(dtype, platform, _bucket(int((lens + max_new - 1).max()), max_seq), manager)
-        width = _bucket(int(lens.max()), max_seq, minimum=8)
+        stop_ids = jnp.asarray(stop_matrix(params, cfg.eos_token_ids))
+        spec = self._spec(dtype, platform, bucket(int((lens + max_new - 1).max()), max_seq, 16), manager)
+        width = bucket(int(lens.max()), max_seq, 8)
         if prefill_chunk is not None:
             width = min(width, int(prefill_chunk))
         sampling = SamplingRows.of(params, [0] * n)
@@ -268,7 +192,7 @@ class Generator:
         prefill_c = self._compile("prefill" + suffix, prefill_fn, manager, dict(attn=spec), self.params, kv,
                                   *chunks[0], logits)
 
-        out_len = _bucket(int(max_new.max()), 1 << 30, minimum=8)  # buffer width: few distinct shapes
+        out_len = bucket(int(max_new.max()), 1 << 30, 8)  # buffer width: few distinct shapes
         max_new_d = jnp.asarray(max_new)
         start_c = self._compile("start", dec.start_program, None, dict(out_len=out_len, mode=mode),
                                 logits, sampling, max_new_d, stop_ids, model=False)

@@ -278,6 +278,7 @@ def test_compiled_prefill_and_decode_loop_copy_no_cache(model):
         assert "while" in text and "vattn_grow" in text
         # A full batch with a full-length window: the reference's gathered window is as large as a cache
         # tensor, so any transposed copy of it would be flagged; the loop must have none.
+        fourth = m.allocate()  # every slot allocated: a cache's rows must be live slots
         full = m.cache(np.arange(4, dtype=np.int32), np.zeros(4, np.int32))
         rows4, stop4 = SamplingRows.padding(4), jnp.full((4, 1), -1, jnp.int32)
         carry4 = dec.start_carry(jnp.zeros((4, CFG.vocab_size)), rows4, jnp.full((4,), 8), stop4, 8, "greedy")
@@ -296,7 +297,7 @@ def test_compiled_prefill_and_decode_loop_copy_no_cache(model):
         assert copies_of_views(bad, view)
         big = jax.jit(lambda c: jnp.ones(view[::-1]).transpose(3, 2, 1, 0) * c.lengths[0]).lower(cache)
         assert copies_of_views(big.compile().as_text(), view) == []  # an activation, not the view
-        for s in np.asarray(cache.slots):
+        for s in [*np.asarray(cache.slots).tolist(), fourth]:
             m.free(int(s))
 
 

@@ -148,7 +148,7 @@ def test_decode_loop_has_no_cache_copy_at_scale():
     B = 32
     cache_cfg = models.cache_config_for(cfg, max_batch=B, max_seq=1024, dtype="bfloat16")
     with jv.KVCacheManager(cache_cfg) as m:
-        cache = m.cache(np.arange(B, dtype=np.int32), np.zeros(B, np.int32))
+        cache = m.cache([m.allocate() for _ in range(B)], np.zeros(B, np.int32))  # live slots, nothing mapped
         spec = AttentionSpec(impl="kernel", max_len=1024)
         rows = SamplingRows.padding(B)
         stop = jnp.full((B, 1), -1, jnp.int32)
