@@ -52,10 +52,11 @@ int64_t to_int64(nb::handle value, const char* name) {
   return v;
 }
 
-std::unique_ptr<MemoryBackend> make_backend(const std::string& name, int device_ordinal) {
-  if (name == "host") return std::make_unique<HostBackend>();
+std::unique_ptr<MemoryBackend> make_backend(const std::string& name, int device_ordinal,
+                                            UnbackedReads unbacked_reads) {
+  if (name == "host") return std::make_unique<HostBackend>(unbacked_reads);
 #ifdef VATTN_WITH_CUDA
-  if (name == "cuda") return std::make_unique<CudaBackend>(device_ordinal);
+  if (name == "cuda") return std::make_unique<CudaBackend>(device_ordinal, unbacked_reads);
 #endif
   (void)device_ordinal;
   throw Error(ErrorKind::kInvalidArgument, "backend '" + name + "' is not available in this build");
@@ -66,9 +67,10 @@ std::unique_ptr<MemoryBackend> make_backend(const std::string& name, int device_
 class Manager {
  public:
   Manager(const CacheLayout& layout, int64_t pool_bytes, bool deferred_reclaim, const std::string& backend,
-          int device_ordinal) {
+          int device_ordinal, UnbackedReads unbacked_reads)
+      : unbacked_reads_(unbacked_reads) {
     manager_ = std::make_shared<CacheManager>(layout, pool_bytes, deferred_reclaim,
-                                              make_backend(backend, device_ordinal));
+                                              make_backend(backend, device_ordinal, unbacked_reads));
     if (manager_->backend().device_memory()) write_guard_ = std::make_shared<DeviceWriteGuard>(manager_);
     id_ = ManagerRegistry::instance().add(manager_, write_guard_);
   }
@@ -87,6 +89,7 @@ class Manager {
   uint64_t id() const { return id_; }
   bool closed() const { return !manager_ || manager_->closed(); }
   const CacheLayout& layout() const { return manager_->layout(); }
+  UnbackedReads unbacked_reads() const { return unbacked_reads_; }  // readable after close too
 
   // {flag, row, slot, end} of the first write the device refused since the
   // last call, all zero if none (always on the host, which refuses eagerly).
@@ -150,11 +153,14 @@ class Manager {
   std::shared_ptr<CacheManager> manager_;
   std::shared_ptr<DeviceWriteGuard> write_guard_;
   uint64_t id_ = 0;
+  UnbackedReads unbacked_reads_;
 };
 
 void init_manager(Manager* self, nb::handle num_layers, nb::handle max_batch, nb::handle max_seq,
                   nb::handle kv_heads, nb::handle head_dim, nb::handle itemsize, nb::handle page_bytes,
-                  nb::handle pool_bytes, bool deferred_reclaim, const std::string& backend, int device_ordinal) {
+                  nb::handle pool_bytes, bool deferred_reclaim, const std::string& backend, int device_ordinal,
+                  const std::string& unbacked_reads) {
+  const UnbackedReads mode = parse_unbacked_reads(unbacked_reads);  // named before anything is reserved
   CacheLayout L;
   L.num_layers = to_int64(num_layers, "num_layers");
   L.max_batch = to_int64(max_batch, "max_batch");
@@ -164,7 +170,7 @@ void init_manager(Manager* self, nb::handle num_layers, nb::handle max_batch, nb
   L.itemsize = to_int64(itemsize, "itemsize");
   L.page_bytes = to_int64(page_bytes, "page_bytes");
   L.finalize();  // a layout that overflows is named before the pool size derived from it
-  new (self) Manager(L, to_int64(pool_bytes, "pool_bytes"), deferred_reclaim, backend, device_ordinal);
+  new (self) Manager(L, to_int64(pool_bytes, "pool_bytes"), deferred_reclaim, backend, device_ordinal, mode);
 }
 
 nb::dict registrations() {
@@ -210,9 +216,11 @@ NB_MODULE(_core, m) {
   nb::class_<Manager>(m, "Manager")
       .def("__init__", &init_manager, nb::arg("num_layers"), nb::arg("max_batch"), nb::arg("max_seq"),
            nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("itemsize"), nb::arg("page_bytes"),
-           nb::arg("pool_bytes"), nb::arg("deferred_reclaim"), nb::arg("backend"), nb::arg("device_ordinal"))
+           nb::arg("pool_bytes"), nb::arg("deferred_reclaim"), nb::arg("backend"), nb::arg("device_ordinal"),
+           nb::arg("unbacked_reads"))
       .def_prop_ro("id", &Manager::id)
       .def_prop_ro("closed", &Manager::closed)
+      .def_prop_ro("unbacked_reads", [](Manager& s) { return std::string(unbacked_reads_name(s.unbacked_reads())); })
       .def_prop_ro("max_seq", [](Manager& s) { return s.layout().max_seq; })
       .def_prop_ro("token_bytes", [](Manager& s) { return s.layout().token_bytes; })
       .def_prop_ro("slot_bytes", [](Manager& s) { return s.layout().slot_bytes; })

@@ -57,12 +57,18 @@ class Manager:
         deferred_reclaim: bool,
         backend: str,
         device_ordinal: int,
-    ) -> None: ...
+        unbacked_reads: str,
+    ) -> None:
+        """``unbacked_reads``: ``"zeros"`` (reserved memory with no page behind it reads as zeros) or ``"fault"``
+        (reading it faults); anything else raises ``CacheValueError``."""
     @property
     def id(self) -> int:
         """The ``manager_id`` attribute the FFI calls carry."""
     @property
     def closed(self) -> bool: ...
+    @property
+    def unbacked_reads(self) -> str:
+        """``"zeros"`` or ``"fault"``, as constructed (also after ``close()``)."""
     @property
     def max_seq(self) -> int:
         """max_seq rounded up so that a slot is a whole number of pages."""

@@ -17,6 +17,13 @@ SUPPORTED_DTYPES = {
     "float16": (2, 16),
     "float32": (2, 32),
 }
+# What reading reserved cache memory with no page behind it gives (CacheConfig.unbacked_reads).
+UNBACKED_READS = ("zeros", "fault")
+# The default per backend when CacheConfig.unbacked_reads is None: flip a backend's default here, and only here.
+# host: "zeros" costs nothing (a private read-only anonymous mapping reads the kernel's zero page).
+# cuda: "fault" until benchmarks/bench_zero_mapping.py has measured the read-only zero page on the GPU (one
+#   cuMemMap + cuMemSetAccess per 2 MiB page at start-up, one extra cuMemUnmap per page grow maps).
+DEFAULT_UNBACKED_READS = {"host": "zeros", "cuda": "fault"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +43,21 @@ class CacheConfig:
       deferred_reclaim: when True, a freed slot keeps its pages mapped so the
         next request reuses them without mapping; ``trim()`` or pool pressure
         reclaims them.
+      unbacked_reads: what reading reserved memory with no page behind it gives
+        (a view is ``max_batch x max_seq``, mostly unbacked). ``"zeros"``: zeros,
+        so printing, ``repr`` or reducing a view (debuggers and loggers that show
+        locals do it too) is harmless. ``"fault"``: the read faults (SIGSEGV on the
+        host, an illegal address on CUDA), the strict mode the no-copy and
+        no-read-past-length proofs run in: a copy of the cache or a kernel reading
+        past a row's length kills the process instead of reading zeros. Writes to
+        unbacked memory fault in both modes. ``None`` (default) takes the backend's
+        default from ``DEFAULT_UNBACKED_READS``: ``"zeros"`` on the host, where it
+        costs nothing (a private read-only anonymous mapping reads the kernel's zero
+        page); ``"fault"`` on CUDA for now, because there it means mapping one
+        physical zero page read-only into every unbacked 2 MiB page of the
+        reservation (a start-up cost per page, and one more ``cuMemUnmap`` per page
+        ``grow`` maps), to be decided from ``benchmarks/bench_zero_mapping.py`` on
+        the GPU. ``KVCacheManager.unbacked_reads`` reports the mode in effect.
     """
 
     num_layers: int
@@ -47,6 +69,7 @@ class CacheConfig:
     page_bytes: int = 2 * MIB
     pool_bytes: int | None = None
     deferred_reclaim: bool = True
+    unbacked_reads: str | None = None
 
     def __post_init__(self):
         # Python ints from here on: numpy integers (np.uint16 too) would overflow in the layout arithmetic.
@@ -60,10 +83,18 @@ class CacheConfig:
                                                              high=INT64_MAX, hint="or None", error=CacheValueError))
         if not isinstance(self.deferred_reclaim, bool):
             raise CacheValueError(f"CacheConfig.deferred_reclaim must be a bool, got {self.deferred_reclaim!r}")
+        if self.unbacked_reads is not None and (
+                not isinstance(self.unbacked_reads, str) or self.unbacked_reads not in UNBACKED_READS):
+            raise CacheValueError(f"CacheConfig.unbacked_reads must be one of {list(UNBACKED_READS)} or None, "
+                                  f"got {self.unbacked_reads!r}")
         name = jnp.dtype(self.dtype).name if _is_dtype(self.dtype) else str(self.dtype)
         if name not in SUPPORTED_DTYPES:
             raise CacheValueError(f"CacheConfig.dtype must be one of {sorted(SUPPORTED_DTYPES)}, got {self.dtype!r}")
         object.__setattr__(self, "dtype", name)
+
+    def unbacked_reads_for(self, backend: str) -> str:
+        """The ``unbacked_reads`` mode in effect on ``backend`` ("host" or "cuda")."""
+        return self.unbacked_reads if self.unbacked_reads is not None else DEFAULT_UNBACKED_READS[backend]
 
     @property
     def jnp_dtype(self) -> jnp.dtype:

@@ -166,7 +166,9 @@ class KVCacheManager:
     Use as a context manager, or call ``close()``; either releases every page
     and reservation. The K/V buffers are exposed as zero-copy ``jax.Array``
     views (``manager.k[layer]``, ``manager.v[layer]``), each
-    ``[max_batch, max_seq, kv_heads, head_dim]``.
+    ``[max_batch, max_seq, kv_heads, head_dim]``. Reading a view where no page is
+    mapped gives zeros or faults (``CacheConfig.unbacked_reads``, reported by
+    ``unbacked_reads``).
     """
 
     def __init__(self, config: CacheConfig, *, device: jax.Device | str | None = None):
@@ -200,6 +202,7 @@ class KVCacheManager:
             deferred_reclaim=config.deferred_reclaim,
             backend=backend,
             device_ordinal=ordinal,
+            unbacked_reads=config.unbacked_reads_for(backend),
         )
         assert self._native.max_seq == self.max_seq, (self._native.max_seq, self.max_seq)
         self.backend = backend
@@ -324,6 +327,12 @@ class KVCacheManager:
         """Test-only: make the next ``creates`` page creations / ``maps`` mappings fail."""
         self._check_open()
         self._native.inject_failures(int(creates), int(maps))
+
+    @property
+    def unbacked_reads(self) -> str:
+        """What reading the views' unbacked memory gives: ``"zeros"`` or ``"fault"`` (``CacheConfig.unbacked_reads``
+        resolved for this backend)."""
+        return str(self._native.unbacked_reads)
 
     # -- lifetime ------------------------------------------------------------
     @property

@@ -6,7 +6,8 @@ random inputs (the seed is printed, so a failure can be replayed with
 ``jax_vattention.attention.tolerances``. Cache memory past each row's length is
 filled with NaN, so any stray (unmasked) read of it shows up in the output.
 The no-read-past-length property on real unmapped memory is tested in a
-subprocess over a host ``KVCacheManager`` (a stray read segfaults).
+subprocess over a host ``KVCacheManager`` in strict mode
+(``unbacked_reads="fault"``: a stray read segfaults instead of reading zeros).
 """
 
 from __future__ import annotations
@@ -290,10 +291,12 @@ VMM_SCRIPT = textwrap.dedent(
     rng = np.random.default_rng(seed)
     HKV, D, BK = 2, 64, 32
     # 8 KiB pages: 8192 / (2 * 64 * 2) = 32 tokens per page, so BK=32 divides it.
+    # Strict mode: unbacked pages fault when read (the default on the host reads them as zeros).
     cfg = jv.CacheConfig(num_layers=1, max_batch=8, max_seq=1024, kv_heads=HKV, head_dim=D,
-                         dtype="bfloat16", page_bytes=8192)
+                         dtype="bfloat16", page_bytes=8192, unbacked_reads="fault")
     attn.check_block_fits_pages(BK, cfg.page_bytes, HKV, D, jnp.bfloat16)
     m = jv.KVCacheManager(cfg)
+    assert m.unbacked_reads == "fault", m.unbacked_reads
     lens = [1, 31, 32, 33, 300, 1024]
     slots = [m.allocate() for _ in range(8)]
     slots = [slots[i] for i in (6, 1, 3, 7, 0, 4)]  # non-adjacent, out of order
@@ -346,7 +349,7 @@ def _run_vmm(overshoot: int, seed: int):
 
 
 def test_no_read_past_length_on_real_vmm_cache(rng):
-    """Kernels and references over a host vAttention cache whose unmapped pages are PROT_NONE."""
+    """Kernels and references over a host vAttention cache whose unmapped pages are PROT_NONE (strict mode)."""
     proc = _run_vmm(0, int(rng.integers(2**31)))
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), (
         f"rc={proc.returncode} (-11 = SIGSEGV: a read past a slot's mapped pages)\n{proc.stdout}\n{proc.stderr[-3000:]}"

@@ -2,8 +2,9 @@
 
 Writes are verified through a path independent of JAX (ctypes over the raw
 tensor addresses). The no-copy guarantee is shown two ways: jit steps run on a
-cache whose slots are mostly PROT_NONE (in a subprocess, so a segfault is a
-test failure), and the compiled HLO holds no copy as large as a cache tensor.
+cache whose slots are mostly PROT_NONE (``unbacked_reads="fault"``, in a
+subprocess, so a segfault is a test failure; the controls show a full read does
+fault), and the compiled HLO holds no copy as large as a cache tensor.
 """
 
 from __future__ import annotations
@@ -314,9 +315,11 @@ SPARSE_SCRIPT = textwrap.dedent(
     import jax_vattention as jv
 
     # 2 layers x [4, 8192, 2, 16] f32: 1 MiB (256 pages) per slot; only page 0 of slots 0 and 2 gets mapped.
+    # Strict mode: an unbacked read faults instead of reading zeros, so a copy or overread kills the process.
     cfg = jv.CacheConfig(num_layers=2, max_batch=4, max_seq=8192, kv_heads=2, head_dim=16, dtype="float32",
-                         page_bytes=4096)
+                         page_bytes=4096, unbacked_reads="fault")
     m = jv.KVCacheManager(cfg)
+    assert m.unbacked_reads == "fault", m.unbacked_reads
     a, _, b = m.allocate(), m.allocate(), m.allocate()
     cache = m.cache([b, -1, a], [3, 0, 10])  # [B=3]
     kv = jnp.arange(3 * 2 * 16, dtype=jnp.float32).reshape(3, 1, 2, 16)  # [B, 1, Hkv, D]
@@ -405,12 +408,13 @@ CLOSE_SCRIPT = textwrap.dedent(
     import jax_vattention as jv
     from jax_vattention import ops
 
+    # Strict mode (unbacked_reads="fault"): memory unmapped under a running read faults instead of reading zeros.
     if sys.argv[1] == "read":
         cfg = jv.CacheConfig(num_layers=1, max_batch=2, max_seq=4096, kv_heads=2, head_dim=16, dtype="float32",
-                             page_bytes=4096)
+                             page_bytes=4096, unbacked_reads="fault")
     else:  # 2 KiB tokens: one write of a whole slot copies 2 x 32 MiB
         cfg = jv.CacheConfig(num_layers=1, max_batch=1, max_seq=16384, kv_heads=8, head_dim=64, dtype="float32",
-                             page_bytes=4096)
+                             page_bytes=4096, unbacked_reads="fault")
     S, H, D = cfg.max_seq, cfg.kv_heads, cfg.head_dim
     m = jv.KVCacheManager(cfg)
     s = m.allocate(S)  # the whole slot is mapped

@@ -158,8 +158,10 @@ SPARSE_STEP = """
     import jax, jax.numpy as jnp, numpy as np
     from jax import lax
     import jax_vattention as jv
-    cfg = jv.CacheConfig(num_layers=2, max_batch=8, max_seq=32768, kv_heads=8, head_dim=128, dtype="bfloat16")
+    cfg = jv.CacheConfig(num_layers=2, max_batch=8, max_seq=32768, kv_heads=8, head_dim=128, dtype="bfloat16",
+                         unbacked_reads="fault")   # strict: an unbacked read is an illegal address, not zeros
     m = jv.KVCacheManager(cfg)          # 2 x 2 x 512 MiB reserved, nothing mapped
+    assert m.unbacked_reads == "fault"
     slots = np.array([m.allocate(), m.allocate()], np.int32)
 
     @jax.jit
@@ -199,6 +201,61 @@ def test_sparse_mapping_detector_sees_a_full_read():
     proc = _run_isolated(SPARSE_STEP.format(control="print(float(jnp.sum(m.k[0].astype(jnp.float32))))"))
     assert proc.returncode != 0
     assert "ILLEGAL_ADDRESS" in proc.stderr.upper() or "illegal" in proc.stderr.lower(), proc.stderr[-3000:]
+
+
+ZEROS_MODE = """
+    import jax, jax.numpy as jnp, numpy as np
+    import jax_vattention as jv
+    from cuda.bindings import driver as cu
+    PAGE = 2 << 20
+    jnp.zeros(1).block_until_ready()   # XLA's own start-up allocations happen before the measurements
+    cu.cuInit(0)
+    cu.cuCtxSetCurrent(cu.cuDevicePrimaryCtxRetain(cu.cuDeviceGet(0)[1])[1])
+
+    def free_bytes():
+        cu.cuCtxSynchronize()
+        return int(cu.cuMemGetInfo()[1])
+
+    # 512 B per token: a 2 MiB page holds 4096 tokens, a slot is 2 pages, a tensor 8 pages (4 tensors).
+    cfg = jv.CacheConfig(num_layers=2, max_batch=4, max_seq=8192, kv_heads=2, head_dim=128, dtype="bfloat16",
+                         unbacked_reads="zeros", pool_bytes=64 << 20)
+    before = free_bytes()
+    m = jv.KVCacheManager(cfg)
+    assert m.unbacked_reads == "zeros"
+    used = before - free_bytes()
+    assert abs(used - PAGE) <= PAGE, used              # one zero page shared by all 32 unbacked pages
+    assert float(jnp.sum(m.k[0].astype(jnp.float32))) == 0.0   # the whole reservation reads as zeros
+    print(repr(m.k[1])[:40])
+    s = m.allocate(10)
+    x = jnp.full((1, 10, 2, 128), 3.0, jnp.bfloat16)
+    lens = jv.write(m, 0, x, -x, jnp.array([s], jnp.int32), jnp.zeros(1, jnp.int32), jnp.full(1, 10, jnp.int32))
+    assert int(lens[0]) == 10
+    k = np.asarray(m.k[0].astype(jnp.float32))          # a full read over a real page and zero pages
+    assert (k[s, :10] == 3.0).all(), k[s, :10]
+    assert (k[s, 4096:] == 0.0).all() and np.delete(k, s, 0).sum() == 0.0   # page 0 of slot s is real, not zeroed
+    m.free(s)
+    assert m.trim() == 4                                 # 1 page x 4 tensors unmapped: the zero page mapped back
+    assert float(jnp.sum(jnp.abs(m.k[0].astype(jnp.float32)))) == 0.0
+    s2 = m.allocate(5000)                                # two pages per tensor replace zero pages
+    y = jnp.ones((1, 1, 2, 128), jnp.bfloat16)
+    jv.write(m, 1, y, y, jnp.array([s2], jnp.int32), jnp.full(1, 4999, jnp.int32), jnp.ones(1, jnp.int32))
+    assert float(m.k[1][s2, 4999, 0, 0].astype(jnp.float32)) == 1.0
+    physical = m.stats().physical_bytes
+    before_close = free_bytes()
+    m.close()
+    assert m.stats().reserved_bytes == 0 and not m.pending_release
+    freed = free_bytes() - before_close
+    assert abs(freed - (physical + PAGE)) <= PAGE, (freed, physical)   # the pages and the zero page
+    print(float(jnp.sum(jnp.ones(1000))))   # the context is still healthy
+"""
+
+
+def test_zeros_mode_reads_unbacked_memory_as_zeros():
+    """unbacked_reads="zeros" on CUDA: one read-only zero page mapped at every unbacked page; a full read of a
+    sparse view gives zeros around the written tokens, trim maps the zero page back, close releases it."""
+    proc = _run_isolated(ZEROS_MODE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1000.0" in proc.stdout
 
 
 def test_write_past_capacity_is_refused_on_device_and_reported():

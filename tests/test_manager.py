@@ -129,8 +129,35 @@ def is_pool_page(region) -> bool:
     return region is not None and region[2] == "rw-s" and "jax_vattention_pool" in region[3]
 
 
-def is_reserved_hole(region) -> bool:
-    return region is not None and region[2] == "---p"
+# Reserved memory with no page behind it, by CacheConfig.unbacked_reads: a private anonymous mapping, PROT_NONE
+# ("fault": reading it faults) or read-only ("zeros": reading it gives the kernel's zero page).
+HOLE_PERMS = {"fault": "---p", "zeros": "r--p"}
+
+
+def is_reserved_hole(region, unbacked_reads: str | None = None) -> bool:
+    """An anonymous hole of the kind ``unbacked_reads`` reserves (either kind when None)."""
+    if region is None or region[3] != "":
+        return False
+    return region[2] in (HOLE_PERMS.values() if unbacked_reads is None else (HOLE_PERMS[unbacked_reads],))
+
+
+def reads_zero(address: int, nbytes: int) -> bool:
+    """The first and last 8 bytes at ``address`` read as zero (only call it on readable memory)."""
+    return ctypes.c_uint64.from_address(address).value == 0 == ctypes.c_uint64.from_address(address + nbytes - 8).value
+
+
+def dirty_mapped_pages(m: jv.KVCacheManager) -> None:
+    """Store a non-zero word at both ends of every mapped page (live and deferred slots), so a page unmapped later
+    shows whether its hole reads zeros again."""
+    cfg, marker = m.config, ctypes.c_uint64(0xA5A5A5A5A5A5A5A5)
+    for layer in range(cfg.num_layers):
+        for kv in (0, 1):
+            base = m._native.tensor_address(layer, kv)
+            for i, tokens in enumerate(m.stats().slot_capacity):
+                for page in range(pages_for(cfg, tokens)):
+                    address = base + i * m._native.slot_bytes + page * cfg.page_bytes
+                    ctypes.memmove(address, ctypes.addressof(marker), 8)
+                    ctypes.memmove(address + cfg.page_bytes - 8, ctypes.addressof(marker), 8)
 
 
 # -- the core invariant ----------------------------------------------------------
@@ -153,17 +180,21 @@ def assert_consistent(m: jv.KVCacheManager, pages: dict[int, int], allocated: se
     for i in range(cfg.max_batch):
         assert m.capacity(i) == tokens_backed(m, expected[i])
         assert m.allocated(i) == (i in allocated)
-    # The mappings themselves: pages [0, p) of every tensor are pool pages, page p is a hole.
+    # The mappings themselves: pages [0, p) of every tensor are pool pages, the rest holes of the configured kind
+    # (in "zeros" mode they read zeros, whatever was stored there before they were unmapped).
     maps = MemoryMaps()
-    per_slot = m._native.pages_per_slot
+    per_slot, mode = m._native.pages_per_slot, m.unbacked_reads
     for layer in range(cfg.num_layers):
         for kv in (0, 1):
             base = m._native.tensor_address(layer, kv)
             for i, p in enumerate(expected):
                 for page in range(per_slot):
-                    region = maps.at(base + i * m._native.slot_bytes + page * cfg.page_bytes)
-                    ok = is_pool_page(region) if page < p else is_reserved_hole(region)
-                    assert ok, f"layer {layer} kv {kv} slot {i} page {page} (expect {p} mapped): {region}"
+                    address = base + i * m._native.slot_bytes + page * cfg.page_bytes
+                    region = maps.at(address)
+                    ok = is_pool_page(region) if page < p else is_reserved_hole(region, mode)
+                    assert ok, f"layer {layer} kv {kv} slot {i} page {page} (expect {p} mapped, {mode}): {region}"
+                    if page >= p and mode == "zeros":
+                        assert reads_zero(address, cfg.page_bytes), f"layer {layer} kv {kv} slot {i} page {page}"
 
 
 # -- construction, views, rounding --------------------------------------------------
@@ -290,12 +321,14 @@ def pick_slot(k: int, allocated: set[int]) -> int:
     return live[k % len(live)] if k < 4 and live else k % 4
 
 
+@pytest.mark.parametrize("unbacked_reads", ["zeros", "fault"])
 @pytest.mark.parametrize("deferred", [True, False])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops_list=OPS)
-def test_page_accounting_matches_a_reference_model(deferred, ops_list):
-    cfg = make_config(deferred_reclaim=deferred)
+def test_page_accounting_matches_a_reference_model(deferred, unbacked_reads, ops_list):
+    cfg = make_config(deferred_reclaim=deferred, unbacked_reads=unbacked_reads)
     with jv.KVCacheManager(cfg) as m:
+        assert m.unbacked_reads == unbacked_reads
         mapped = [0] * cfg.max_batch  # reference: pages per tensor of each slot
         allocated: set[int] = set()
         for op in ops_list:
@@ -331,13 +364,15 @@ def test_page_accounting_matches_a_reference_model(deferred, ops_list):
                 assert m.trim() == reclaimable * num_tensors(m)
                 mapped = [p if i in allocated else 0 for i, p in enumerate(mapped)]
             assert_consistent(m, dict(enumerate(mapped)), allocated)
+            dirty_mapped_pages(m)  # the next unmap must bring zeros (or the fault) back, not these words
 
 
 # -- close() -------------------------------------------------------------------------
 
 
-def test_close_releases_every_page_and_reservation():
-    m = jv.KVCacheManager(make_config())
+@pytest.mark.parametrize("unbacked_reads", ["zeros", "fault"])
+def test_close_releases_every_page_and_reservation(unbacked_reads):
+    m = jv.KVCacheManager(make_config(unbacked_reads=unbacked_reads))
     cfg = m.config
     a, b = m.allocate(100), m.allocate(5)
     m.free(b)  # deferred pages of a free slot must be released too
@@ -348,7 +383,7 @@ def test_close_releases_every_page_and_reservation():
     before = MemoryMaps()
     for lo, hi in ranges:  # the checker sees the reservations while open
         kinds = {r[2] for r in before.overlapping(lo, hi)}
-        assert kinds == {"rw-s", "---p"}, kinds
+        assert kinds == {"rw-s", HOLE_PERMS[unbacked_reads]}, kinds
     assert m.stats().pages_created > 0
 
     m.close()

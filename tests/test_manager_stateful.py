@@ -6,10 +6,12 @@ checks the invariants against a shadow model and against memory itself:
 
 * mapped pages == what the slots' capacities need (live and deferred) in all 2L tensors
 * pages_created == mapped + free list, and never exceeds the budget
-* no physical page is mapped twice (memfd offsets read from /proc/self/maps)
+* no physical page is mapped twice (memfd offsets read from /proc/self/maps), and
+  everything else in the reservations is a read-only anonymous hole (the
+  default ``unbacked_reads="zeros"``) that reads zeros past each slot's pages
 * every written token still holds its bytes (numpy over the raw address), whatever
   the other slots did
-* after close() nothing is reserved or mapped
+* after close() nothing is reserved or mapped (no pool page, no hole left)
 
 The settings run at least 10,000 operations per CI run.
 """
@@ -77,10 +79,35 @@ def memfd_pages_by_address(ranges) -> dict[int, int]:
     return pages
 
 
+def anonymous_holes(ranges) -> dict[str, int]:
+    """Bytes of anonymous (non-memfd) mappings inside `ranges`, by permissions."""
+    holes: dict[str, int] = {}
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6:
+                continue  # named: memfd pages (or something else entirely)
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            inside = sum(max(0, min(end, hi) - max(start, lo)) for lo, hi in ranges)
+            if inside:
+                holes[parts[1]] = holes.get(parts[1], 0) + inside
+    return holes
+
+
+def first_unbacked_word(m, layer, kv, slot, capacity) -> int | None:
+    """The 8 bytes at the start of the first page past `capacity` tokens of a slot (None when the slot is full)."""
+    page = pages_for(capacity)
+    if page * CFG.page_bytes >= m._native.slot_bytes:
+        return None
+    addr = m._native.tensor_address(layer, kv) + slot * m._native.slot_bytes + page * CFG.page_bytes
+    return ctypes.c_uint64.from_address(addr).value
+
+
 class CacheMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.m = jv.KVCacheManager(CFG, device=jax.devices("cpu")[0])
+        assert self.m.unbacked_reads == "zeros"  # the host default
         self.live: set[int] = set()
         self.shadow: dict[tuple[int, int, int], float] = {}  # (slot, layer, pos) -> value
         self.next_value = 1.0
@@ -96,6 +123,7 @@ class CacheMachine(RuleBasedStateMachine):
         s = self.m.stats()
         assert (s.reserved_bytes, s.pages_created, s.pages_mapped) == (0, 0, 0)
         assert memfd_pages_by_address(self.ranges) == {}
+        assert anonymous_holes(self.ranges) == {}
 
     def slot_strategy(self, data):
         return data.draw(st.sampled_from(sorted(self.live)))
@@ -251,6 +279,13 @@ class CacheMachine(RuleBasedStateMachine):
             pages = memfd_pages_by_address(self.ranges)
             assert len(pages) == self.m.stats().pages_mapped
             assert len(set(pages.values())) == len(pages), "a physical page is mapped twice"
+            # The rest of the reservations: read-only anonymous holes, exactly the unmapped pages.
+            reserved = sum(hi - lo for lo, hi in self.ranges)
+            assert anonymous_holes(self.ranges) == {"r--p": reserved - len(pages) * CFG.page_bytes}
+            for slot, capacity in enumerate(self.m.stats().slot_capacity):
+                for layer in range(CFG.num_layers):
+                    for kv in (0, 1):
+                        assert first_unbacked_word(self.m, layer, kv, slot, capacity) in (None, 0), (slot, layer, kv)
 
 
 CacheMachine.TestCase.settings = settings(

@@ -1,4 +1,5 @@
-"""Generation on the vAttention cache (host backend: memory past a slot's mapped pages is PROT_NONE).
+"""Generation on the vAttention cache (host backend, strict ``unbacked_reads="fault"``: memory past a slot's
+mapped pages is PROT_NONE, so a read past the pages the tokens need segfaults instead of reading zeros).
 
 Consistency: full-sequence forward == prefill + single-token decode steps;
 vAttention cache == static cache; batched == one request at a time. Memory:
@@ -49,6 +50,7 @@ def gen(model):
 
 def manager(max_batch=4, max_seq=96, **kw):
     kw.setdefault("page_bytes", PAGE)
+    kw.setdefault("unbacked_reads", "fault")
     return jv.KVCacheManager(models.cache_config_for(CFG, max_batch=max_batch, max_seq=max_seq, dtype="float32", **kw))
 
 
@@ -394,7 +396,8 @@ def test_pallas_kernels_in_interpret_mode_match_reference(rng):
     cfg = CFG.replace(hidden_size=128, head_dim=64, intermediate_size=128)
     model = models.random_model(cfg, seed=int(rng.integers(1000)), init_std=0.2, dtype=jnp.bfloat16)
     prompts = [rng.integers(0, cfg.vocab_size, size=int(n)).tolist() for n in (5, 37, 1)]
-    cache_cfg = models.cache_config_for(cfg, max_batch=3, max_seq=96, dtype="bfloat16", page_bytes=8192)
+    cache_cfg = models.cache_config_for(cfg, max_batch=3, max_seq=96, dtype="bfloat16", page_bytes=8192,
+                                        unbacked_reads="fault")
     out = {}
     for impl in ("kernel", "reference"):
         g = models.Generator(model, attn=AttentionSpec(impl=impl, interpret=True, block_k=32))

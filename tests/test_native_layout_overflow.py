@@ -51,7 +51,7 @@ CHILD = textwrap.dedent(
     BASE = dict(num_layers=2, max_batch=3, max_seq=128, kv_heads=2, head_dim=16, dtype="float32",
                 page_bytes=4096, pool_bytes=1 << 20)
     NATIVE = dict(num_layers=2, max_batch=3, max_seq=128, kv_heads=2, head_dim=16, itemsize=4, page_bytes=4096,
-                  pool_bytes=1 << 20, deferred_reclaim=True, backend="host", device_ordinal=0)
+                  pool_bytes=1 << 20, deferred_reclaim=True, backend="host", device_ordinal=0, unbacked_reads="zeros")
     managers = []
 
     def manager(**overrides):

@@ -20,7 +20,8 @@ namespace {
 
 }  // namespace
 
-HostBackend::HostBackend() : granularity_(static_cast<size_t>(sysconf(_SC_PAGESIZE))) {
+HostBackend::HostBackend(UnbackedReads unbacked_reads)
+    : unbacked_reads_(unbacked_reads), granularity_(static_cast<size_t>(sysconf(_SC_PAGESIZE))) {
   fd_ = memfd_create("jax_vattention_pool", MFD_CLOEXEC);
   if (fd_ < 0) fail("memfd_create");
 }
@@ -29,9 +30,13 @@ HostBackend::~HostBackend() {
   if (fd_ >= 0) close(fd_);
 }
 
-uintptr_t HostBackend::reserve(size_t bytes, size_t alignment) {
-  const size_t span = bytes + alignment;
-  void* p = mmap(nullptr, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+int HostBackend::hole_prot() const { return unbacked_reads_ == UnbackedReads::kZeros ? PROT_READ : PROT_NONE; }
+
+uintptr_t HostBackend::reserve(size_t bytes, size_t page_bytes) {
+  const size_t alignment = page_bytes, span = bytes + alignment;
+  // Private, anonymous, never written (PROT_READ at most): reading it maps the
+  // kernel's zero page, so the reservation costs no memory in either mode.
+  void* p = mmap(nullptr, span, hole_prot(), MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) fail("mmap reserve of " + std::to_string(bytes) + " bytes");
   const uintptr_t raw = reinterpret_cast<uintptr_t>(p);
   const uintptr_t aligned = (raw + alignment - 1) / alignment * alignment;
@@ -74,7 +79,8 @@ void HostBackend::map(uintptr_t addr, size_t bytes, PageHandle page) {
 }
 
 void HostBackend::unmap(uintptr_t addr, size_t bytes) {
-  void* p = mmap(reinterpret_cast<void*>(addr), bytes, PROT_NONE,
+  // One call replaces the memfd mapping with the reservation's own kind of hole.
+  void* p = mmap(reinterpret_cast<void*>(addr), bytes, hole_prot(),
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) fail("mmap unmap");
 }

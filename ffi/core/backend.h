@@ -10,12 +10,32 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "device_memory.h"
+#include "error.h"
 
 namespace vattn {
 
 using PageHandle = uint64_t;
+
+// What a read of reserved memory with no page mapped behind it gives. Writes
+// there always fault (writes only ever go to mapped pages).
+//   kFault: the read faults (SIGSEGV on the host, an illegal address on CUDA):
+//           the strict mode that makes a copy or an overread of the cache fatal.
+//   kZeros: the read gives zeros (printing or reducing a view is harmless).
+// Only the backend implements it; the manager's logic is the same for both.
+enum class UnbackedReads { kFault, kZeros };
+
+inline const char* unbacked_reads_name(UnbackedReads mode) {
+  return mode == UnbackedReads::kZeros ? "zeros" : "fault";
+}
+
+inline UnbackedReads parse_unbacked_reads(const std::string& name) {
+  if (name == "zeros") return UnbackedReads::kZeros;
+  if (name == "fault") return UnbackedReads::kFault;
+  throw Error(ErrorKind::kInvalidArgument, "unbacked_reads must be 'zeros' or 'fault', got '" + name + "'");
+}
 
 class MemoryBackend {
  public:
@@ -25,8 +45,15 @@ class MemoryBackend {
   // Mapping granularity in bytes; page sizes must be a multiple of it.
   virtual size_t granularity() const = 0;
 
-  // Virtual address range with no physical memory behind it. Touching it faults.
-  virtual uintptr_t reserve(size_t bytes, size_t alignment) = 0;
+  // What reading reserved memory with no page behind it gives (fixed at construction).
+  virtual UnbackedReads unbacked_reads() const = 0;
+
+  // Virtual address range of `bytes` (a multiple of page_bytes), aligned to
+  // page_bytes, with no physical memory behind it: reading it faults or gives
+  // zeros (unbacked_reads()), writing it faults. Every later map / unmap in
+  // the range covers whole pages of page_bytes.
+  virtual uintptr_t reserve(size_t bytes, size_t page_bytes) = 0;
+  // Called with no page mapped in the range.
   virtual void release(uintptr_t addr, size_t bytes) = 0;
 
   // Physical memory of `bytes`, not mapped anywhere yet.
@@ -35,7 +62,8 @@ class MemoryBackend {
 
   // Back [addr, addr+bytes) with `page`, readable and writable by the device.
   virtual void map(uintptr_t addr, size_t bytes, PageHandle page) = 0;
-  // Remove the backing; the range stays reserved and faults again when touched.
+  // Remove the backing; the range stays reserved and reads again as it did
+  // before the map (faults or zeros); writing it faults.
   virtual void unmap(uintptr_t addr, size_t bytes) = 0;
 
   // Wait until no queued device work can touch the ranges (before unmapping).

@@ -135,5 +135,5 @@ class KVCache(CacheRows):
     def restore(self, exported: CacheState) -> KVCache:
         return self.with_state(exported)
 
-    def __repr__(self) -> str:  # never the views: printing one reads unmapped pages
+    def __repr__(self) -> str:  # never the views: printing one reads every unbacked page (fatal in "fault" mode)
         return f"KVCache(manager={self.manager!r}, rows={jax.numpy.shape(self.state.slots)[0]})"

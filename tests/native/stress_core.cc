@@ -1,7 +1,9 @@
 // Stress driver for the C++ core, the host backend and the manager registry,
 // built with -fsanitize=address or -fsanitize=thread by test_native_sanitizers.py.
 //
-// Phase 1: one thread, random operations, invariants checked after each.
+// Phase 1: one thread, random operations, invariants checked after each, with
+// unbacked reads faulting and reading zeros (then the first byte past every
+// slot's mapped pages must read zero, whatever was unmapped there before).
 // Phase 2: several threads own one slot each (allocate/grow/write/verify/free)
 // while others trim, read stats and churn the registry.
 // Phase 3: layouts whose sizes overflow int64 are rejected (kInvalidArgument),
@@ -47,8 +49,25 @@ static void check_invariants(const CacheManager& m) {
   CHECK(s.pages_created <= s.pages_budget);
 }
 
-static void phase_single_thread(uint64_t seed) {
-  CacheManager m(layout(), 48 * 4096, true, std::make_unique<HostBackend>());
+// kZeros: the first page past each slot's mapped pages, in every tensor, reads zero.
+static void check_unbacked_reads_zero(const CacheManager& m) {
+  const CacheLayout& L = m.layout();
+  const CacheStats s = m.stats();
+  for (int64_t slot = 0; slot < L.max_batch; ++slot) {
+    const int64_t pages = L.pages_for_tokens(s.slot_capacity[slot]);
+    if (pages >= L.pages_per_slot) continue;
+    for (int64_t layer = 0; layer < L.num_layers; ++layer)
+      for (int kv = 0; kv < 2; ++kv) {
+        const auto* p = reinterpret_cast<const volatile float*>(m.tensor_base(layer, kv) + slot * L.slot_bytes +
+                                                                pages * L.page_bytes);
+        CHECK(p[0] == 0.0f && p[L.page_bytes / sizeof(float) - 1] == 0.0f);
+      }
+  }
+}
+
+static void phase_single_thread(uint64_t seed, UnbackedReads unbacked_reads) {
+  CacheManager m(layout(), 48 * 4096, true, std::make_unique<HostBackend>(unbacked_reads));
+  CHECK(m.backend().unbacked_reads() == unbacked_reads);
   std::mt19937_64 rng(seed);
   std::vector<int64_t> live;
   int64_t errors = 0;
@@ -79,14 +98,28 @@ static void phase_single_thread(uint64_t seed) {
       ++errors;
     }
     check_invariants(m);
+    if (unbacked_reads == UnbackedReads::kZeros) {
+      // Dirty every backed token, so a page unmapped later would show through if it were not replaced by zeros.
+      const CacheLayout& L = m.layout();
+      const CacheStats s = m.stats();
+      for (int64_t slot = 0; slot < L.max_batch; ++slot)
+        for (int64_t layer = 0; layer < L.num_layers; ++layer)
+          for (int kv = 0; kv < 2; ++kv) {
+            auto* p = reinterpret_cast<float*>(m.tensor_base(layer, kv) + slot * L.slot_bytes);
+            for (int64_t j = 0; j < s.slot_capacity[slot] * L.kv_heads * L.head_dim; j += 64) p[j] = 1.0f + j;
+          }
+      check_unbacked_reads_zero(m);
+    }
   }
   m.close();
   CHECK(m.stats().pages_created == 0 && m.stats().reserved_bytes == 0);
-  std::printf("single-thread: 20000 ops, %lld expected errors\n", static_cast<long long>(errors));
+  std::printf("single-thread (unbacked reads: %s): 20000 ops, %lld expected errors\n",
+              unbacked_reads_name(unbacked_reads), static_cast<long long>(errors));
 }
 
 static void phase_threads() {
-  auto m = std::make_shared<CacheManager>(layout(), 64 * 4096, true, std::make_unique<HostBackend>());
+  auto m = std::make_shared<CacheManager>(layout(), 64 * 4096, true,
+                                         std::make_unique<HostBackend>(UnbackedReads::kZeros));
   const uint64_t id = ManagerRegistry::instance().add(m);
   std::atomic<bool> stop{false};
   std::atomic<int64_t> cycles{0};
@@ -167,7 +200,7 @@ static void phase_layout_overflow() {
     L.kv_heads = c.kv_heads, L.head_dim = c.head_dim, L.itemsize = c.itemsize, L.page_bytes = 4096;
     bool rejected = false;
     try {
-      CacheManager m(L, 1 << 20, true, std::make_unique<HostBackend>());
+      CacheManager m(L, 1 << 20, true, std::make_unique<HostBackend>(UnbackedReads::kFault));
     } catch (const Error& e) {
       rejected = e.kind() == ErrorKind::kInvalidArgument && std::strstr(e.what(), c.names) != nullptr;
       if (!rejected) std::fprintf(stderr, "unexpected error for %s: %s\n", c.names, e.what());
@@ -178,8 +211,8 @@ static void phase_layout_overflow() {
 }
 
 int main() {
-  phase_single_thread(1);
-  phase_single_thread(2);
+  phase_single_thread(1, UnbackedReads::kFault);
+  phase_single_thread(2, UnbackedReads::kZeros);
   phase_threads();
   phase_layout_overflow();
   std::printf("OK\n");
