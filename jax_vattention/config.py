@@ -21,8 +21,9 @@ SUPPORTED_DTYPES = {
 UNBACKED_READS = ("zeros", "fault")
 # The default per backend when CacheConfig.unbacked_reads is None: flip a backend's default here, and only here.
 # host: "zeros" costs nothing (a private read-only anonymous mapping reads the kernel's zero page).
-# cuda: "fault" until benchmarks/bench_zero_mapping.py has measured the read-only zero page on the GPU (one
-#   cuMemMap + cuMemSetAccess per 2 MiB page at start-up, one extra cuMemUnmap per page grow maps).
+# cuda: "fault", chosen from benchmarks/results/zero_mapping_nvidia-h200.md: a read-only zero page costs one
+#   cuMemMap (2.2 us) + cuMemSetAccess (36.5 us) per 2 MiB page at start-up (10 s for a Llama-3-8B reservation of
+#   B=128 x 32K), and every page grow maps pays one more cuMemUnmap (24.2 us on top of 53 us, +46%).
 DEFAULT_UNBACKED_READS = {"host": "zeros", "cuda": "fault"}
 
 
@@ -53,11 +54,13 @@ class CacheConfig:
         unbacked memory fault in both modes. ``None`` (default) takes the backend's
         default from ``DEFAULT_UNBACKED_READS``: ``"zeros"`` on the host, where it
         costs nothing (a private read-only anonymous mapping reads the kernel's zero
-        page); ``"fault"`` on CUDA for now, because there it means mapping one
-        physical zero page read-only into every unbacked 2 MiB page of the
-        reservation (a start-up cost per page, and one more ``cuMemUnmap`` per page
-        ``grow`` maps), to be decided from ``benchmarks/bench_zero_mapping.py`` on
-        the GPU. ``KVCacheManager.unbacked_reads`` reports the mode in effect.
+        page); ``"fault"`` on CUDA, where ``"zeros"`` maps one physical zero page
+        read-only into every unbacked 2 MiB page: measured on an H200
+        (``benchmarks/results/zero_mapping_nvidia-h200.md``), 38.7 us per page at
+        start-up (10 s for a Llama-3-8B reservation of 128 x 32K tokens) and 24.2 us
+        more per page every ``grow`` maps (+46% over a 53 us real page), on the
+        serving path. Ask for ``"zeros"`` on CUDA to make views safe to print there.
+        ``KVCacheManager.unbacked_reads`` reports the mode in effect.
     """
 
     num_layers: int
