@@ -16,6 +16,7 @@ checks the invariants against a shadow model and against memory itself:
 The settings run at least 10,000 operations per CI run.
 """
 
+import bisect
 import ctypes
 import math
 
@@ -62,35 +63,56 @@ def read_token(m, layer, kv, slot, pos) -> np.ndarray:
     return np.ctypeslib.as_array((ctypes.c_float * (CFG.kv_heads * CFG.head_dim)).from_address(addr)).copy()
 
 
+def maps_inside(ranges) -> list[tuple[int, int, list[str]]]:
+    """``(start, end, fields)`` of every /proc/self/maps line overlapping ``ranges``.
+
+    The file is sorted by address, and after many XLA compiles it holds thousands of
+    lines (the executables' code): bisect to each range instead of parsing them all.
+    """
+    with open("/proc/self/maps") as f:
+        lines = f.read().splitlines()
+
+    def start_of(line: str) -> int:
+        return int(line[: line.index("-")], 16)
+
+    found = []
+    for lo, hi in sorted(ranges):
+        i = max(0, bisect.bisect_right(lines, lo, key=start_of) - 1)  # the mapping that may hold lo
+        for line in lines[i:]:
+            parts = line.split()
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            if start >= hi:
+                break
+            if end > lo:
+                found.append((start, end, parts))
+    return found
+
+
 def memfd_pages_by_address(ranges) -> dict[int, int]:
     """Virtual page -> memfd offset for every pool page mapped inside `ranges`."""
     pages = {}
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) < 6 or "jax_vattention_pool" not in parts[5]:
-                continue
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            if not any(lo <= start < hi for lo, hi in ranges):
-                continue
-            offset = int(parts[2], 16)
-            for addr in range(start, end, CFG.page_bytes):
-                pages[addr] = offset + (addr - start)
+    for start, end, parts in maps_inside(ranges):
+        if len(parts) < 6 or "jax_vattention_pool" not in parts[5]:
+            continue
+        if not any(lo <= start < hi for lo, hi in ranges):
+            continue
+        offset = int(parts[2], 16)
+        for addr in range(start, end, CFG.page_bytes):
+            pages[addr] = offset + (addr - start)
     return pages
 
 
 def anonymous_holes(ranges) -> dict[str, int]:
     """Bytes of anonymous (non-memfd) mappings inside `ranges`, by permissions."""
     holes: dict[str, int] = {}
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 6:
-                continue  # named: memfd pages (or something else entirely)
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            inside = sum(max(0, min(end, hi) - max(start, lo)) for lo, hi in ranges)
-            if inside:
-                holes[parts[1]] = holes.get(parts[1], 0) + inside
+    seen = set()
+    for start, end, parts in maps_inside(ranges):
+        if len(parts) >= 6 or (start, end) in seen:
+            continue  # named: memfd pages (or something else entirely); a mapping spanning two ranges once
+        seen.add((start, end))
+        inside = sum(max(0, min(end, hi) - max(start, lo)) for lo, hi in ranges)
+        if inside:
+            holes[parts[1]] = holes.get(parts[1], 0) + inside
     return holes
 
 
