@@ -20,6 +20,7 @@ them); return ``cache.state`` instead (see ``jax_vattention.cache``).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
 import os
@@ -51,6 +52,17 @@ def default_device() -> jax.Device:
     if isinstance(default, str):
         return jax.devices(default)[0]
     return default if default is not None else jax.devices()[0]
+
+
+# Native managers closed while a view was alive elsewhere: released by that view's finalizer, or at exit.
+_PENDING_RELEASE: set = set()
+
+
+@atexit.register
+def _release_pending_at_exit() -> None:
+    for native in list(_PENDING_RELEASE):  # nothing reads the memory any more
+        native.close()
+    _PENDING_RELEASE.clear()
 
 
 def _resolve_device(device) -> jax.Device:
@@ -364,7 +376,14 @@ class KVCacheManager:
         if views is None or views.wait(self._close_wait_s):
             self._native.close()
         else:
-            views.when_idle(self._native.close)  # the last external view's finalizer releases the memory
+            native = self._native
+            _PENDING_RELEASE.add(native)
+
+            def release():
+                _PENDING_RELEASE.discard(native)
+                native.close()
+
+            views.when_idle(release)  # the last external view's finalizer releases the memory
 
     @property
     def pending_release(self) -> bool:

@@ -148,7 +148,10 @@ def test_engine_api_state_machine(rng):
     with LLM(model, **ENGINE) as llm:
         llm.warmup(("greedy", "filter"))
         EngineMachine.llm = llm
-        EngineMachine.TestCase().runTest()
+        try:
+            EngineMachine.TestCase().runTest()
+        finally:
+            del EngineMachine.llm  # a class attribute would keep the engine (and its manager) alive to exit
         manager = llm.manager
     # close: nothing mapped, reserved or queued; every call refused
     assert manager.closed and manager.stats().reserved_bytes == 0 and manager.stats().pages_mapped == 0
