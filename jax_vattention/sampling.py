@@ -51,7 +51,7 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        check_int("SamplingParams.max_tokens", self.max_tokens, low=1)
+        object.__setattr__(self, "max_tokens", check_int("SamplingParams.max_tokens", self.max_tokens, low=1))
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -60,22 +60,18 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
-        check_int("SamplingParams.top_k", self.top_k, low=-2**31, high=2**31 - 1, hint="(<= 0 disables it)")
+        object.__setattr__(self, "top_k", check_int("SamplingParams.top_k", self.top_k, low=-2**31, high=2**31 - 1,
+                                                    hint="(<= 0 disables it)"))
         if self.seed is not None:
-            check_int("SamplingParams.seed", self.seed, low=-2**31, high=2**31 - 1)
+            object.__setattr__(self, "seed", check_int("SamplingParams.seed", self.seed, low=-2**31, high=2**31 - 1))
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}")
         if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Sequence):
-            raise ValueError(f"SamplingParams.stop_token_ids must be a sequence of ints, got "
-                                  f"{self.stop_token_ids!r}")
-        for t in self.stop_token_ids:
-            check_int("SamplingParams.stop_token_ids", t, low=0)
-        for name in ("max_tokens", "top_k", "seed"):
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, int(getattr(self, name)))
+            raise ValueError(f"SamplingParams.stop_token_ids must be a sequence of ints, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids",
+                           tuple(check_int("SamplingParams.stop_token_ids", t, low=0) for t in self.stop_token_ids))
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     def seeded(self) -> SamplingParams:
         """These params with a seed: ``self`` if it has one, else a copy with a fresh random seed."""

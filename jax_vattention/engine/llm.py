@@ -131,7 +131,7 @@ class LLM:
             raise ValueError(f"the prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs "
                              f"{len(ids) + params.max_tokens - 1} positions, beyond the model's "
                              f"max_position_embeddings={positions}")
-        r = Request(self._next_id, ids, params.seeded(), stop_ids=params.stop_ids(cfg.eos_token_ids))
+        r = Request(self._next_id, ids, params, stop_ids=params.stop_ids(cfg.eos_token_ids))  # Request seeds it
         self.scheduler.add(r)
         self._next_id += 1
         return r
