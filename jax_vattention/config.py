@@ -29,12 +29,22 @@ DEFAULT_UNBACKED_READS = {"host": "zeros", "cuda": "fault"}
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
-    """Shape and memory policy of a cache of ``num_layers`` K and V tensors.
+    """Shape, layout and memory policy of a KV cache of ``num_layers`` layers.
 
-    Each tensor is reserved as one contiguous virtual range, token-major:
-    ``[max_batch, max_seq, kv_heads, head_dim]``. ``max_seq`` is rounded up so
-    that each batch slot is a whole number of pages (see
-    ``KVCacheManager.max_seq``).
+    Each reserved tensor is one contiguous virtual range, token-major, and
+    ``max_seq`` is rounded up so that each batch slot is a whole number of pages
+    (see ``KVCacheManager.max_seq``). ``layers_per_group`` (g) picks the layout:
+
+    * ``g = 1`` (per-layer): ``2 * num_layers`` tensors, each one layer's K or V,
+      ``[max_batch, max_seq, kv_heads, head_dim]``. A 2 MiB page holds 1024 tokens
+      of one tensor for Llama-3-8B (Hkv=8, D=128, bf16), so the smallest request
+      maps ``2 * num_layers`` pages (128 MiB).
+    * ``g > 1`` (interleaved): ``num_layers / g`` tensors, each
+      ``[max_batch, max_seq, g, 2, kv_heads, head_dim]``: a token holds K then V of
+      every layer of its group. With ``g = num_layers`` a token of Llama-3-8B is
+      128 KiB and a 2 MiB page holds 16 tokens of the whole model: block-table
+      granularity. A layer's K is still an ordinary strided tensor (token stride
+      ``token_bytes``); the kernels read it in place.
 
     Attributes:
       page_bytes: physical page size. Must be a multiple of the backend's
@@ -73,6 +83,7 @@ class CacheConfig:
     pool_bytes: int | None = None
     deferred_reclaim: bool = True
     unbacked_reads: str | None = None
+    layers_per_group: int = 1
 
     def __post_init__(self):
         # Python ints from here on: numpy integers (np.uint16 too) would overflow in the layout arithmetic.
@@ -90,6 +101,14 @@ class CacheConfig:
                 not isinstance(self.unbacked_reads, str) or self.unbacked_reads not in UNBACKED_READS):
             raise CacheValueError(f"CacheConfig.unbacked_reads must be one of {list(UNBACKED_READS)} or None, "
                                   f"got {self.unbacked_reads!r}")
+        g = check_int("CacheConfig.layers_per_group", self.layers_per_group, low=1, high=self.num_layers,
+                      hint=f"(1 = per-layer tensors, num_layers={self.num_layers} = fully interleaved)",
+                      error=CacheValueError)
+        if self.num_layers % g:
+            divisors = [d for d in range(1, self.num_layers + 1) if self.num_layers % d == 0]
+            raise CacheValueError(f"CacheConfig.layers_per_group={g} does not divide num_layers={self.num_layers} "
+                                  f"(choose one of {divisors})")
+        object.__setattr__(self, "layers_per_group", g)
         name = jnp.dtype(self.dtype).name if _is_dtype(self.dtype) else str(self.dtype)
         if name not in SUPPORTED_DTYPES:
             raise CacheValueError(f"CacheConfig.dtype must be one of {sorted(SUPPORTED_DTYPES)}, got {self.dtype!r}")
@@ -107,10 +126,55 @@ class CacheConfig:
     def itemsize(self) -> int:
         return self.jnp_dtype.itemsize
 
+    # -- layout (see the class docstring) -------------------------------------
+    @property
+    def interleaved(self) -> bool:
+        """True when the layers of a group share one reservation (``layers_per_group > 1``)."""
+        return self.layers_per_group > 1
+
+    @property
+    def entries_per_token(self) -> int:
+        """``[Hkv, D]`` entries one token holds in one reserved tensor: 1 per-layer, ``2 * layers_per_group``
+        interleaved (each layer's K then V)."""
+        return 2 * self.layers_per_group if self.interleaved else 1
+
+    @property
+    def entry_bytes(self) -> int:
+        """Bytes of one token of one layer's K (or V): ``kv_heads * head_dim * itemsize``."""
+        return self.kv_heads * self.head_dim * self.itemsize
+
     @property
     def token_bytes(self) -> int:
-        """Bytes one token occupies in one K (or V) tensor."""
-        return self.kv_heads * self.head_dim * self.itemsize
+        """Bytes one token occupies in one reserved tensor (the token stride)."""
+        return self.entries_per_token * self.entry_bytes
+
+    @property
+    def num_tensors(self) -> int:
+        """Reserved tensors: ``2 * num_layers`` per-layer, ``num_layers / layers_per_group`` interleaved."""
+        return 2 * self.num_layers // self.entries_per_token
+
+    @property
+    def tokens_per_page(self) -> int:
+        """Tokens of one slot one physical page backs (of every layer in its group)."""
+        return self.page_bytes // self.token_bytes
+
+    def locate(self, layer: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``((tensor, entry) of K, (tensor, entry) of V)`` of ``layer``: where its rows live.
+
+        Per-layer: tensors ``2*layer`` and ``2*layer + 1``, entry 0. Interleaved: tensor
+        ``layer // g``, entries ``2*(layer % g)`` and ``2*(layer % g) + 1``.
+        """
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise CacheValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        e = self.entries_per_token
+        k_flat, v_flat = 2 * layer, 2 * layer + 1
+        return (k_flat // e, k_flat % e), (v_flat // e, v_flat % e)
+
+    def tensor_shape(self, max_seq: int) -> tuple[int, ...]:
+        """Shape of one reserved tensor's view: ``[MB, S, Hkv, D]`` per-layer, ``[MB, S, g, 2, Hkv, D]`` interleaved."""
+        if self.interleaved:
+            return (self.max_batch, max_seq, self.layers_per_group, 2, self.kv_heads, self.head_dim)
+        return (self.max_batch, max_seq, self.kv_heads, self.head_dim)
 
 
 def _is_dtype(x) -> bool:
