@@ -1,24 +1,34 @@
 """Allocation costs of the vAttention cache, and what in-graph growth costs a decode step.
 
-Part 1, per physical page through the public API (2*L tensors, one page each per
-page index): grow that creates+maps fresh pages, grow that maps pages from the
-free list, deferred reuse (free + allocate of a slot whose pages stay mapped),
-trim (unmap) and trim(release_physical) (unmap + destroy).
+Both at the two page granularities of CacheConfig.layers_per_group (g), for
+Llama-3-8B's cache shape (32 layers, 8 KV heads of 128, bf16; 2 MiB pages):
+  g = 1  (per-layer): 64 tensors, a page holds 1024 tokens of one layer's K or V;
+  g = 32 (interleaved): 1 tensor, a page holds 16 tokens of every layer.
+
+Part 1, per physical page through the public API, the same number of pages in
+both layouts: grow that creates+maps fresh pages (one grow call: one run of
+consecutive pages per tensor, so one cuMemSetAccess per tensor on CUDA), grow
+that maps pages from the free list, the same one page index per grow call (what
+decode does as rows cross pages: one cuMemSetAccess per page per tensor),
+deferred reuse (free + allocate of a slot whose pages stay mapped), trim (unmap)
+and trim(release_physical) (unmap + destroy).
 
 Part 2, a decode-like jitted loop with Llama-3-8B-shaped layers (the weight
-matmuls of each layer plus a K/V write per layer) run three ways in one process:
+matmuls of each layer plus a K/V write per layer) run three ways in one process,
+once per layout:
   grow_in_graph : pages mapped by the grow FFI call inside the loop as rows cross pages
   premapped     : the same loop, every page mapped before it starts (grow finds nothing to map)
   no_grow       : the same loop without the grow call at all (the step's floor)
 The target is grow_in_graph / premapped <= 1.02.
 
     python benchmarks/bench_alloc.py            # full (GPU)
-    python benchmarks/bench_alloc.py --quick    # smaller model, fewer steps
+    python benchmarks/bench_alloc.py --quick    # smaller model, fewer steps (smaller still on a CPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -40,34 +50,52 @@ MIB = 1 << 20
 
 
 # -- part 1 -----------------------------------------------------------------
-def page_costs(num_layers: int, pages: int) -> dict:
-    cfg = jv.CacheConfig(num_layers=num_layers, max_batch=4, max_seq=pages * 1024, kv_heads=8, head_dim=128)
-    with jv.KVCacheManager(cfg) as m:
-        tokens_per_page = cfg.page_bytes // cfg.token_bytes
-        n = pages * tokens_per_page
-        per_page = {}
+LLAMA_LAYERS = 32  # Llama-3-8B: 32 layers of 8 KV heads x 128, bf16
 
-        def timed(label, fn, page_count):
+
+def page_costs(layers_per_group: int, pages: int) -> dict:
+    """Per-page costs on a Llama-3-8B-shaped cache in the layout of ``layers_per_group``; one slot maps ``pages``
+    pages in all (``pages / num_tensors`` in each tensor)."""
+    probe = jv.CacheConfig(num_layers=LLAMA_LAYERS, max_batch=4, max_seq=1, kv_heads=8, head_dim=128,
+                           layers_per_group=layers_per_group)
+    per_tensor = max(1, pages // probe.num_tensors)
+    cfg = dataclasses.replace(probe, max_seq=per_tensor * probe.tokens_per_page)
+    with jv.KVCacheManager(cfg) as m:
+        tpp = m.tokens_per_page
+        n = per_tensor * tpp
+        total = per_tensor * cfg.num_tensors
+        per_page: dict = dict(tokens_per_page=tpp, num_tensors=cfg.num_tensors, pages=total)
+
+        def timed(label, fn, page_count=total):
             t0 = time.perf_counter()
             fn()
             per_page[label] = (time.perf_counter() - t0) / page_count * 1e6
 
-        total = pages * 2 * num_layers
         s = m.allocate()
-        timed("grow_create_map_us", lambda: m.grow(s, n), total)
+        timed("grow_create_map_us", lambda: m.grow(s, n))
         assert m.stats().pages_mapped == total and m.capacity(s) == n
         m.free(s)
-        timed("deferred_reuse_us", lambda: m.allocate(n), total)
+        timed("deferred_reuse_us", lambda: m.allocate(n))
         maps_before = m.stats().maps
         assert m.capacity(s) == n and m.stats().maps == maps_before  # reused, nothing mapped
         m.free(s)
-        timed("trim_unmap_us", lambda: m.trim(), total)
+        timed("trim_unmap_us", lambda: m.trim())
         assert m.stats().pages_mapped == 0 and m.stats().pages_free == total
         s = m.allocate()
-        timed("grow_map_from_pool_us", lambda: m.grow(s, n), total)
+        timed("grow_map_from_pool_us", lambda: m.grow(s, n))
         assert m.stats().pages_created == total  # no new cuMemCreate
         m.free(s)
-        timed("trim_release_us", lambda: m.trim(release_physical=True), total)
+        m.trim()
+
+        def page_by_page():
+            for p in range(1, per_tensor + 1):
+                m.grow(s, p * tpp)  # one page index: one page in each tensor
+
+        s = m.allocate()
+        timed("grow_page_by_page_from_pool_us", page_by_page)
+        assert m.capacity(s) == n and m.stats().pages_created == total
+        m.free(s)
+        timed("trim_release_us", lambda: m.trim(release_physical=True))
         assert m.stats().pages_created == 0
     return per_page
 
@@ -89,6 +117,18 @@ def make_weights(key, L, d_model, d_qkv, d_ff, dtype):
     ]
 
 
+def read_layer_k(c, layer: int, slot, pos, hkv: int, head_dim: int) -> jax.Array:
+    """Token ``pos`` of ``slot`` in layer ``layer``'s K, a scalar dynamic_slice of its view (a vmapped one becomes a
+    gather, for which XLA may copy the whole view into another layout). -> [1, 1, Hkv, D]"""
+    cfg = c.manager.config
+    tensor, entry = cfg.locate(layer)[0]
+    view = c.tensors[tensor]
+    if cfg.interleaved:  # [MB, S, g, 2, Hkv, D]: entry e is (e // 2, e % 2)
+        got = lax.dynamic_slice(view, (slot, pos, entry // 2, entry % 2, 0, 0), (1, 1, 1, 1, hkv, head_dim))
+        return got.reshape(1, 1, hkv, head_dim)
+    return lax.dynamic_slice(view, (slot, pos, 0, 0), (1, 1, hkv, head_dim))  # [MB, S, Hkv, D]
+
+
 def decode_loop(steps: int, hkv: int, head_dim: int, grow: bool):
     def run(weights, cache, h):  # h: [B, d_model]
         B, d_model = h.shape
@@ -106,9 +146,7 @@ def decode_loop(steps: int, hkv: int, head_dim: int, grow: bool):
                 v = qkv[:, d_model + hkv * head_dim :].reshape(B, 1, hkv, head_dim)
                 lens, c = c.write(layer, k, v)
                 # Read row 0's token back (ordered by `lens`) so the write is on the data path.
-                # A scalar dynamic_slice: a vmapped one becomes a gather, for which XLA
-                # may copy the whole view into another layout.
-                got = lax.dynamic_slice(c.k[layer], (c.slots[0], lens[0] - 1, 0, 0), (1, 1, hkv, head_dim))
+                got = read_layer_k(c, layer, c.slots[0], lens[0] - 1, hkv, head_dim)
                 attn = qkv[:, :d_model] + jnp.tile(got.reshape(1, -1), d_model // (hkv * head_dim))
                 h = h + attn @ w["o"]
                 gate, up = jnp.split(h @ w["up"], 2, axis=-1)
@@ -121,13 +159,13 @@ def decode_loop(steps: int, hkv: int, head_dim: int, grow: bool):
     return jax.jit(run)
 
 
-def step_overhead(args) -> dict:
+def step_overhead(args, layers_per_group: int) -> dict:
     L, B, steps = args.layers, args.batch, args.steps
     d_model, hkv, head_dim, d_ff = args.d_model, 8, 128, args.d_ff
     rng = np.random.default_rng(0)
     prompt = rng.integers(args.prompt // 2, args.prompt * 3 // 2, size=B).astype(np.int32)
     cfg = jv.CacheConfig(num_layers=L, max_batch=B, max_seq=int(prompt.max()) + steps + 1, kv_heads=hkv,
-                         head_dim=head_dim)
+                         head_dim=head_dim, layers_per_group=layers_per_group)
     weights = make_weights(jax.random.key(0), L, d_model, d_model + 2 * hkv * head_dim, d_ff, jnp.bfloat16)
     h0 = jax.random.normal(jax.random.key(1), (B, d_model), jnp.bfloat16)
     loops = {
@@ -154,7 +192,7 @@ def step_overhead(args) -> dict:
         state, h = loops["grow_in_graph"](weights, cache, h0)
         np.testing.assert_array_equal(np.asarray(state.lengths), prompt + steps)
         m.check_device_errors()  # every write landed inside backed capacity
-        need = sum(-(-(int(n) + steps) * cfg.token_bytes // cfg.page_bytes) for n in prompt) * 2 * L
+        need = sum(-(-(int(n) + steps) * cfg.token_bytes // cfg.page_bytes) for n in prompt) * cfg.num_tensors
         assert m.stats().pages_mapped == need, (m.stats().pages_mapped, need)
         assert bool(jnp.isfinite(h.astype(jnp.float32)).all())
         for name, loop in loops.items():  # compile, and refuse to run a loop that copies the cache
@@ -172,7 +210,8 @@ def step_overhead(args) -> dict:
     out["ratio_grow_vs_premapped"] = out["grow_in_graph"]["step_us"] / out["premapped"]["step_us"]
     out["ratio_grow_vs_no_grow"] = out["grow_in_graph"]["step_us"] / out["no_grow"]["step_us"]
     out["ratio_premapped_vs_no_grow"] = out["premapped"]["step_us"] / out["no_grow"]["step_us"]
-    out["config"] = dict(layers=L, batch=B, steps=steps, prompt_mean=args.prompt, d_model=d_model, d_ff=d_ff,
+    out["config"] = dict(layers=L, layers_per_group=layers_per_group, tokens_per_page=cfg.tokens_per_page,
+                         batch=B, steps=steps, prompt_mean=args.prompt, d_model=d_model, d_ff=d_ff,
                          max_seq=m.max_seq,
                          page_crossings=int(sum((-(-(p + steps) * cfg.token_bytes // cfg.page_bytes))
                                                 - (-(-p * cfg.token_bytes // cfg.page_bytes))
@@ -186,25 +225,45 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small model and few steps")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    if args.quick:
+    cpu = jax.default_backend() == "cpu"
+    if args.quick and cpu:  # the host backend: a smoke run of the same code (the weight matmuls dominate on a CPU)
+        args.layers, args.batch, args.steps, args.prompt, args.d_model, args.d_ff = 4, 4, 48, 64, 1024, 1024
+        args.repeats = min(args.repeats, 2)
+    elif args.quick:
         args.layers, args.batch, args.steps, args.prompt, args.d_model, args.d_ff = 8, 32, 128, 1024, 2048, 4096
         args.repeats = min(args.repeats, 3)
     else:  # Llama-3-8B shapes
         args.layers, args.batch, args.steps, args.prompt, args.d_model, args.d_ff = 32, 32, 256, 1024, 4096, 14336
     print(f"device: {device_name()}", flush=True)
-    costs = page_costs(num_layers=args.layers, pages=8)
-    print("per-page costs (us):", {k: round(v, 1) for k, v in costs.items()}, flush=True)
-    step = step_overhead(args)
-    md = ["| measure | value |", "|---|---|"]
-    md += [f"| {k} | {v:.1f} us/page |" for k, v in costs.items()]
+    pages = 128 if args.quick else 512  # per layout, over all its tensors
+    costs = {}
+    for g in (1, LLAMA_LAYERS):
+        c = page_costs(layers_per_group=g, pages=pages)
+        costs[f"{c['tokens_per_page']}_tokens_per_page"] = c
+        print(f"per-page costs, g={g} ({c['tokens_per_page']} tokens/page, {c['num_tensors']} tensors, "
+              f"{c['pages']} pages):", {k: round(v, 1) for k, v in c.items() if k.endswith("_us")}, flush=True)
+    steps = {}
+    for g in (1, args.layers):  # per-layer, and every layer of the model in one group
+        step = step_overhead(args, layers_per_group=g)
+        steps[f"{step['config']['tokens_per_page']}_tokens_per_page"] = step
+        print(f"decode step, g={g}: ratio_grow_vs_premapped {step['ratio_grow_vs_premapped']:.4f}", flush=True)
+    granularities = list(costs)
+    md = ["| measure | " + " | ".join(g.replace("_", " ") for g in granularities) + " |",
+          "|---|" + "---|" * len(granularities)]
+    for key in costs[granularities[0]]:
+        if key.endswith("_us"):
+            md.append(f"| {key} | " + " | ".join(f"{costs[g][key]:.1f} us/page" for g in granularities) + " |")
+    md += ["", "| decode loop | " + " | ".join(s.replace("_", " ") for s in steps) + " |",
+           "|---|" + "---|" * len(steps)]
     for name in ("grow_in_graph", "premapped", "no_grow"):
-        md.append(f"| decode step, {name} | {step[name]['step_us']:.1f} us |")
+        md.append(f"| step, {name} | " + " | ".join(f"{st[name]['step_us']:.1f} us" for st in steps.values()) + " |")
     for k in ("ratio_grow_vs_premapped", "ratio_grow_vs_no_grow", "ratio_premapped_vs_no_grow"):
-        md.append(f"| {k} | {step[k]:.4f} |")
-    md.append(f"| config | {step['config']} |")
+        md.append(f"| {k} | " + " | ".join(f"{st[k]:.4f}" for st in steps.values()) + " |")
+    for name, st in steps.items():
+        md.append(f"| config, {name.replace('_', ' ')} | {st['config']} |")
     table = "\n".join(md)
     print(table)
-    paths = write_results("alloc" + ("_quick" if args.quick else ""), dict(page_costs_us=costs, decode_step=step),
+    paths = write_results("alloc" + ("_quick" if args.quick else ""), dict(page_costs_us=costs, decode_step=steps),
                           table)
     print("wrote", *paths)
 

@@ -21,6 +21,18 @@ Prefill: chunks of 512 and 2048 new tokens after a 4K prefix, ours (causal) vs
 (no mask: cuDNN's causal mask is top-left aligned, so it computes the full
 rectangle; TFLOP/s below count only the causal work for both).
 
+Interleaved KV layout (issue 15): in the same run, on the same K/V, ``decode_attention``
+and ``chunked_prefill_attention`` on the group tensor of ``layers_per_group`` g in
+{4, 32} layers, ``[B, ctx, g, 2, 8, 128]`` as the cache's view (this layer's K and V
+two of its 2g entries, every other entry NaN; a plain device array: the token stride,
+2g * 2 KiB, is what matters, no VMM needed), checked against the per-layer ``ours``
+output and timed the same way. Reported per shape as interleaved / per-layer time
+(goal <= 1.05). For g=32 (16 tokens per 2 MiB page) a second variant,
+``g32_page_block``, uses the largest block dividing the tokens per page (16): what a
+caller that enforces ``check_block_fits_pages`` runs (GPU loads are row-masked, so
+the kernels' default block is safe there too). Group buffers over
+``--layout-max-gib`` (B*ctx*128 KiB for g=32) are skipped and recorded as such.
+
 Timing: every measured call is a jitted executable that runs the op ``chain``
 times back to back on distinct inputs (no host sync in between), repeated
 ``samples`` times with ``block_until_ready``; we report the median per op.
@@ -53,6 +65,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import jax_vattention as jv  # noqa: E402
 from jax_vattention import attention as attn  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -62,6 +75,8 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 HQ, HKV, D, DTYPE = 32, 8, 128, jnp.bfloat16
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 INTERPRET = False  # --smoke: run the Pallas kernels in interpret mode (CPU check of this script)
+NUM_LAYERS, PAGE_BYTES = 32, 2 << 20  # Llama-3-8B, CUDA VMM pages (the interleaved layouts' geometry)
+LAYOUT_RATIO_TARGET = 1.05
 
 
 # ------------------------------------------------------------------ timing --
@@ -130,6 +145,71 @@ def tune_best(ours, configs):
     return result
 
 
+# ---------------------------------------------------- interleaved layout --
+@functools.partial(jax.jit, static_argnames=("g", "k_entry", "v_entry"))
+def group_array(k, v, g, k_entry, v_entry):
+    """The group tensor ``[MB, S, g, 2, Hkv, D]`` (the cache's view, passed to the kernels as it is) holding
+    ``k``/``v`` at their flat entries, every other entry NaN (a stray read of another layer would show in the
+    check). Built in one executable: no full-size temporaries."""
+    grp = jnp.full((*k.shape[:2], 2 * g, *k.shape[2:]), jnp.nan, k.dtype)
+    return grp.at[:, :, k_entry].set(k).at[:, :, v_entry].set(v).reshape(*k.shape[:2], g, 2, *k.shape[2:])
+
+
+def time_layout(op, q, group, ref, args, info):
+    """Check ``op(q, group, group)`` (the one group array is both K and V) against the per-layer output ``ref``,
+    then time it; a record with ``info``."""
+    o = op(q, group, group)
+    err = max_err(o, ref)
+    attn.assert_close(o, ref, what=f"layout {info} vs per-layer")
+    t = time_op(lambda: chained(lambda q_, c: op(q_, c, c), distinct_qs(q, args.chain), (group,)), args.samples)
+    return {"us": t * 1e6, "max_err_vs_per_layer": err, "bitwise_equal": err == 0.0, **info}
+
+
+def layout_compare(rec, k, v, q, args, make_op):
+    """``rec["layouts"]``: for each g in ``args.layouts``, the kernel on the interleaved group holding ``k``/``v``
+    (layer g//2 of a 32-layer model: entries from ``CacheConfig.locate``), checked against the per-layer output
+    and timed; ``ratio`` = its time / ``rec["ours"]`` (the per-layer kernel, same shape, same process).
+
+    ``make_op(k_entry, v_entry, cfg)`` -> ``op(q, k_cache, v_cache)``, the kernel call with these static arguments.
+    """
+    out = rec["layouts"] = {}
+    base_us = rec.get("ours", {}).get("us")
+    if not args.layouts:
+        return
+    ref = make_op(0, 0, {})(q, k, v)  # the per-layer output
+    default_block = attn.AttentionSpec().kernel_block_k(D, k.shape[1])
+    for g in args.layouts:
+        cfg = jv.CacheConfig(num_layers=NUM_LAYERS, max_batch=k.shape[0], max_seq=k.shape[1], kv_heads=HKV,
+                             head_dim=D, page_bytes=PAGE_BYTES, layers_per_group=g)
+        (_, ke), (_, ve) = cfg.locate(g // 2)
+        nbytes = cfg.entries_per_token * k.nbytes  # B * ctx * 2g * 2 KiB
+        page_block = attn.AttentionSpec().kernel_block_k(D, k.shape[1], cfg.tokens_per_page)
+        variants = [(f"g{g}", default_block)] + ([(f"g{g}_page_block", page_block)]
+                                                 if page_block != default_block else [])
+        if nbytes > args.layout_max_gib * 2**30:
+            for name, _ in variants:
+                out[name] = {"skipped": f"group buffer {nbytes / 2**30:.0f} GiB > --layout-max-gib "
+                                        f"{args.layout_max_gib:g}"}
+            print(f"    layout g={g}: skipped ({nbytes / 2**30:.0f} GiB)", flush=True)
+            continue
+        made: dict = {}
+        run_baseline("group", made, functools.partial(group_array, k, v, g, ke, ve))
+        for name, block_k in variants:
+            if isinstance(made["group"], dict):  # {"error": ...}, e.g. out of memory
+                out[name] = made["group"]
+                continue
+            info = dict(k_entry=ke, v_entry=ve, entries=cfg.entries_per_token, tokens_per_page=cfg.tokens_per_page,
+                        group_GiB=nbytes / 2**30, block_k=block_k)
+            op = make_op(ke, ve, {"block_k": block_k} if block_k != default_block else {})
+            run_baseline(name, out, functools.partial(time_layout, op, q, made["group"], ref, args, info))
+            if base_us and "us" in out[name]:
+                out[name]["ratio"] = out[name]["us"] / base_us
+            print(f"    layout {name}: {out[name].get('us', float('nan')):9.1f} us, interleaved/per-layer "
+                  f"{out[name].get('ratio', float('nan')):.3f}", flush=True)
+        made.clear()
+        gc.collect()
+
+
 # ------------------------------------------------------------------ decode --
 @functools.partial(jax.jit, static_argnames="page")
 def paged_copy(x, inv, page):
@@ -185,6 +265,9 @@ def decode_case(b, ctx, args, key, copy_peak_bw, tune):
 
     run_baseline("ours", rec, ours)
     print(f"  decode B={b:4d} ctx={ctx:6d} ours {rec['ours'].get('us', float('nan')):9.1f} us", flush=True)
+
+    layout_compare(rec, k, v, q, args, lambda ke, ve, cfg: lambda q_, k_, v_: attn.decode_attention(
+        q_, k_, v_, slots, lengths, max_len=ctx, interpret=INTERPRET, k_entry=ke, v_entry=ve, **cfg))
     if tune:
         rec["tune_best"] = tune_best(ours, [
             dict(block_k=bk, num_splits=ns, num_warps=nw, num_stages=st)
@@ -308,6 +391,9 @@ def prefill_case(b, chunk, prefix, args, key, tune=False):
         return timed(op)
 
     run_baseline("ours", rec, ours)
+
+    layout_compare(rec, k, v, q, args, lambda ke, ve, cfg: lambda q_, k_, v_: attn.chunked_prefill_attention(
+        q_, k_, v_, slots, starts, q_lens, max_len=total, interpret=INTERPRET, k_entry=ke, v_entry=ve, **cfg))
     run_baseline("cudnn_nomask", rec, cudnn)
     if tune:
         rec["tune_best"] = tune_best(ours, [
@@ -389,6 +475,7 @@ def markdown(result) -> str:
         lines.append(f"| {r['B']} | {r['chunk']} | {r['prefix']} | {fmt(o.get('us'))} | "
                      f"{fmt(o.get('TFLOPs_causal'))} | {'FAILED' if 'error' in c else fmt(c.get('us'))} | "
                      f"{fmt(c.get('TFLOPs_causal'))} | {fmt(c.get('ours_over_this'), '.2f')} |")
+    lines += layout_markdown(result)
     if result.get("vmm"):
         v = result["vmm"]
         lines += ["", "## Ours on a real KVCacheManager view", "",
@@ -403,15 +490,77 @@ def markdown(result) -> str:
                          f"`{r['tune_best']['config']}` |")
     lines += ["", "## Targets", ""] + [f"- {t}" for t in result["targets"]]
     errors = [f"{r.get('B')}/{r.get('context', r.get('chunk'))} {n}: {x['error']}"
-              for r in result["decode"] + result["prefill"] for n, x in r.items()
+              for r in result["decode"] + result["prefill"]
+              for n, x in [*r.items(), *((f"layout {k}", y) for k, y in r.get("layouts", {}).items())]
               if isinstance(x, dict) and "error" in x]
     if errors:
         lines += ["", "## Failures", ""] + [f"- {e}" for e in errors]
     return "\n".join(lines) + "\n"
 
 
-def targets(result):
+def layout_rows(result):
+    """``(kernel, shape, record)`` of every decode/prefill record that has layout results."""
+    for kind in ("decode", "prefill"):
+        for r in result[kind]:
+            if r.get("layouts"):
+                shape = f"B={r['B']} " + (f"ctx={r['context']}" if kind == "decode" else
+                                          f"chunk={r['chunk']} prefix={r['prefix']}")
+                yield kind, shape, r
+
+
+def layout_cell(x):
+    if "skipped" in x:
+        return f"skipped ({x['skipped']})"
+    if "error" in x:
+        return "FAILED"
+    return f"{x['us']:.1f} ({fmt(x.get('ratio'), '.3f')})" + ("" if x.get("bitwise_equal") else
+                                                              f" err {x['max_err_vs_per_layer']:.2g}")
+
+
+def layout_markdown(result) -> list[str]:
+    rows = list(layout_rows(result))
+    names = list(dict.fromkeys(n for _, _, r in rows for n in r["layouts"]))
+    if not rows or not names:
+        return []
+    blocks = {n: next((x["block_k"] for _, _, r in rows if "block_k" in (x := r["layouts"].get(n, {}))), None)
+              for n in names}
+    heads = [n + (f" (block {blocks[n]})" if blocks[n] else "") for n in names]
+    lines = ["", "## Interleaved KV layout: interleaved / per-layer time", "",
+             f"Llama-3-8B attention on the group tensor of g layers (token stride 2g x 2 KiB), this layer's K/V at "
+             f"two of its entries, the rest NaN; same shapes and K/V as `ours` (per-layer), checked against it "
+             f"(bit-identical unless an error is shown). Times in us; (x) = interleaved / per-layer, goal <= "
+             f"{LAYOUT_RATIO_TARGET}.", "",
+             "| kernel | shape | per-layer us | " + " | ".join(heads) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for kind, shape, r in rows:
+        cells = [layout_cell(r["layouts"][n]) if n in r["layouts"] else "n/a" for n in names]
+        lines.append(f"| {kind} | {shape} | {fmt(r.get('ours', {}).get('us'))} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def layout_targets(result) -> list[str]:
+    """One line per layout variant: the ratio goal at every measured shape."""
+    rows = list(layout_rows(result))
     out = []
+    for name in dict.fromkeys(n for _, _, r in rows for n in r["layouts"]):
+        measured = [(x["ratio"], f"{kind} {shape}") for kind, shape, r in rows
+                    if "ratio" in (x := r["layouts"].get(name, {}))]
+        skipped = sum("skipped" in r["layouts"].get(name, {}) for _, _, r in rows)
+        failed = sum("error" in r["layouts"].get(name, {}) for _, _, r in rows)
+        if not measured:
+            continue
+        worst = max(measured)
+        over = [f"{where} ({ratio:.3f})" for ratio, where in measured if ratio > LAYOUT_RATIO_TARGET]
+        ok = not over and not failed
+        out.append(f"layout {name}: interleaved/per-layer <= {LAYOUT_RATIO_TARGET} at "
+                   f"{len(measured) - len(over)}/{len(measured)} measured shapes (max {worst[0]:.3f}, {worst[1]}"
+                   + (f"; {skipped} skipped" if skipped else "") + (f"; {failed} failed" if failed else "")
+                   + (f"; over: {', '.join(over)}" if over else "") + f"): {'PASS' if ok else 'FAIL'}")
+    return out
+
+
+def targets(result):
+    out = layout_targets(result)
     for r in result["decode"]:
         o = r.get("ours", {})
         if "us" not in o:
@@ -480,8 +629,15 @@ def main():
                    "split across processes; join the slices with --merge)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="join part files of one device into attention_<device>.{json,md}; runs nothing")
+    p.add_argument("--layouts", default="4,32", help="layers_per_group values of the interleaved-layout comparison "
+                   "(comma-separated; '' for none)")
+    p.add_argument("--layout-max-gib", type=float, default=60.0,
+                   help="skip interleaved group buffers larger than this (GiB; g=32 needs B*ctx*128 KiB)")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny CPU run of the script itself
     args = p.parse_args()
+    args.layouts = [int(x) for x in args.layouts.split(",") if x]
+    if any(g < 2 or NUM_LAYERS % g for g in args.layouts):
+        p.error(f"--layouts takes divisors of {NUM_LAYERS} greater than 1 (g=1 is the per-layer 'ours')")
     if args.merge:
         return merge_parts(args.merge)
     global INTERPRET

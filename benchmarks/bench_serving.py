@@ -3,8 +3,10 @@
 One process, one model (Llama-3-8B shape, bf16, random weights), one seeded
 workload, every configuration in the same run:
 
-  vattention             (a) vAttention cache + our kernels; overlapped (background thread) and
-                             eager allocation, deferred reclamation with best-fit reuse
+  vattention             (a) vAttention cache + our kernels in the engine's default layout (every layer
+                             interleaved per token: 16 tokens per 2 MiB page); overlapped (background
+                             thread) and eager allocation, deferred reclamation with best-fit reuse
+  vattention-per-layer   the same with one K and one V tensor per layer (1024 tokens per page)
   vattention-premapped   control: every slot mapped to max_seq before the run (outside the budget)
   vattention-no-overlap  ablation: pages mapped only by the scheduler, between steps
   vattention-no-eager    ablation: no lookahead
@@ -20,6 +22,7 @@ all of its step shapes (``LLM.warmup``), so timed runs never compile.
     python benchmarks/bench_serving.py                      # ShareGPT-like, full size (H100)
     python benchmarks/bench_serving.py --workload long      # prompts of 8K-32K
     python benchmarks/bench_serving.py --quick              # 4 layers, few requests
+    python benchmarks/bench_serving.py --budget-gib 8 --max-batch 256   # a tight KV budget
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ VATTN_VARIANTS = {
     "vattention-no-eager": dict(lookahead=0),
     "vattention-no-reclaim": dict(deferred_reclaim=False),
 }
-ALL = [*VATTN_VARIANTS, "vattention-premapped", "paged16", "static"]
+ALL = [*VATTN_VARIANTS, "vattention-per-layer", "vattention-premapped", "paged16", "static"]
 
 
 def check_near_greedy(model, prompts, outputs, tol):
@@ -120,6 +123,9 @@ def markdown(payload: dict) -> str:
             at = "outside the budget" if outside else f"{o['at_budget']:.0%}"
             md.append(f"| {name} | {o['batch_avg']:.1f} | {o['full']:.0%} | {at} | "
                       f"{o['step_ms']:.2f} | {sf} |")
+    layouts = {k: r["layout"] for k, r in results.items() if r.get("layout")}
+    if layouts:
+        md.append("\nvAttention layouts: " + "; ".join(f"{k}: {v}" for k, v in layouts.items()))
     md.append(f"\ncorrectness checks: {json.dumps(payload['checks'])}")
     md.append(f"\nsetup: {cfg['workload']}; {cfg['layers']} layers of {cfg['preset']}; KV budget "
               f"{cfg['budget_bytes'] / GIB:.2f} GiB; max_batch {cfg['max_batch']}, max_seq {cfg['max_seq']}; token "
@@ -137,6 +143,7 @@ def main():
     ap.add_argument("--max-batch", type=int, default=None)
     ap.add_argument("--max-seq", type=int, default=None, help="slot length (static cache rows, kernel bound)")
     ap.add_argument("--budget-tokens", type=int, default=None, help="KV budget of every configuration, in tokens")
+    ap.add_argument("--budget-gib", type=float, default=None, help="KV budget in GiB (instead of --budget-tokens)")
     ap.add_argument("--token-budget", type=int, default=512, help="tokens per iteration (Sarathi)")
     ap.add_argument("--chunk", type=int, default=512, help="largest prefill chunk")
     ap.add_argument("--lookahead", type=int, default=64, help="eager allocation, tokens ahead")
@@ -167,6 +174,8 @@ def main():
     budget_tokens = args.budget_tokens or (6 * 32768 if long else 24 * 4096)  # static: 6 / 24 slots
     if args.quick and not args.budget_tokens:
         budget_tokens = 6 * max_seq
+    if args.budget_gib:
+        budget_tokens = int(args.budget_gib * GIB) // token_bytes
     budget = budget_tokens * token_bytes
     configs = [c for c in args.configs.split(",") if c]
     unknown = set(configs) - set(ALL)
@@ -196,12 +205,16 @@ def main():
             return LLM(model, kv_cache="static", pool_bytes=budget, **common)
         if name == "vattention-premapped":
             return LLM(model, premap=True, **common)
+        if name == "vattention-per-layer":
+            return LLM(model, pool_bytes=budget, layers_per_group=1, **common)
         return LLM(model, pool_bytes=budget, **common)
 
     results, runs, checks, compile_s = {}, {}, {}, {}
     result_name = f"serving_{args.workload}_" + ("quick" if args.quick else f"{n_req}req")
     if not args.quick and max_batch != default_batch:
         result_name += f"_b{max_batch}"  # a non-default batch limit must not overwrite the default run
+    if args.budget_gib:
+        result_name += f"_{args.budget_gib:g}gib"
 
     def run(name, llm, overrides):
         llm.overlap_allocation = overrides.get("overlap_allocation", "thread")
@@ -216,6 +229,9 @@ def main():
         wall = time.perf_counter() - t0
         assert all(len(o.tokens) == p.max_tokens for o, p in zip(outs, wl.params)), f"{name}: incomplete outputs"
         r = summarize(name, outs, wall, llm.stats, llm)
+        r["time_avg_batch"] = occupancy(r["timeline"], budget, max_batch, 0).get("batch_avg")
+        r["layout"] = (f"layers_per_group={llm.manager.config.layers_per_group}, "
+                       f"{llm.manager.tokens_per_page} tokens per page") if llm.kv_cache == "vattention" else None
         runs.setdefault(name, []).append(r)
         # the reported run of each configuration is its median-throughput repeat; every repeat's figure is kept
         rs = sorted(runs[name], key=lambda x: x["output_tokens_per_s"])
@@ -262,7 +278,19 @@ def main():
                        ("vattention-no-reclaim", "vattention_vs_no_reclaim")):
         if "vattention" in tput and other in tput:
             ratios[key] = tput["vattention"] / tput[other]
+    peak = {k: v["peak_physical_kv_bytes"] for k, v in results.items()}
+    batch = {k: v["time_avg_batch"] for k, v in results.items()}
+    for name in ("vattention", "vattention-per-layer"):
+        if name in peak and "paged16" in peak:
+            key = name.replace("-", "_")
+            ratios[f"{key}_physical_kv_vs_paged16"] = peak[name] / peak["paged16"]
+            ratios[f"{key}_time_avg_batch_vs_paged16"] = batch[name] / batch["paged16"]
+    if "vattention" in tput and "vattention-per-layer" in tput:
+        ratios["vattention_vs_per_layer"] = tput["vattention"] / tput["vattention-per-layer"]
     targets = {}
+    if "vattention_physical_kv_vs_paged16" in ratios:
+        targets["physical KV <= 1.05x paged16's"] = ratios["vattention_physical_kv_vs_paged16"] <= 1.05
+        targets["time-avg batch >= paged16's"] = ratios["vattention_time_avg_batch_vs_paged16"] >= 1.0
     if "vattention_vs_paged16" in ratios and not long:
         targets["a >= 1.2x paged16 (sharegpt)"] = ratios["vattention_vs_paged16"] >= 1.2
     if "vattention_vs_static" in ratios:

@@ -133,10 +133,9 @@ class HostMemory:
 
 
 def tensor_ranges(manager) -> list[tuple[int, int]]:
-    """``[start, end)`` of every K and V tensor's reservation."""
+    """``[start, end)`` of every reserved tensor (per-layer K and V, or interleaved groups)."""
     n = manager._native.slot_bytes * manager.config.max_batch
-    return [(a, a + n) for a in (manager._native.tensor_address(layer, kv)
-                                 for layer in range(manager.config.num_layers) for kv in (0, 1))]
+    return [(a, a + n) for a in (manager._native.tensor_address(t) for t in range(manager.config.num_tensors))]
 
 
 def mapped_in(ranges) -> int:

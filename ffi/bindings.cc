@@ -108,13 +108,17 @@ class Manager {
     return {free_bytes, total_bytes};
   }
 
-  // A DLPack tensor over one cache tensor, [max_batch, max_seq, kv_heads, head_dim].
-  nb::ndarray<> tensor_view(int64_t layer, int64_t kv, uint8_t dtype_code, uint8_t dtype_bits, nb::handle owner) {
+  // A DLPack tensor over reserved tensor `tensor`: [max_batch, max_seq, kv_heads, head_dim] per-layer,
+  // [max_batch, max_seq, g, 2, kv_heads, head_dim] interleaved (CacheConfig.tensor_shape).
+  nb::ndarray<> tensor_view(int64_t tensor, uint8_t dtype_code, uint8_t dtype_bits, nb::handle owner) {
     CacheManager& mm = m();
     const CacheLayout& L = mm.layout();
-    void* addr = reinterpret_cast<void*>(mm.tensor_base(layer, kv));
-    const size_t shape[4] = {static_cast<size_t>(L.max_batch), static_cast<size_t>(L.max_seq),
-                             static_cast<size_t>(L.kv_heads), static_cast<size_t>(L.head_dim)};
+    void* addr = reinterpret_cast<void*>(mm.tensor_base(tensor));
+    const size_t mb = static_cast<size_t>(L.max_batch), seq = static_cast<size_t>(L.max_seq);
+    const size_t h = static_cast<size_t>(L.kv_heads), d = static_cast<size_t>(L.head_dim);
+    const size_t per_layer[4] = {mb, seq, h, d};
+    const size_t interleaved[6] = {mb, seq, static_cast<size_t>(L.layers_per_group), 2, h, d};
+    const bool grouped = L.interleaved();
     nb::dlpack::dtype dt{dtype_code, dtype_bits, 1};
     int device_type = nb::device::cpu::value, device_id = 0;
     if (DeviceMemory* device = mm.backend().device_memory()) {  // device memory means the CUDA backend
@@ -123,7 +127,8 @@ class Manager {
     }
     // `owner` is released when jax no longer uses the memory (after the view is
     // deleted and computations using it finished); close() waits for it.
-    return nb::ndarray<>(addr, 4, shape, owner, nullptr, dt, device_type, device_id);
+    return nb::ndarray<>(addr, grouped ? 6 : 4, grouped ? interleaved : per_layer, owner, nullptr, dt, device_type,
+                         device_id);
   }
 
   nb::dict stats() {
@@ -159,7 +164,7 @@ class Manager {
 void init_manager(Manager* self, nb::handle num_layers, nb::handle max_batch, nb::handle max_seq,
                   nb::handle kv_heads, nb::handle head_dim, nb::handle itemsize, nb::handle page_bytes,
                   nb::handle pool_bytes, bool deferred_reclaim, const std::string& backend, int device_ordinal,
-                  const std::string& unbacked_reads) {
+                  const std::string& unbacked_reads, nb::handle layers_per_group) {
   const UnbackedReads mode = parse_unbacked_reads(unbacked_reads);  // named before anything is reserved
   CacheLayout L;
   L.num_layers = to_int64(num_layers, "num_layers");
@@ -169,6 +174,7 @@ void init_manager(Manager* self, nb::handle num_layers, nb::handle max_batch, nb
   L.head_dim = to_int64(head_dim, "head_dim");
   L.itemsize = to_int64(itemsize, "itemsize");
   L.page_bytes = to_int64(page_bytes, "page_bytes");
+  L.layers_per_group = to_int64(layers_per_group, "layers_per_group");
   L.finalize();  // a layout that overflows is named before the pool size derived from it
   new (self) Manager(L, to_int64(pool_bytes, "pool_bytes"), deferred_reclaim, backend, device_ordinal, mode);
 }
@@ -217,19 +223,34 @@ NB_MODULE(_core, m) {
       .def("__init__", &init_manager, nb::arg("num_layers"), nb::arg("max_batch"), nb::arg("max_seq"),
            nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("itemsize"), nb::arg("page_bytes"),
            nb::arg("pool_bytes"), nb::arg("deferred_reclaim"), nb::arg("backend"), nb::arg("device_ordinal"),
-           nb::arg("unbacked_reads"))
+           nb::arg("unbacked_reads"), nb::arg("layers_per_group") = 1)
       .def_prop_ro("id", &Manager::id)
       .def_prop_ro("closed", &Manager::closed)
       .def_prop_ro("unbacked_reads", [](Manager& s) { return std::string(unbacked_reads_name(s.unbacked_reads())); })
       .def_prop_ro("max_seq", [](Manager& s) { return s.layout().max_seq; })
+      .def_prop_ro("layers_per_group", [](Manager& s) { return s.layout().layers_per_group; })
+      .def_prop_ro("entries_per_token", [](Manager& s) { return s.layout().entries_per_token; })
+      .def_prop_ro("entry_bytes", [](Manager& s) { return s.layout().entry_bytes; })
       .def_prop_ro("token_bytes", [](Manager& s) { return s.layout().token_bytes; })
+      .def_prop_ro("num_tensors", [](Manager& s) { return s.layout().num_tensors(); })
       .def_prop_ro("slot_bytes", [](Manager& s) { return s.layout().slot_bytes; })
+      .def_prop_ro("tensor_bytes", [](Manager& s) { return s.layout().tensor_bytes; })
       .def_prop_ro("pages_per_slot", [](Manager& s) { return s.layout().pages_per_slot; })
       .def_prop_ro("granularity", [](Manager& s) { return s.m().backend().granularity(); })
       .def(
-          "tensor_address",
+          "tensor_address", [](Manager& s, nb::handle tensor) { return s.m().tensor_base(to_int64(tensor, "tensor")); },
+          nb::arg("tensor"))
+      .def(
+          "locate",
           [](Manager& s, nb::handle layer, nb::handle kv) {
-            return s.m().tensor_base(to_int64(layer, "layer"), to_int64(kv, "kv"));
+            const EntryLocation at = s.layout().locate(to_int64(layer, "layer"), to_int64(kv, "kv"));
+            return std::make_pair(at.tensor, at.offset);
+          },
+          nb::arg("layer"), nb::arg("kv"))
+      .def(
+          "entry_address",
+          [](Manager& s, nb::handle layer, nb::handle kv) {
+            return s.m().entry_address(to_int64(layer, "layer"), to_int64(kv, "kv"));
           },
           nb::arg("layer"), nb::arg("kv"))
       // Integer arguments are converted with the GIL held; the core call then
@@ -268,10 +289,10 @@ NB_MODULE(_core, m) {
           nb::arg("max_pages"), nb::arg("release_physical"))
       .def(
           "tensor_view",
-          [](Manager& s, nb::handle layer, nb::handle kv, uint8_t dtype_code, uint8_t dtype_bits, nb::handle owner) {
-            return s.tensor_view(to_int64(layer, "layer"), to_int64(kv, "kv"), dtype_code, dtype_bits, owner);
+          [](Manager& s, nb::handle tensor, uint8_t dtype_code, uint8_t dtype_bits, nb::handle owner) {
+            return s.tensor_view(to_int64(tensor, "tensor"), dtype_code, dtype_bits, owner);
           },
-          nb::arg("layer"), nb::arg("kv"), nb::arg("dtype_code"), nb::arg("dtype_bits"),
+          nb::arg("tensor"), nb::arg("dtype_code"), nb::arg("dtype_bits"),
           nb::arg("owner").none() = nb::none(), nb::rv_policy::reference)
       .def(
           "capacity", [](Manager& s, nb::handle slot) { return s.m().capacity(to_int64(slot, "slot")); },

@@ -58,9 +58,12 @@ class Manager:
         backend: str,
         device_ordinal: int,
         unbacked_reads: str,
+        layers_per_group: SupportsIndex = 1,
     ) -> None:
         """``unbacked_reads``: ``"zeros"`` (reserved memory with no page behind it reads as zeros) or ``"fault"``
-        (reading it faults); anything else raises ``CacheValueError``."""
+        (reading it faults); anything else raises ``CacheValueError``. ``layers_per_group``: 1 for per-layer
+        tensors, a divisor g > 1 of ``num_layers`` for ``num_layers / g`` interleaved ones (``CacheValueError``
+        naming it otherwise)."""
     @property
     def id(self) -> int:
         """The ``manager_id`` attribute the FFI calls carry."""
@@ -73,16 +76,36 @@ class Manager:
     def max_seq(self) -> int:
         """max_seq rounded up so that a slot is a whole number of pages."""
     @property
-    def token_bytes(self) -> int: ...
+    def layers_per_group(self) -> int: ...
+    @property
+    def entries_per_token(self) -> int:
+        """``[Hkv, D]`` entries per token of one tensor: 1 per-layer, ``2 * layers_per_group`` interleaved."""
+    @property
+    def entry_bytes(self) -> int:
+        """One token of one layer's K (or V): ``kv_heads * head_dim * itemsize``."""
+    @property
+    def token_bytes(self) -> int:
+        """The token stride of one tensor: ``entries_per_token * entry_bytes``."""
+    @property
+    def num_tensors(self) -> int:
+        """Reserved tensors: ``2 * num_layers / entries_per_token``."""
     @property
     def slot_bytes(self) -> int: ...
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes one tensor reserves: ``max_batch * slot_bytes``."""
     @property
     def pages_per_slot(self) -> int: ...
     @property
     def granularity(self) -> int:
         """The backend's mapping granularity in bytes."""
-    def tensor_address(self, layer: SupportsIndex, kv: SupportsIndex) -> int:
-        """Base address of layer ``layer``'s K (kv=0) or V (kv=1) tensor."""
+    def tensor_address(self, tensor: SupportsIndex) -> int:
+        """Base address of reserved tensor ``tensor`` in ``[0, num_tensors)``."""
+    def locate(self, layer: SupportsIndex, kv: SupportsIndex) -> tuple[int, int]:
+        """``(tensor, byte offset of the entry within a token)`` of layer ``layer``'s K (kv=0) or V (kv=1)."""
+    def entry_address(self, layer: SupportsIndex, kv: SupportsIndex) -> int:
+        """Address of layer ``layer``'s K (kv=0) or V (kv=1) at slot 0, token 0: ``tensor_address + offset``.
+        Token ``p`` of slot ``s`` is ``s * slot_bytes + p * token_bytes`` further, ``entry_bytes`` long."""
     def allocate(self, min_tokens: SupportsIndex) -> int: ...
     def grow(self, slot: SupportsIndex, tokens: SupportsIndex) -> None: ...
     def free(self, slot: SupportsIndex) -> None: ...
@@ -90,14 +113,14 @@ class Manager:
         """Unmap pages of free slots (all when max_pages < 0); returns the pages unmapped."""
     def tensor_view(
         self,
-        layer: SupportsIndex,
-        kv: SupportsIndex,
+        tensor: SupportsIndex,
         dtype_code: int,
         dtype_bits: int,
         owner: object | None = None,
     ) -> CapsuleType:
-        """A DLPack capsule over one tensor, [max_batch, max_seq, kv_heads, head_dim]; ``owner`` is kept alive
-        until the consumer releases the memory."""
+        """A DLPack capsule over reserved tensor ``tensor``: ``[max_batch, max_seq, kv_heads, head_dim]`` per-layer,
+        ``[max_batch, max_seq, g, 2, kv_heads, head_dim]`` interleaved; ``owner`` is kept alive until the consumer
+        releases the memory."""
     def capacity(self, slot: SupportsIndex) -> int: ...
     def allocated(self, slot: SupportsIndex) -> bool: ...
     def stats(self) -> _Stats: ...

@@ -41,12 +41,16 @@ def cache_sized_copies(hlo_text: str, cache_elements: int) -> list[int]:
 
 
 def assert_no_cache_copy(compiled_text: str, manager) -> None:
-    """Raise VAttentionError if the compiled module copies a buffer as large as a cache tensor."""
+    """Raise VAttentionError if the compiled module copies a buffer as large as one layer's K (or V).
+
+    One layer's ``[MB, S, Hkv, D]`` is the smallest cache-sized buffer in either layout (an interleaved
+    tensor holds ``2 * g`` of them), so a copy of a layer's strided slice is caught too.
+    """
     elements = manager.config.max_batch * manager.max_seq * manager.config.kv_heads * manager.config.head_dim
     found = cache_sized_copies(compiled_text, elements)
     if found:
         raise VAttentionError(
-            f"the compiled program copies {len(found)} cache-sized buffer(s) ({found} elements; a cache tensor has "
+            f"the compiled program copies {len(found)} cache-sized buffer(s) ({found} elements; a layer's K has "
             f"{elements}); on a sparsely mapped cache that copy reads unmapped memory. Read the cache with "
             "dynamic_slice or a Pallas kernel, never return or donate the views."
         )
@@ -122,8 +126,7 @@ def check_compiled(text: str, manager, *, strict: bool) -> None:
     if strict:
         assert_no_cache_copy(text, manager)
         return
-    c = manager.config
-    found = copies_of_views(text, (c.max_batch, manager.max_seq, c.kv_heads, c.head_dim))
+    found = copies_of_views(text, manager.config.tensor_shape(manager.max_seq))
     if found:
         raise VAttentionError(
             f"the compiled program copies a cache view ({found[:4]}); on a sparsely mapped cache that copy reads "

@@ -41,7 +41,7 @@ _core._set_error_classes(ERROR_CLASSES)
 
 
 def padded_max_seq(config: CacheConfig) -> int:
-    """max_seq rounded up so that one slot is a whole number of pages."""
+    """max_seq rounded up so that one slot is a whole number of pages (at ``token_bytes``, the token stride)."""
     quantum = math.lcm(config.token_bytes, config.page_bytes) // config.token_bytes
     return -(-config.max_seq // quantum) * quantum
 
@@ -152,7 +152,8 @@ class _ViewTracker:
 
 @dataclasses.dataclass(frozen=True)
 class CacheStats:
-    """A snapshot of the manager's accounting. Page counts are summed over all 2*L tensors."""
+    """A snapshot of the manager's accounting. Page counts are summed over all reserved tensors
+    (``config.num_tensors``: ``2 * num_layers`` per-layer, ``num_layers / layers_per_group`` interleaved)."""
 
     reserved_bytes: int  # virtual address space held
     mapped_bytes: int  # physical pages mapped into some slot
@@ -176,11 +177,14 @@ class KVCacheManager:
     """A vAttention KV cache for one device.
 
     Use as a context manager, or call ``close()``; either releases every page
-    and reservation. The K/V buffers are exposed as zero-copy ``jax.Array``
-    views (``manager.k[layer]``, ``manager.v[layer]``), each
-    ``[max_batch, max_seq, kv_heads, head_dim]``. Reading a view where no page is
-    mapped gives zeros or faults (``CacheConfig.unbacked_reads``, reported by
-    ``unbacked_reads``).
+    and reservation. Each reserved tensor is exposed as a zero-copy ``jax.Array``
+    view, ``manager.tensors[t]`` of shape ``config.tensor_shape(max_seq)``:
+    ``[max_batch, max_seq, kv_heads, head_dim]`` per-layer (``layers_per_group=1``;
+    also as ``manager.k[layer]`` and ``manager.v[layer]``) or
+    ``[max_batch, max_seq, g, 2, kv_heads, head_dim]`` interleaved, where
+    ``config.locate(layer)`` gives a layer's (tensor, entry) for K and V. Reading
+    a view where no page is mapped gives zeros or faults
+    (``CacheConfig.unbacked_reads``, reported by ``unbacked_reads``).
     """
 
     def __init__(self, config: CacheConfig, *, device: jax.Device | str | None = None):
@@ -200,7 +204,7 @@ class KVCacheManager:
             raise CacheValueError(f"unsupported device platform {self.device.platform!r}; use a CPU or CUDA device")
         self.max_seq = padded_max_seq(config)
         per_slot_pages = self.max_seq * config.token_bytes // config.page_bytes
-        full_pool = 2 * config.num_layers * config.max_batch * per_slot_pages * config.page_bytes
+        full_pool = config.num_tensors * config.max_batch * per_slot_pages * config.page_bytes
         self.pool_bytes = full_pool if config.pool_bytes is None else config.pool_bytes
         self._native = _core.Manager(
             num_layers=config.num_layers,
@@ -215,6 +219,7 @@ class KVCacheManager:
             backend=backend,
             device_ordinal=ordinal,
             unbacked_reads=config.unbacked_reads_for(backend),
+            layers_per_group=config.layers_per_group,
         )
         assert self._native.max_seq == self.max_seq, (self._native.max_seq, self.max_seq)
         self.backend = backend
@@ -222,25 +227,61 @@ class KVCacheManager:
         self._views = _ViewTracker()
         if backend == "cuda":
             self._check_device_headroom()
+        assert self._native.num_tensors == config.num_tensors, (self._native.num_tensors, config.num_tensors)
+        assert self._native.token_bytes == config.token_bytes, (self._native.token_bytes, config.token_bytes)
         try:
-            self.k = tuple(self._view(layer, 0) for layer in range(config.num_layers))
-            self.v = tuple(self._view(layer, 1) for layer in range(config.num_layers))
+            self._tensors = tuple(self._view(t) for t in range(config.num_tensors))
         except BaseException:
             self._native.close()
             raise
 
     # -- views ---------------------------------------------------------------
-    def _view(self, layer: int, kv: int) -> jax.Array:
+    def _view(self, tensor: int) -> jax.Array:
         code, bits = SUPPORTED_DTYPES[self.config.dtype]
         token = self._views.token()  # after this call, only jax's hold on the capsule keeps it alive
-        producer = _DLPackTensor(
-            lambda: self._native.tensor_view(layer, kv, code, bits, token), self.backend, self.device
-        )
+        producer = _DLPackTensor(lambda: self._native.tensor_view(tensor, code, bits, token), self.backend, self.device)
         array = jax.dlpack.from_dlpack(producer)
-        address = self._native.tensor_address(layer, kv)
+        address = self._native.tensor_address(tensor)
         if array.unsafe_buffer_pointer() != address:  # never silently work on a copy
-            raise BackendError(f"jax copied the cache view of layer {layer}; zero-copy import failed")
+            raise BackendError(f"jax copied the view of cache tensor {tensor}; zero-copy import failed")
+        shape = self.config.tensor_shape(self.max_seq)
+        if array.shape != shape:
+            raise BackendError(f"the view of cache tensor {tensor} has shape {array.shape}, expected {shape}")
         return array
+
+    @property
+    def tensors(self) -> tuple[jax.Array, ...]:
+        """Zero-copy views of the reserved tensors, in tensor order, each ``config.tensor_shape(max_seq)``:
+        per-layer ``K0, V0, K1, ...`` of ``[MB, S, Hkv, D]``; interleaved ``[MB, S, g, 2, Hkv, D]`` per group."""
+        return self._tensors
+
+    def _per_layer(self, kv: int) -> tuple[jax.Array, ...]:
+        if self.config.interleaved:
+            raise CacheValueError(
+                f"this cache is interleaved (layers_per_group={self.config.layers_per_group}): there is no "
+                f"per-layer {'KV'[kv]} array. Use manager.tensors with config.locate(layer), which gives the "
+                "(tensor, entry) of a layer's K and V in [MB, S, g, 2, Hkv, D] tensors")
+        return self._tensors[kv::2]
+
+    @property
+    def k(self) -> tuple[jax.Array, ...]:
+        """Per-layer layout only: ``k[layer]`` is ``tensors[2 * layer]``, ``[MB, S, Hkv, D]``."""
+        return self._per_layer(0)
+
+    @property
+    def v(self) -> tuple[jax.Array, ...]:
+        """Per-layer layout only: ``v[layer]`` is ``tensors[2 * layer + 1]``, ``[MB, S, Hkv, D]``."""
+        return self._per_layer(1)
+
+    @property
+    def tokens_per_page(self) -> int:
+        """Tokens of one slot a physical page backs (in each tensor; of every layer of its group)."""
+        return self.config.tokens_per_page
+
+    @property
+    def min_request_bytes(self) -> int:
+        """Bytes the smallest request (one token) maps: one page in every reserved tensor."""
+        return self.config.num_tensors * self.config.page_bytes
 
     def _check_device_headroom(self):
         free, total = self._native.device_mem_info()
@@ -369,7 +410,7 @@ class KVCacheManager:
         if self.closed:
             return
         self._closing = True
-        for view in (*getattr(self, "k", ()), *getattr(self, "v", ())):
+        for view in getattr(self, "_tensors", ()):
             if not view.is_deleted():
                 view.delete()
         views = getattr(self, "_views", None)
@@ -405,10 +446,12 @@ class KVCacheManager:
         c = self.config
         state = "closed" if self.closed else f"{self.stats().mapped_bytes / 2**20:.0f} MiB mapped"
         rounded = f" (rounded from {c.max_seq})" if self.max_seq != c.max_seq else ""
-        return (
-            f"KVCacheManager({self.backend}, {c.num_layers} layers x [{c.max_batch}, {self.max_seq}{rounded}, "
-            f"{c.kv_heads}, {c.head_dim}] {c.dtype}, {state})"
-        )
+        if c.interleaved:
+            shape = f"[{c.max_batch}, {self.max_seq}{rounded}, {c.layers_per_group}, 2, {c.kv_heads}, {c.head_dim}]"
+            layout = f"{c.num_layers} layers interleaved in {c.num_tensors} x {shape}"
+        else:
+            layout = f"{c.num_layers} layers x [{c.max_batch}, {self.max_seq}{rounded}, {c.kv_heads}, {c.head_dim}]"
+        return f"KVCacheManager({self.backend}, {layout} {c.dtype}, {c.tokens_per_page} tokens/page, {state})"
 
     # -- jit-side cache ------------------------------------------------------
     def cache(self, slots, lengths):

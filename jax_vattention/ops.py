@@ -64,7 +64,10 @@ def write(manager, layer: int, k_new: jax.Array, v_new: jax.Array, slots, starts
     """Store new K/V rows into layer ``layer`` of the cache, in place.
 
     Row b writes ``k_new[b, :counts[b]]`` (and V) at positions
-    ``[starts[b], starts[b] + counts[b])`` of slot ``slots[b]``.
+    ``[starts[b], starts[b] + counts[b])`` of slot ``slots[b]``, at the layer's
+    entries wherever the layout puts them (``CacheConfig.locate``): its own K and
+    V tensors per-layer, its K and V entries of each token of its group's tensor
+    interleaved.
 
     With ``has_side_effect=False`` the call is kept only through its result:
     XLA removes a write whose lengths nothing reads. In exchange the jitted

@@ -25,6 +25,8 @@ def add_demo_parser(sub) -> None:
     demo.add_argument("--max-seq", type=int, default=16384)
     demo.add_argument("--kv-heads", type=int, default=4)
     demo.add_argument("--head-dim", type=int, default=64)
+    demo.add_argument("--layers-per-group", type=int, default=1,
+                      help="1: a K and a V tensor per layer; --layers: every layer interleaved per token")
     demo.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     demo.add_argument("--prompts", type=int, nargs="+", default=[100, 3000, 5000, 700])
     demo.add_argument("--new-tokens", type=int, nargs="+", default=[300, 1200, 50, 900])
@@ -51,7 +53,7 @@ def run_demo(args) -> int:
         raise ValueError(f"{len(prompts)} prompts need {len(prompts)} slots, more than --max-batch={args.max_batch}")
     cfg = jv.CacheConfig(
         num_layers=args.layers, max_batch=args.max_batch, max_seq=args.max_seq,
-        kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
+        kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype, layers_per_group=args.layers_per_group,
     )
     device = jv.default_device()
     print(f"device: {device.device_kind if hasattr(device, 'device_kind') else device.platform}")
@@ -89,11 +91,14 @@ def run_demo(args) -> int:
         lengths = np.asarray(state.lengths)
         assert (lengths == prompts + budgets).all(), lengths
         # Spot check: the token at the last position of each slot holds its position.
-        last = [float(m.k[cfg.num_layers - 1][int(s), int(n) - 1, 0, 0]) for s, n in zip(slots, lengths)]
+        (tensor, entry), _ = cfg.locate(cfg.num_layers - 1)  # where the last layer's K lives
+        last_k = m.tensors[tensor]
+        at = (entry // 2, entry % 2) if cfg.interleaved else ()  # [MB, S, g, 2, Hkv, D] or [MB, S, Hkv, D]
+        last = [float(last_k[(int(s), int(n) - 1, *at, 0, 0)]) for s, n in zip(slots, lengths)]
         assert last == [float(jnp.asarray(n - 1, cfg.jnp_dtype)) for n in lengths], last
         st = m.stats()
-        static_bytes = 2 * cfg.num_layers * cfg.max_batch * m.max_seq * cfg.token_bytes
-        live_bytes = 2 * cfg.num_layers * int(lengths.sum()) * cfg.token_bytes
+        static_bytes = 2 * cfg.num_layers * cfg.max_batch * m.max_seq * cfg.entry_bytes
+        live_bytes = 2 * cfg.num_layers * int(lengths.sum()) * cfg.entry_bytes
         print(f"decoded {int(budgets.sum())} tokens in one jitted while_loop; final lengths {lengths.tolist()}")
         print(f"  the loop's grow calls mapped {st.maps - maps_before} more pages as rows crossed page boundaries")
         print(f"  reserved (virtual)        {_fmt(st.reserved_bytes)}")

@@ -9,6 +9,7 @@ would hold.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -38,6 +39,9 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--cache", default="vattention", choices=["vattention", "static"],
                    help="vAttention cache or the static [batch, max_seq] baseline")
     g.add_argument("--page-bytes", type=int, default=None, help="page size (default 2 MiB on GPU, 64 KiB on CPU)")
+    g.add_argument("--layers-per-group", default="all", metavar="G",
+                   help="vAttention layout: 1 = a K and a V tensor per layer, 'all' (default) = every layer "
+                        "interleaved per token (16 tokens per 2 MiB page for Llama-3-8B), or a divisor of the layers")
     g.add_argument("--attention", default="auto", choices=["auto", "kernel", "reference"])
     g.add_argument("--interpret", action="store_true", help="run the Pallas kernels in interpret mode (CPU)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -68,6 +72,13 @@ def _positive_or_default(args, name: str, default: int) -> int:
     if value <= 0:
         raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     return value
+
+
+def _int_arg(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{flag} expects an integer or 'all', got {text!r}") from None
 
 
 def run_generate(args) -> int:
@@ -141,11 +152,13 @@ def _generate(args, jax, np, jv, models, AttentionSpec) -> int:
         result = gen.generate(prompts, cache, params, **kw)
         stats = None
     else:
+        group = cfg.num_layers if args.layers_per_group == "all" else _int_arg(args.layers_per_group,
+                                                                                 "--layers-per-group")
+        layout = models.cache_config_for(cfg, max_batch=max_batch, max_seq=max_seq, dtype=dtype,
+                                         page_bytes=page_bytes, layers_per_group=group)
         # Page budget: what these requests can need (+1 page per tensor per request), not max_batch x max_seq.
-        token_bytes = cfg.num_kv_heads * cfg.head_dim * np.dtype(jax.numpy.dtype(dtype)).itemsize
-        need = sum(-(-(len(p) + args.max_tokens) * token_bytes // page_bytes) + 1 for p in prompts)
-        cache_cfg = models.cache_config_for(cfg, max_batch=max_batch, max_seq=max_seq, dtype=dtype,
-                                            page_bytes=page_bytes, pool_bytes=2 * cfg.num_layers * need * page_bytes)
+        need = sum(-(-(len(p) + args.max_tokens) * layout.token_bytes // page_bytes) + 1 for p in prompts)
+        cache_cfg = dataclasses.replace(layout, pool_bytes=layout.num_tensors * need * page_bytes)
         with jv.KVCacheManager(cache_cfg) as manager:
             result = gen.generate(prompts, manager, params, **kw)
             stats = manager.stats()

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from jax_vattention import KVCacheManager
-from jax_vattention.attention import AttentionSpec, check_block_fits_pages
+from jax_vattention.attention import AttentionSpec
 from jax_vattention.cache import StaticKVCache
 from jax_vattention.hlo import check_compiled
 from jax_vattention.inputs import bucket
@@ -79,13 +79,12 @@ class Generator:
 
     def _spec(self, dtype, platform: str, max_len: int, manager) -> AttentionSpec:
         spec = self.attn.resolve(dtype, self.config.head_dim, platform).with_max_len(max_len)
-        if spec.impl == "kernel" and manager is not None:
-            c = manager.config
-            try:
-                block_k = spec.kernel_block_k(c.head_dim, manager.max_seq)
-                check_block_fits_pages(block_k, c.page_bytes, c.kv_heads, c.head_dim, dtype)
-            except ValueError as e:
-                raise GenerationInputError(f"attention kernels cannot run on this cache: {e}") from None
+        if spec.impl == "kernel" and manager is not None and spec.block_k:
+            tpp = manager.config.tokens_per_page  # of every layer of a group in the interleaved layout
+            if tpp % spec.block_k:
+                raise GenerationInputError(
+                    f"attention kernels cannot run on this cache: block_k={spec.block_k} does not divide the {tpp} "
+                    "tokens per page (a KV tile could straddle into an unmapped page)")
         return spec
 
     # -- generation --------------------------------------------------------

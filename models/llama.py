@@ -63,7 +63,7 @@ class Attention(nnx.Module):
         if cache is None:
             o = dense_causal_attention(q, k, v)  # [B, T, Hq, D]
         else:
-            dtype = cache.k[self.layer].dtype
+            dtype = cache.dtype
             lengths, cache = cache.write(self.layer, k.astype(dtype), v.astype(dtype))
             o = cache.attention(self.layer, q, lengths, attn)  # [B, T, Hq, D], reads below lengths only
         return self.o_proj(o.reshape(b, t, cfg.num_heads * cfg.head_dim).astype(x.dtype)), cache
@@ -79,7 +79,7 @@ class Attention(nnx.Module):
         """
         cfg = self.cfg
         q, k, v = (a[:, 0] for a in self._qkv(x[:, None], positions[:, None]))  # [N, Hq, D], [N, Hkv, D] x2
-        dtype = cache.k[self.layer].dtype
+        dtype = cache.dtype
         state, outs, off = cache.state, [], 0
         for r0, r1, t in segments:
             rows, m = r1 - r0, (r1 - r0) * t

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # One device-machine session: build, then the named steps; logs and result files go to $OUT.
 #   bash scripts/device_run.sh tests bench-alloc bench-attention-quick
-# Steps: tests (whole suite: GPU + CPU), gpu-tests (marker gpu only), demo, generate,
+# Steps: tests (whole suite: GPU + CPU), gpu-tests (marker gpu only; in two calls: gpu-tests-core = the cache,
+#        FFI and kernel GPU tests, gpu-tests-rest = the others), demo, generate,
 #        bench-alloc, bench-alloc-quick, bench-attention, bench-attention-quick,
 #        bench-generate, bench-generate-quick, bench-serving, bench-serving-quick, bench-serving-long,
 #        long-run, sanitize, sanitize-kernels (memcheck of our Pallas kernels only, attention GPU tests),
 #        sanitize-engine (memcheck of the small engine GPU test), sanitize-model (memcheck of the 3 slowest model
 #        GPU tests, our kernels instrumented, warm compilation cache), engine-tests (engine/paged/reliability tests),
 #        tune-prefill (prefill tile sweep at the benchmark's shapes),
-#        bench-zero-mapping (what a read-only zero mapping of a whole reservation costs on CUDA)
+#        bench-zero-mapping (what a read-only zero mapping of a whole reservation costs on CUDA),
+#        bench-serving-layouts (ShareGPT-like, 256 requests, B <= 128: both vAttention layouts, paged16, static),
+#        bench-serving-tight (the same at an 8 GiB KV budget, B <= 256)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/vattn-out}
@@ -25,6 +28,8 @@ for step in "$@"; do
   case "$step" in
     tests) python3 -m pytest -q -ra tests > "$OUT/tests.log" 2>&1 || status=1; summary "$OUT/tests.log" 30 ;;
     gpu-tests) python3 -m pytest -q -ra --durations=12 -m gpu tests > "$OUT/gpu_tests.log" 2>&1 || status=1; summary "$OUT/gpu_tests.log" 30 ;;
+    gpu-tests-core) python3 -m pytest -q -ra --durations=8 -m gpu tests/test_gpu.py tests/test_attention.py tests/test_unbacked_reads.py > "$OUT/gpu_tests_core.log" 2>&1 || status=1; summary "$OUT/gpu_tests_core.log" 30 ;;
+    gpu-tests-rest) python3 -m pytest -q -ra --durations=8 -m gpu tests --deselect tests/test_gpu.py --deselect tests/test_attention.py --deselect tests/test_unbacked_reads.py > "$OUT/gpu_tests_rest.log" 2>&1 || status=1; summary "$OUT/gpu_tests_rest.log" 30 ;;
     demo) python3 -m jax_vattention_cli demo 2>&1 | tail -20 ;;
     generate) python3 -m jax_vattention_cli generate 2>&1 | tail -20 ;;
     bench-alloc) python3 benchmarks/bench_alloc.py > "$OUT/bench_alloc.log" 2>&1 || status=1; summary "$OUT/bench_alloc.log" ;;
@@ -36,6 +41,8 @@ for step in "$@"; do
     bench-serving) python3 benchmarks/bench_serving.py > "$OUT/bench_serving.log" 2>&1 || status=1; summary "$OUT/bench_serving.log" 30 ;;
     bench-serving-quick) python3 benchmarks/bench_serving.py --quick > "$OUT/bench_serving_quick.log" 2>&1 || status=1; summary "$OUT/bench_serving_quick.log" 30 ;;
     bench-serving-long) python3 benchmarks/bench_serving.py --workload long > "$OUT/bench_serving_long.log" 2>&1 || status=1; summary "$OUT/bench_serving_long.log" 30 ;;
+    bench-serving-layouts) python3 benchmarks/bench_serving.py --requests 256 --max-batch 128 --budget-tokens 196608 --configs vattention,vattention-per-layer,paged16,static > "$OUT/bench_serving_layouts.log" 2>&1 || status=1; summary "$OUT/bench_serving_layouts.log" 30 ;;
+    bench-serving-tight) python3 benchmarks/bench_serving.py --requests 256 --max-batch 256 --budget-gib 8 --configs vattention,vattention-per-layer,paged16 > "$OUT/bench_serving_tight.log" 2>&1 || status=1; summary "$OUT/bench_serving_tight.log" 30 ;;
     long-run) python3 benchmarks/long_run.py > "$OUT/long_run.log" 2>&1 || status=1; summary "$OUT/long_run.log" 20 ;;
     sanitize) bash scripts/gpu_sanitize.sh > "$OUT/sanitize_run.log" 2>&1 || status=1; summary "$OUT/sanitize_run.log" 20 ;;
     sanitize-kernels) SANITIZER_ARGS="--kernel-name kns=vattn" bash scripts/gpu_sanitize.sh tests/test_attention.py -m gpu > "$OUT/sanitize_kernels_run.log" 2>&1 || status=1; summary "$OUT/sanitize_kernels_run.log" 20 ;;

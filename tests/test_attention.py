@@ -5,6 +5,12 @@ random inputs (the seed is printed, so a failure can be replayed with
 ``VATTN_TEST_SEED=<seed>``) and the single tolerance table in
 ``jax_vattention.attention.tolerances``. Cache memory past each row's length is
 filled with NaN, so any stray (unmasked) read of it shows up in the output.
+The kernel and reference tests run on both cache layouts (``LAYOUTS``): today's
+per-layer ``[MB, S, Hkv, D]`` and the interleaved group ``[MB, S, g, 2, Hkv, D]``
+or ``[MB, S, 2g, Hkv, D]`` (K and V the same array, every other layer's entries
+NaN); on the interleaved one
+the kernels must also give exactly what they give on per-layer arrays holding
+the same K/V.
 The no-read-past-length property on real unmapped memory is tested in a
 subprocess over a host ``KVCacheManager`` in strict mode
 (``unbacked_reads="fault"``: a stray read segfaults instead of reading zeros).
@@ -24,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jax_vattention as jv
 from jax_vattention import attention as attn
-from jax_vattention.attention import common, decode, prefill
+from jax_vattention.attention import common, decode, dispatch, prefill
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
@@ -47,6 +54,45 @@ def make_cache(rng, mb, seq, hkv, d, dtype, slots, lengths):
     k[~valid] = np.nan
     v[~valid] = np.nan
     return jnp.asarray(k, dtype), jnp.asarray(v, dtype)
+
+
+# Cache layouts: name -> (layers_per_group g, layer) of a 4-layer model. g=1: the layer's own rank-4 tensors;
+# g>1: the group passed as both K and V, entries from CacheConfig.locate. "g2": the group's last entries, as the
+# rank-6 view [MB, S, g, 2, Hkv, D]; "g4-all": g = num_layers, entries in the middle, flattened to the rank-5
+# [MB, S, 2g, Hkv, D].
+LAYOUTS = {"per-layer": (1, 0), "g2": (2, 3), "g4-all": (4, 2)}
+
+
+def with_layouts(cases):
+    """Each case on the per-layer layout and on one interleaved layout, alternating (test time)."""
+    return [(*case, layout) for i, case in enumerate(cases) for layout in ("per-layer", ("g2", "g4-all")[i % 2])]
+
+
+def lay_out(layout, k, v):
+    """``(k_cache, v_cache, entry kwargs)`` holding the per-layer ``k``/``v`` in ``layout``.
+
+    Interleaved: every entry of the group but this layer's K and V is NaN, so reading
+    another layer's entries shows up as a non-finite output.
+    """
+    g, layer = LAYOUTS[layout]
+    if g == 1:
+        return k, v, {}
+    mb, seq, hkv, d = k.shape
+    cfg = jv.CacheConfig(num_layers=4, max_batch=mb, max_seq=seq, kv_heads=hkv, head_dim=d,
+                         dtype=jnp.dtype(k.dtype).name, layers_per_group=g)
+    (_, ke), (_, ve) = cfg.locate(layer)
+    group = jnp.full((mb, seq, cfg.entries_per_token, hkv, d), jnp.nan, k.dtype)  # [MB, S, E, Hkv, D]
+    group = group.at[:, :, ke].set(k).at[:, :, ve].set(v)
+    if layout == "g2":
+        group = group.reshape(cfg.tensor_shape(seq))  # [MB, S, g, 2, Hkv, D]
+    return group, group, dict(k_entry=ke, v_entry=ve)
+
+
+def assert_same_as_per_layer(out, entries, per_layer):
+    """On an interleaved cache, the kernel's output is bit for bit what it gives on the per-layer arrays."""
+    if entries:
+        np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(per_layer(), np.float32),
+                                      err_msg=f"interleaved {entries} differs from per-layer")
 
 
 def pick_slots(rng, mb, batch):
@@ -73,20 +119,23 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype,hq,hkv,d,splits,soft_cap,block_k", DECODE_CASES)
-def test_decode_matches_reference(rng, dtype, hq, hkv, d, splits, soft_cap, block_k):
+@pytest.mark.parametrize("dtype,hq,hkv,d,splits,soft_cap,block_k,layout", with_layouts(DECODE_CASES))
+def test_decode_matches_reference(rng, dtype, hq, hkv, d, splits, soft_cap, block_k, layout):
     mb, seq, page_tokens = 16, 256, 64
     lengths = np.array(boundary_lengths(block_k, page_tokens, seq), np.int32)
     batch = len(lengths)
     rng.shuffle(lengths)
     slots = pick_slots(rng, mb, batch)
     k, v = make_cache(rng, mb, seq, hkv, d, dtype, slots, lengths)
+    kc, vc, entries = lay_out(layout, k, v)
     q = jnp.asarray(rng.standard_normal((batch, hq, d)), dtype)
-    args = (q, k, v, jnp.asarray(slots), jnp.asarray(lengths))
-    out = attn.decode_attention(*args, soft_cap=soft_cap, interpret=INTERPRET, block_k=block_k, num_splits=splits)
-    ref = attn.decode_attention_reference(*args, soft_cap=soft_cap)
+    rows = (jnp.asarray(slots), jnp.asarray(lengths))
+    kw = dict(soft_cap=soft_cap, interpret=INTERPRET, block_k=block_k, num_splits=splits)
+    out = attn.decode_attention(q, kc, vc, *rows, **kw, **entries)
+    ref = attn.decode_attention_reference(q, kc, vc, *rows, soft_cap=soft_cap, **entries)
     assert out.shape == q.shape and out.dtype == q.dtype
-    attn.assert_close(out, ref, what=f"decode lengths={lengths.tolist()} slots={slots.tolist()}")
+    attn.assert_close(out, ref, what=f"decode {layout} lengths={lengths.tolist()} slots={slots.tolist()}")
+    assert_same_as_per_layer(out, entries, lambda: attn.decode_attention(q, k, v, *rows, **kw))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -118,36 +167,42 @@ def test_decode_large_group_uses_head_blocks(rng):
     attn.assert_close(out, attn.decode_attention_reference(*args))
 
 
+@pytest.mark.parametrize("layout", ["per-layer", "g2"])
 @pytest.mark.parametrize("kernel", ["decode", "prefill"])
-def test_masked_load_path(rng, kernel):
+def test_masked_load_path(rng, kernel, layout):
     """The GPU code path (row-masked Triton loads) also matches, run in interpret mode;
     it also handles a slot length S that is not a multiple of the block (120 vs 32)."""
     mb, seq, hq, hkv, d = 6, 120, 8, 2, 64
     lengths = np.array([1, 33, 64, 120], np.int32)
     slots = pick_slots(rng, mb, 4)
     k, v = make_cache(rng, mb, seq, hkv, d, "bfloat16", slots, lengths)
+    kc, vc, entries = lay_out(layout, k, v)
     sl, ln = jnp.asarray(slots), jnp.asarray(lengths)
     if kernel == "decode":
         q = jnp.asarray(rng.standard_normal((4, hq, d)), jnp.bfloat16)
-        out = attn.decode_attention(q, k, v, sl, ln, interpret=True, masked_loads=True, block_k=32, num_splits=2)
-        ref = attn.decode_attention_reference(q, k, v, sl, ln)
+        out = attn.decode_attention(q, kc, vc, sl, ln, interpret=True, masked_loads=True, block_k=32, num_splits=2,
+                                    **entries)
+        ref = attn.decode_attention_reference(q, kc, vc, sl, ln, **entries)
     else:
         q_lens = jnp.asarray(np.minimum(lengths, 20), jnp.int32)
         starts = ln - q_lens
         q = jnp.asarray(rng.standard_normal((4, 20, hq, d)), jnp.bfloat16)
-        out = attn.chunked_prefill_attention(q, k, v, sl, starts, q_lens, interpret=True, masked_loads=True,
-                                             block_k=32, block_m=32)
-        ref = attn.chunked_prefill_attention_reference(q, k, v, sl, starts, q_lens)
-    attn.assert_close(out, ref)
+        out = attn.chunked_prefill_attention(q, kc, vc, sl, starts, q_lens, interpret=True, masked_loads=True,
+                                             block_k=32, block_m=32, **entries)
+        ref = attn.chunked_prefill_attention_reference(q, kc, vc, sl, starts, q_lens, **entries)
+    attn.assert_close(out, ref, what=layout)
 
 
-def test_decode_padding_rows_read_nothing(rng):
+@pytest.mark.parametrize("entry_axes", [(), (2, 2)])
+def test_decode_padding_rows_read_nothing(rng, entry_axes):
     """Negative slot or zero length: zero output, no read (the cache slot is all NaN)."""
     mb, seq, hq, hkv, d = 4, 64, 4, 2, 64
-    k = jnp.full((mb, seq, hkv, d), jnp.nan, jnp.bfloat16)
+    k = jnp.full((mb, seq, *entry_axes, hkv, d), jnp.nan, jnp.bfloat16)
+    entries = bool(entry_axes)
     q = jnp.asarray(rng.standard_normal((2, hq, d)), jnp.bfloat16)
+    kw = dict(k_entry=2, v_entry=3) if entries else {}
     out = attn.decode_attention(q, k, k, jnp.array([-1, 2], jnp.int32), jnp.array([5, 0], jnp.int32),
-                                interpret=INTERPRET, block_k=16, num_splits=2)
+                                interpret=INTERPRET, block_k=16, num_splits=2, **kw)
     np.testing.assert_array_equal(np.asarray(out, np.float32), 0.0)
 
 
@@ -161,8 +216,8 @@ PREFILL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype,hq,hkv,d,soft_cap,block_m,block_k", PREFILL_CASES)
-def test_chunked_prefill_matches_reference(rng, dtype, hq, hkv, d, soft_cap, block_m, block_k):
+@pytest.mark.parametrize("dtype,hq,hkv,d,soft_cap,block_m,block_k,layout", with_layouts(PREFILL_CASES))
+def test_chunked_prefill_matches_reference(rng, dtype, hq, hkv, d, soft_cap, block_m, block_k, layout):
     mb, seq, tmax = 12, 256, 40
     # (start, q_len): fresh prompt, chunk ending on / crossing block boundaries,
     # one-token chunk (decode row), empty row, chunk reaching the slot end.
@@ -173,13 +228,15 @@ def test_chunked_prefill_matches_reference(rng, dtype, hq, hkv, d, soft_cap, blo
     batch = len(rows)
     slots = pick_slots(rng, mb, batch)
     k, v = make_cache(rng, mb, seq, hkv, d, dtype, slots, starts + q_lens)
+    kc, vc, entries = lay_out(layout, k, v)
     q = jnp.asarray(rng.standard_normal((batch, tmax, hq, d)), dtype)
-    args = (q, k, v, jnp.asarray(slots), jnp.asarray(starts), jnp.asarray(q_lens))
-    out = attn.chunked_prefill_attention(*args, soft_cap=soft_cap, interpret=INTERPRET, block_m=block_m,
-                                         block_k=block_k)
-    ref = attn.chunked_prefill_attention_reference(*args, soft_cap=soft_cap)
+    rows_ = (jnp.asarray(slots), jnp.asarray(starts), jnp.asarray(q_lens))
+    kw = dict(soft_cap=soft_cap, interpret=INTERPRET, block_m=block_m, block_k=block_k)
+    out = attn.chunked_prefill_attention(q, kc, vc, *rows_, **kw, **entries)
+    ref = attn.chunked_prefill_attention_reference(q, kc, vc, *rows_, soft_cap=soft_cap, **entries)
     assert out.shape == q.shape and out.dtype == q.dtype
-    attn.assert_close(out, ref, what=f"prefill rows={rows} slots={slots.tolist()}")
+    attn.assert_close(out, ref, what=f"prefill {layout} rows={rows} slots={slots.tolist()}")
+    assert_same_as_per_layer(out, entries, lambda: attn.chunked_prefill_attention(q, k, v, *rows_, **kw))
     pad = np.arange(tmax)[None, :] >= q_lens[:, None]
     assert np.all(np.asarray(out, np.float32)[pad] == 0.0)
 
@@ -212,6 +269,20 @@ def test_split_heuristic_and_page_rule():
     attn.check_block_fits_pages(64, 2 << 20, 8, 128, jnp.bfloat16)
     with pytest.raises(ValueError):
         attn.check_block_fits_pages(128, 4096, 2, 64, jnp.bfloat16)  # 16 tokens per page
+    # Interleaved Llama-3-8B: g=4 (E=8) -> 128 tokens per 2 MiB page, g=32 (E=64) -> 16, as CacheConfig says.
+    for g, tpp in ((4, 128), (32, 16)):
+        cfg = jv.CacheConfig(num_layers=32, max_batch=1, max_seq=4096, kv_heads=8, head_dim=128, layers_per_group=g)
+        assert attn.tokens_per_page(2 << 20, 8, 128, jnp.bfloat16, entries=cfg.entries_per_token) == tpp
+        assert cfg.tokens_per_page == tpp
+        assert common.default_block_k(128, 4096, tpp) == min(64, tpp)
+        assert dispatch.AttentionSpec().kernel_block_k(128, 4096, tpp) == min(64, tpp)
+    assert dispatch.AttentionSpec(block_k=32).kernel_block_k(128, 4096, 16) == 32  # explicit wins (then checked)
+    attn.check_block_fits_pages(16, 2 << 20, 8, 128, jnp.bfloat16, entries=64)
+    with pytest.raises(ValueError, match="16 tokens per page"):
+        attn.check_block_fits_pages(32, 2 << 20, 8, 128, jnp.bfloat16, entries=64)
+    with pytest.raises(ValueError, match="6.4 tokens per page"):  # g=80 (Llama-3-70B): tokens straddle pages
+        attn.check_block_fits_pages(16, 2 << 20, 8, 128, jnp.bfloat16, entries=160)
+    assert common.default_block_k(128, 96) == 32 and common.default_block_k(64, None, 16) == 16
     with pytest.raises(ValueError):
         decode.choose_config(1, 1, 1, 64, 64, block_k=48)
     assert prefill.choose_config(6, 64).group_pad == 8
@@ -231,34 +302,89 @@ def test_argument_checks():
         attn.decode_attention(q[:, :2], k, k, one, one, interpret=True, block_k=64)
 
 
+def test_layout_argument_checks():
+    """Entries outside [0, E), non-int entries, K/V of different shapes or ranks: a ValueError from the kernels,
+    the references and the dispatch's reference alike."""
+    group = jnp.zeros((2, 32, 4, 2, 64), jnp.bfloat16)  # [MB, S, E=4, Hkv, D]
+    q = jnp.zeros((1, 2, 64), jnp.bfloat16)
+    one = jnp.ones((1,), jnp.int32)
+    calls = [functools.partial(attn.decode_attention, interpret=True, block_k=16),
+             attn.decode_attention_reference, functools.partial(dispatch.decode_attention_reference, window=32)]
+    six = group.reshape(2, 32, 2, 2, 2, 64)  # [MB, S, g=2, 2, Hkv, D]
+    bad = [((group, group), dict(k_entry=4), r"k_entry must be a static int in \[0, 4\)"),
+           ((group, group), dict(v_entry=-1), "v_entry"), ((group, group), dict(k_entry=True), "k_entry"),
+           ((group, group), dict(v_entry=1.0), "v_entry"),
+           ((group[:, :, 0], group[:, :, 0]), dict(v_entry=1), "one entry per token"),
+           ((group, group[:, :, :2]), dict(v_entry=1), "same shape"),
+           ((group[:, :, 0], group), dict(v_entry=1), "same shape"),
+           ((six, group), dict(v_entry=1), "same shape"),
+           ((six, six), dict(k_entry=4), r"\[0, 4\)"),
+           ((group[:, :, 0, 0], group[:, :, 0, 0]), {}, "same shape")]
+    for call in calls:
+        for (k, v), entries, match in bad:
+            with pytest.raises(ValueError, match=match):
+                call(q, k, v, one, one, **entries)
+    assert calls[0](q, group, group, one, one, k_entry=np.int64(2), v_entry=3).shape == q.shape  # numpy ints
+    # The rank-6 view's entries are the flattened (g, 2) index: entry 3 is [:, :, 1, 1].
+    assert common.kv_index(six, 0, 1, 3, 2) == (0, 1, 1, 1, 2)
+    assert common.kv_index(group, 0, 1, 3, 2) == (0, 1, 3, 2)
+    assert common.kv_index(group[:, :, 0], 0, 1, 0, 2) == (0, 1, 2)
+
+
 # ----------------------------------------------- GPU lowering (on any host) --
+@pytest.mark.parametrize("group", [(), (32, 2), (64,)], ids=["per-layer", "g32", "g32-flat"])
 @pytest.mark.parametrize("kernel,hq,d,splits", [("decode", 32, 128, 1), ("decode", 6, 64, None),
                                                  ("prefill", 32, 128, None), ("prefill", 6, 64, None)])
-def test_kernels_lower_to_triton_for_h100_without_copying_the_cache(kernel, hq, d, splits):
+def test_kernels_lower_to_triton_for_h100_without_copying_the_cache(kernel, hq, d, splits, group):
     """Lower for CUDA against an abstract H100 (no GPU needed): the Pallas->Triton
     lowering accepts every op of both kernels, and in the StableHLO the cache goes
-    straight into the Triton custom call: no transpose, gather or copy of it."""
+    straight into the Triton custom call: no transpose, gather, reshape or copy of it.
+
+    ``g32``: the interleaved group ``[MB, S, 32, 2, Hkv, D]`` (Llama-3-8B's whole model
+    per token), ``g32-flat`` the same as ``[MB, S, 64, Hkv, D]``: the one array is both
+    K and V of the Triton call (layer 5 of the group: entries 10 and 11)."""
     hkv = 8 if hq == 32 else 1
     mb, seq = 32, 4096
-    cache = jax.ShapeDtypeStruct((mb, seq, hkv, d), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((mb, seq, *group, hkv, d), jnp.bfloat16)
     rows = jax.ShapeDtypeStruct((4,), jnp.int32)
+    entries = dict(k_entry=10, v_entry=11) if group else {}
     if kernel == "decode":
-        fn = functools.partial(attn.decode_attention, num_splits=splits, soft_cap=30.0, max_len=2048)
+        fn = functools.partial(attn.decode_attention, num_splits=splits, soft_cap=30.0, max_len=2048, **entries)
         args = (jax.ShapeDtypeStruct((4, hq, d), jnp.bfloat16), cache, cache, rows, rows)
     else:
-        fn = functools.partial(attn.chunked_prefill_attention, soft_cap=30.0)
+        fn = functools.partial(attn.chunked_prefill_attention, soft_cap=30.0, **entries)
         args = (jax.ShapeDtypeStruct((4, 300, hq, d), jnp.bfloat16), cache, cache, rows, rows, rows)
     device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
     with jax.sharding.use_abstract_mesh(mesh), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the Triton backend's deprecation notice
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    cache_type = f"tensor<{mb}x{seq}x{hkv}x{d}xbf16>"
+    cache_type = "tensor<" + "x".join(map(str, cache.shape)) + "xbf16>"
     users = [line.strip() for line in text.splitlines() if cache_type in line]
-    assert any("__gpu$xla.gpu.triton" in u for u in users)
+    calls = [u for u in users if "__gpu$xla.gpu.triton" in u]
+    assert calls and all(f"{cache_type}, {cache_type}" in c for c in calls)  # as K and as V
     for u in users:
         assert u.startswith(("func.func", "%", "return")) and (
             u.startswith(("func.func", "return")) or " call @" in u or "__gpu$xla.gpu.triton" in u), u
+
+
+# ---------------------------------------------------------------- dispatch --
+@pytest.mark.parametrize("t,impl", [(1, "kernel"), (16, "reference")], ids=["decode-kernel", "prefill-reference"])
+def test_cache_attention_on_interleaved_group(rng, t, impl):
+    """``cache_attention`` on the rank-5 group (entries of layer 2 of 4, g=4, others NaN) gives bit for bit what
+    it gives on the layer's own arrays, for both implementations."""
+    mb, seq, hq, hkv, d = 4, 64, 8, 2, 64
+    lengths = np.array([1, 17, 40, 64], np.int32)  # as returned by the write
+    num_new = np.minimum(lengths, [1, 5, 16, 16]).astype(np.int32) if t > 1 else np.ones(4, np.int32)
+    slots = pick_slots(rng, mb, 4)
+    k, v = make_cache(rng, mb, seq, hkv, d, "bfloat16", slots, lengths)
+    kc, vc, entries = lay_out("g4-all", k, v)
+    q = jnp.asarray(rng.standard_normal((4, t, hq, d)), jnp.bfloat16)
+    spec = dispatch.AttentionSpec(impl=impl, interpret=True, block_k=16)
+    rows = (jnp.asarray(slots), jnp.asarray(lengths), jnp.asarray(num_new))
+    out = dispatch.cache_attention(q, kc, vc, *rows, spec, **entries)
+    assert out.shape == q.shape and np.all(np.isfinite(np.asarray(out, np.float32)))
+    assert_same_as_per_layer(out, entries, lambda: dispatch.cache_attention(q, k, v, *rows, spec))
 
 
 # ------------------------------------------------------------- portability --
@@ -342,56 +468,134 @@ VMM_SCRIPT = textwrap.dedent(
 )
 
 
-def _run_vmm(overshoot: int, seed: int):
+VMM_INTERLEAVED_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    import jax_vattention as jv
+    from jax_vattention import attention as attn
+    from jax_vattention.attention import dispatch
+
+    seed, overshoot = int(sys.argv[1]), int(sys.argv[2])
+    rng = np.random.default_rng(seed)
+    G, HKV, D, BK = 2, 2, 64, 32
+    E = 2 * G
+    # The interleaved group [MB, S, G, 2, HKV, D] of a 2-layer model, as the bytes of a per-layer reservation of
+    # E * HKV heads (a token is E entries of [HKV, D] either way: 1 KiB), split into entries inside jit (a bitcast:
+    # no unit axes). The group view is passed as it is, with flat entries.
+    # 32 KiB pages hold 32 tokens of the whole group, so BK=32 divides them. Strict mode: unbacked pages fault.
+    cfg = jv.CacheConfig(num_layers=1, max_batch=8, max_seq=1024, kv_heads=E * HKV, head_dim=D,
+                         dtype="bfloat16", page_bytes=32768, unbacked_reads="fault")
+    attn.check_block_fits_pages(BK, cfg.page_bytes, HKV, D, jnp.bfloat16, entries=E)
+    m = jv.KVCacheManager(cfg)
+    assert m.unbacked_reads == "fault", m.unbacked_reads
+    lens = [1, 31, 32, 33, 300, 1024]
+    slots = [m.allocate() for _ in range(8)]
+    slots = [slots[i] for i in (6, 1, 3, 7, 0, 4)]  # non-adjacent, out of order
+    for s, n in zip(slots, lens):
+        m.grow(s, n)
+    T = max(lens)
+    K_E, V_E = 2, 3  # layer 1 of the group; the other layer's entries are NaN
+    group = rng.standard_normal((6, T, E, HKV, D)).astype(np.float32)
+    group[:, :, [0, 1]] = np.nan
+    gn = jnp.asarray(group.reshape(6, T, E * HKV, D), jnp.bfloat16)
+    sl = jnp.asarray(slots, jnp.int32)
+    lengths = jv.write(m, 0, gn, gn, sl, jnp.zeros(6, jnp.int32), jnp.asarray(lens, jnp.int32))
+    # overshoot > 0: the negative control (rows read past their mapped pages).
+    lengths = jnp.minimum(lengths + overshoot, cfg.max_seq)
+    MB, S = cfg.max_batch, m.max_seq
+    kw = dict(k_entry=K_E, v_entry=V_E)
+
+    @jax.jit
+    def run(view, q, qp, lengths):  # the view is a plain argument, never closed over (that would copy it)
+        grp = view.reshape(MB, S, G, 2, HKV, D)  # [MB, S, g, 2, Hkv, D], K and V both in it
+        dec = [attn.decode_attention(q, grp, grp, sl, lengths, interpret=True, block_k=BK, num_splits=s, **kw)
+               for s in (1, 4)]
+        q_lens = jnp.minimum(lengths, 24)
+        starts = lengths - q_lens
+        pre = attn.chunked_prefill_attention(qp, grp, grp, sl, starts, q_lens, interpret=True, block_k=BK,
+                                             block_m=32, **kw)
+        refs = (attn.decode_attention_reference(q, grp, grp, sl, lengths, **kw),
+                attn.chunked_prefill_attention_reference(qp, grp, grp, sl, starts, q_lens, **kw),
+                dispatch.decode_attention_reference(q, grp, grp, sl, lengths, window=S, **kw),
+                attn.decode_attention_dpa(q, grp, grp, sl, lengths, **kw))
+        return dec, pre, refs
+
+    q = jnp.asarray(rng.standard_normal((6, 8, D)), jnp.bfloat16)
+    qp = jnp.asarray(rng.standard_normal((6, 24, 8, D)), jnp.bfloat16)
+    dec, pre, (ref, pre_ref, disp, dpa) = run(m.k[0], q, qp, lengths)
+    for out in (*dec, disp, dpa):
+        attn.assert_close(out, ref)
+    attn.assert_close(pre, pre_ref)
+    m.close()
+    print("OK")
+    """
+)
+# The positive test runs both in one process (one jax start-up); each negative control runs alone.
+VMM_SCRIPTS = {"per-layer": VMM_SCRIPT, "interleaved": VMM_INTERLEAVED_SCRIPT,
+               "both": VMM_SCRIPT + VMM_INTERLEAVED_SCRIPT}
+
+
+def _run_vmm(layout: str, overshoot: int, seed: int):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-c", VMM_SCRIPT, str(seed), str(overshoot)], capture_output=True,
+    return subprocess.run([sys.executable, "-c", VMM_SCRIPTS[layout], str(seed), str(overshoot)], capture_output=True,
                           text=True, timeout=600, env=env)
 
 
 def test_no_read_past_length_on_real_vmm_cache(rng):
-    """Kernels and references over a host vAttention cache whose unmapped pages are PROT_NONE (strict mode)."""
-    proc = _run_vmm(0, int(rng.integers(2**31)))
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), (
+    """Kernels and references over a host vAttention cache whose unmapped pages are PROT_NONE (strict mode),
+    per-layer and interleaved."""
+    proc = _run_vmm("both", 0, int(rng.integers(2**31)))
+    assert proc.returncode == 0 and proc.stdout.split() == ["OK", "OK"], (
         f"rc={proc.returncode} (-11 = SIGSEGV: a read past a slot's mapped pages)\n{proc.stdout}\n{proc.stderr[-3000:]}"
     )
 
 
-def test_vmm_detector_catches_overreads(rng):
+@pytest.mark.parametrize("layout", ["per-layer", "interleaved"])
+def test_vmm_detector_catches_overreads(rng, layout):
     """Negative control: claiming one page more than is mapped must crash the subprocess."""
-    proc = _run_vmm(64, int(rng.integers(2**31)))
+    proc = _run_vmm(layout, 64, int(rng.integers(2**31)))
     assert proc.returncode == -11, f"expected SIGSEGV, got rc={proc.returncode}\n{proc.stderr[-2000:]}"
 
 
 # ---------------------------------------------------------------- GPU only --
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("layout", ["per-layer", "g4-all"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("splits", [1, None])
-def test_gpu_decode_compiles_and_matches(rng, dtype, splits):
+def test_gpu_decode_compiles_and_matches(rng, dtype, splits, layout):
     mb, seq, hq, hkv, d = 48, 4096, 32, 8, 128
     lengths = np.array(boundary_lengths(64, 1024, seq) + [int(x) for x in rng.integers(1, seq, 21)], np.int32)
     batch = len(lengths)
     slots = pick_slots(rng, mb, batch)
     k, v = make_cache(rng, mb, seq, hkv, d, dtype, slots, lengths)
+    kc, vc, entries = lay_out(layout, k, v)
     q = jnp.asarray(rng.standard_normal((batch, hq, d)), dtype)
-    args = (q, k, v, jnp.asarray(slots), jnp.asarray(lengths))
+    rows = (jnp.asarray(slots), jnp.asarray(lengths))
     for cap in (None, 30.0):
-        out = attn.decode_attention(*args, soft_cap=cap, num_splits=splits)
-        attn.assert_close(out, attn.decode_attention_reference(*args, soft_cap=cap))
+        out = attn.decode_attention(q, kc, vc, *rows, soft_cap=cap, num_splits=splits, **entries)
+        attn.assert_close(out, attn.decode_attention_reference(q, kc, vc, *rows, soft_cap=cap, **entries))
+        per_layer = functools.partial(attn.decode_attention, q, k, v, *rows, soft_cap=cap, num_splits=splits)
+        assert_same_as_per_layer(out, entries, per_layer)
 
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("layout", ["per-layer", "g4-all"])
 @pytest.mark.parametrize("hq,hkv", [(32, 8), (6, 1), (8, 8)])
-def test_gpu_prefill_compiles_and_matches(rng, hq, hkv):
+def test_gpu_prefill_compiles_and_matches(rng, hq, hkv, layout):
     mb, seq, d, tmax = 8, 2048, 128, 300
     starts = np.array([0, 1000, 63, 1700], np.int32)
     q_lens = np.array([300, 1, 257, 300], np.int32)
     slots = pick_slots(rng, mb, 4)
     k, v = make_cache(rng, mb, seq, hkv, d, "bfloat16", slots, starts + q_lens)
+    kc, vc, entries = lay_out(layout, k, v)
     q = jnp.asarray(rng.standard_normal((4, tmax, hq, d)), jnp.bfloat16)
-    args = (q, k, v, jnp.asarray(slots), jnp.asarray(starts), jnp.asarray(q_lens))
-    attn.assert_close(attn.chunked_prefill_attention(*args), attn.chunked_prefill_attention_reference(*args))
+    rows = (jnp.asarray(slots), jnp.asarray(starts), jnp.asarray(q_lens))
+    out = attn.chunked_prefill_attention(q, kc, vc, *rows, **entries)
+    attn.assert_close(out, attn.chunked_prefill_attention_reference(q, kc, vc, *rows, **entries))
+    assert_same_as_per_layer(out, entries, lambda: attn.chunked_prefill_attention(q, k, v, *rows))
 
 
 @pytest.mark.gpu

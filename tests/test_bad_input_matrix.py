@@ -17,7 +17,9 @@ the problem, the process survives, and the token already cached in slot 0
 | 29-30 | CLI | unknown option, prompt longer than max_seq | exit code 2 with a message |
 | 31-33 | engine | empty prompt, prompt + max_tokens > max_seq, SamplingParams(top_p=0) | ValueError |
 
-33 cases; ``test_the_table_is_complete`` keeps the count honest.
+33 cases; ``test_the_table_is_complete`` keeps the count honest. The native surfaces
+(manager, ops, in jit: rows 5-21) run in both cache layouts, per-layer tensors and
+both layers interleaved in one tensor.
 """
 
 from __future__ import annotations
@@ -40,18 +42,25 @@ CFG = dict(num_layers=2, max_batch=3, max_seq=128, kv_heads=2, head_dim=16, dtyp
 
 
 @pytest.fixture
-def m():
-    with jv.KVCacheManager(jv.CacheConfig(**CFG, pool_bytes=16 * 4096)) as manager:
+def m(request):
+    # 32 tokens a page and a budget of 4 page indices in either layout: 4 tensors of 4 KiB pages per-layer,
+    # 1 tensor of 16 KiB pages (both layers' K and V per token) interleaved.
+    g = request.node.callspec.params.get("layers_per_group", 1)
+    page = 4096 * (1 if g == 1 else 2 * g)
+    tensors = 2 * CFG["num_layers"] // (1 if g == 1 else 2 * g)
+    cfg = jv.CacheConfig(**{**CFG, "page_bytes": page}, layers_per_group=g, pool_bytes=4 * tensors * page)
+    with jv.KVCacheManager(cfg) as manager:
         slot = manager.allocate(10)
         assert slot == 0
         token = jnp.full((1, 1, 2, 16), 42.0, jnp.float32)
         i32 = lambda x: jnp.array([x], jnp.int32)  # noqa: E731
         jv.write(manager, 1, token, -token, i32(0), i32(3), i32(1)).block_until_ready()
         yield manager
-        # The cached token survived whatever the row did.
-        addr = manager._native.tensor_address(1, 0) + 3 * manager.config.token_bytes
-        got = np.ctypeslib.as_array((ctypes.c_float * 32).from_address(addr))
-        np.testing.assert_array_equal(got, 42.0)
+        # The cached token survived whatever the row did: layer 1's K and V entries of token 3 of slot 0.
+        for kv, want in ((0, 42.0), (1, -42.0)):
+            addr = manager._native.entry_address(1, kv) + 3 * manager.config.token_bytes
+            got = np.ctypeslib.as_array((ctypes.c_float * 32).from_address(addr))
+            np.testing.assert_array_equal(got, want)
 
 
 def i32(*xs):
@@ -185,8 +194,13 @@ def test_the_table_is_complete():
             assert len(make()) == COUNTS[name], name
 
 
-@pytest.mark.parametrize("surface,index", [(s, i) for s, n in COUNTS.items() for i in range(n)])
-def test_bad_input(m, surface, index, tmp_path_factory):
+NATIVE = ("manager", "ops", "in_jit")
+
+
+@pytest.mark.parametrize("surface,index,layers_per_group",
+                         [(s, i, g) for s, n in COUNTS.items() for i in range(n)
+                          for g in ((1, 2) if s in NATIVE else (1,))])
+def test_bad_input(m, surface, index, layers_per_group, tmp_path_factory):
     make = SURFACES[surface]
     fn, exc, pattern = (model_cases(tmp_path_factory) if make is None else make())[index]
     with pytest.raises(exc) as info:

@@ -24,11 +24,17 @@ REF = AttentionSpec(impl="reference")
 TOKEN_BYTES = 2 * 16 * 4  # one token of one K (or V) tensor, fp32
 
 
+# Every KV memory: the vAttention cache in both layouts (default: every layer interleaved per token, 8 tokens per
+# 4 KiB page here; per-layer tensors: 32 tokens per page), and the paged (16-token blocks) and static baselines.
+KINDS = ["vattention-per-layer", *KV_CACHES]
+
+
 def pool_for(kind: str, max_batch: int = 3, max_seq: int = 64, pool_tokens: int | None = None) -> KVPool:
     """``kind``'s pool; ``pool_tokens`` bounds the budget to about that many tokens in all."""
     budget = None if pool_tokens is None else 2 * MODEL.num_layers * pool_tokens * TOKEN_BYTES
-    cfg = EngineConfig(kv_cache=kind, max_batch=max_batch, max_seq=max_seq, pool_bytes=budget,
-                       page_bytes=4096, page_size=16)  # 32 tokens per vAttention page, 16 per paged block
+    layout = dict(kv_cache="vattention", layers_per_group=1) if kind == "vattention-per-layer" else dict(kv_cache=kind)
+    cfg = EngineConfig(**layout, max_batch=max_batch, max_seq=max_seq, pool_bytes=budget, page_bytes=4096,
+                       page_size=16)
     return make_pool(MODEL, cfg, "float32")
 
 
@@ -45,7 +51,7 @@ def take(pool, tokens):
     return alloc.slot
 
 
-@pytest.mark.parametrize("kind", KV_CACHES)
+@pytest.mark.parametrize("kind", KINDS)
 def test_pool_and_cache_implement_the_protocols(kind):
     pool = pool_for(kind)
     try:
@@ -61,7 +67,7 @@ def test_pool_and_cache_implement_the_protocols(kind):
         pool.close()
 
 
-@pytest.mark.parametrize("kind", KV_CACHES)
+@pytest.mark.parametrize("kind", KINDS)
 def test_prefill_then_decode_reads_what_was_written(kind, rng):
     """Write a ragged prefill and one decode token per row, attend through the protocol, match dense attention."""
     pool = pool_for(kind)
@@ -110,7 +116,7 @@ def test_prefill_then_decode_reads_what_was_written(kind, rng):
         pool.close()
 
 
-@pytest.mark.parametrize("kind", KV_CACHES)
+@pytest.mark.parametrize("kind", KINDS)
 def test_running_out_is_a_typed_result_and_changes_nothing(kind):
     """A full pool answers with an exhausted result (no exception), and holds nothing more for it."""
     pool = pool_for(kind, max_batch=2, max_seq=128, pool_tokens=128)  # one request of 128 tokens fits
@@ -137,7 +143,7 @@ def test_running_out_is_a_typed_result_and_changes_nothing(kind):
         pool.close()
 
 
-@pytest.mark.parametrize("kind", KV_CACHES)
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_closed_pool_refuses_everything(kind):
     pool = pool_for(kind)
     slot = take(pool, 1)

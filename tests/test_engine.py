@@ -32,15 +32,20 @@ def one_at_a_time(model, ps, params):
     return outs
 
 
+# The vAttention layouts (EngineConfig.layers_per_group): the default, every layer interleaved, and per-layer.
+LAYOUTS = ["all", 1]
+
+
+@pytest.mark.parametrize("group", LAYOUTS)
 @pytest.mark.parametrize("pool_pages,budget,chunk", [(None, 64, 32), (80, 48, 16)])
-def test_continuous_batching_matches_sequential(model, pool_pages, budget, chunk):
+def test_continuous_batching_matches_sequential(model, pool_pages, budget, chunk, group):
     vocab = model.config.vocab_size
     ps = prompts(budget, 7, vocab)
     params = [SamplingParams(max_tokens=int(n)) for n in np.random.default_rng(0).integers(5, 40, size=7)]
     want = one_at_a_time(model, ps, params)
     pool = None if pool_pages is None else pool_pages * 4096
     with LLM(model, max_batch=4, max_seq=256, attn=REF, page_bytes=4096, pool_bytes=pool, token_budget=budget,
-             chunk_size=chunk) as llm:
+             chunk_size=chunk, layers_per_group=group) as llm:
         outs = llm.generate(ps, params)
         assert [o.request_id for o in outs] == sorted(o.request_id for o in outs)  # request order
         assert all(o.finish_reason == "length" and len(o.tokens) == sp.max_tokens for o, sp in zip(outs, params))
@@ -96,7 +101,7 @@ def test_overlapped_allocation_maps_the_next_decode_during_the_step(model):
     assert results[True][1] == 0  # with it, never
 
 
-@pytest.mark.parametrize("kv_cache", ["vattention", "static", "paged"])
+@pytest.mark.parametrize("kv_cache", ["vattention", "vattention-per-layer", "static", "paged"])
 def test_engine_matches_full_forward(model, kv_cache):
     """Hybrid steps (decode rows + prefill chunks in one segmented forward) on each KV pool = plain greedy:
     every token is the argmax of a cache-free fp32 forward over the same tokens (one teacher-forced batch)."""
@@ -107,7 +112,9 @@ def test_engine_matches_full_forward(model, kv_cache):
     rng = np.random.default_rng(21)
     ps = [rng.integers(0, model.config.vocab_size, size=37).tolist() for _ in range(5)]  # 3 chunks of 16
     sp = SamplingParams(max_tokens=9)
-    with LLM(model, kv_cache=kv_cache, max_batch=4, max_seq=128, attn=REF, page_bytes=4096, token_budget=40,
+    kw = dict(kv_cache="vattention", layers_per_group=1) if kv_cache == "vattention-per-layer" else dict(
+        kv_cache=kv_cache)
+    with LLM(model, **kw, max_batch=4, max_seq=128, attn=REF, page_bytes=4096, token_budget=40,
              chunk_size=16) as llm:
         outs = llm.generate(ps, sp)
         assert llm.stats.peak_batch > 1 and llm.stats.steps > 0

@@ -41,24 +41,26 @@ KW = dict(max_batch=16, max_seq=2048, token_budget=256, chunk_size=128, max_pref
           min_prefill_bucket=64)
 
 
-@pytest.mark.parametrize("kv_cache", ["vattention", "paged", "static"])
+@pytest.mark.parametrize("kv_cache", ["vattention", "vattention-per-layer", "paged", "static"])
 def test_engine_pools_generate_greedy_tokens_on_gpu(model, kv_cache):
     c = model.config
     ps = requests(1, 20, 333, c.vocab_size)  # 333 tokens: three chunks, the last one partial
     sp = SamplingParams(max_tokens=12)
     token_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 2
     budget = 12 * 2048 * token_bytes  # the static pool holds 12 of the 16 slots
-    with LLM(model, kv_cache=kv_cache, pool_bytes=budget, **KW) as llm:
+    kind = dict(kv_cache="vattention", layers_per_group=1) if kv_cache == "vattention-per-layer" else dict(
+        kv_cache=kv_cache)
+    with LLM(model, **kind, pool_bytes=budget, **KW) as llm:
         outs = llm.generate(ps, sp)
         assert all(o.finish_reason == "length" and len(o.tokens) == 12 and o.ttft_s > 0 for o in outs)
         assert llm.stats.peak_batch <= llm.pool.max_batch and llm.stats.peak_used_bytes <= budget
         if kv_cache == "static":
             assert llm.pool.max_batch == 12
-        if kv_cache == "vattention":
+        if kv_cache.startswith("vattention"):
             m = llm.manager
             assert m.stats().live_slots == 0
-            tpp = m.config.page_bytes // m.config.token_bytes  # tokens per page
-            need = 2 * c.num_layers * min(16, len(ps)) * -(-(333 + 12) // tpp) * m.config.page_bytes
+            tpp = m.tokens_per_page  # of every layer of a group in the interleaved layout
+            need = m.config.num_tensors * min(16, len(ps)) * -(-(333 + 12) // tpp) * m.config.page_bytes
             assert llm.stats.peak_used_bytes <= need  # mapped memory follows the real context
     assert_near_greedy(model, ps, outs, kv_cache)
 
@@ -70,7 +72,7 @@ def test_preemption_and_cancel_on_gpu(model):
     page = 2 << 20
     assert page // (c.num_kv_heads * c.head_dim * 2) == 2048
     per_request = 2 * c.num_layers * page  # one page per tensor at admission, two after the crossing
-    kw = dict(KW, max_seq=4096)
+    kw = dict(KW, max_seq=4096, layers_per_group=1)  # the page arithmetic above is the per-layer layout's
     with LLM(model, pool_bytes=3 * per_request, **kw) as llm:  # admits 3, then they outgrow the pool
         reqs = [llm.add_request(p, sp) for p in ps]
         victim, live_before = reqs[0], None
@@ -97,7 +99,8 @@ def small_page_model():
     return models.random_model(cfg, seed=3, dtype=jnp.bfloat16)
 
 
-def test_small_engine_crossing_pages_for_memcheck():
+@pytest.mark.parametrize("group", [1, "all"])
+def test_small_engine_crossing_pages_for_memcheck(group):
     """Small enough to finish under compute-sanitizer (``scripts/device_run.sh sanitize-engine``).
 
     Four 1000-token prompts decode 40 tokens each, so every request's second page is mapped mid-run while the
@@ -110,9 +113,9 @@ def test_small_engine_crossing_pages_for_memcheck():
     sp = SamplingParams(max_tokens=40)
     page = 2 << 20
     assert page // (c.num_kv_heads * c.head_dim * 2) == 1024
-    budget = 4 * 2 * c.num_layers * 2 * page  # 2 pages per tensor per request
-    with LLM(model, pool_bytes=budget, max_batch=4, max_seq=2048, token_budget=512, chunk_size=256,
-             max_prefill_rows=2, min_decode_bucket=4, min_prefill_bucket=64) as llm:
+    budget = 4 * 2 * c.num_layers * 2 * page  # 2 pages per per-layer tensor per request (the same bytes interleaved)
+    with LLM(model, pool_bytes=budget, layers_per_group=group, max_batch=4, max_seq=2048, token_budget=512,
+             chunk_size=256, max_prefill_rows=2, min_decode_bucket=4, min_prefill_bucket=64) as llm:
         outs = llm.generate(ps, sp)
         assert all(len(o.tokens) == 40 and o.finish_reason == "length" for o in outs)
         assert llm.stats.peak_used_bytes <= budget

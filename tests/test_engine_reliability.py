@@ -207,7 +207,7 @@ def harness(engine, baseline):
 def assert_consistent(m):
     """An idle manager: no live slot; every mapped page is deferred in a free slot; the books balance."""
     s = m.stats()
-    tensors = 2 * m.config.num_layers
+    tensors = m.config.num_tensors  # 2 per layer, or one per group of interleaved layers
     tokens_per_page = m.config.page_bytes // m.config.token_bytes
     assert s.live_slots == 0 and not any(s.slot_allocated), s
     assert s.pages_mapped == s.pages_mapped_free_slots, "pages mapped to no free slot (leaked by a live slot)"
@@ -444,15 +444,15 @@ assert any(t.name.startswith("vattn-map-ahead") for t in threading.enumerate()),
 stop, errors = threading.Event(), []
 ops = {"reads": 0, "allocates": 0, "grows": 0, "frees": 0, "trims": 0, "trimmed_pages": 0, "checked_tokens": 0}
 lock = threading.Lock()
-TOKEN = m.config.token_bytes
-FLOATS = TOKEN // 4
+TOKEN = m.config.token_bytes  # the token stride, of every layer of a group when interleaved
+FLOATS = m._native.entry_bytes // 4  # one layer's K (or V) of a token
 
 def count(k, n=1):
     with lock:
         ops[k] += n
 
 def token_addr(slot, layer, kv, pos):
-    return m._native.tensor_address(layer, kv) + slot * m._native.slot_bytes + pos * TOKEN
+    return m._native.entry_address(layer, kv) + slot * m._native.slot_bytes + pos * TOKEN
 
 def fill(slot, start, end, mark):
     for layer in range(m.config.num_layers):

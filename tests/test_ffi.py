@@ -5,6 +5,11 @@ tensor addresses). The no-copy guarantee is shown two ways: jit steps run on a
 cache whose slots are mostly PROT_NONE (``unbacked_reads="fault"``, in a
 subprocess, so a segfault is a test failure; the controls show a full read does
 fault), and the compiled HLO holds no copy as large as a cache tensor.
+
+Tests that take the ``layout`` fixture (or ``manager``) run in both layouts:
+per-layer tensors and every layer interleaved in one tensor
+(``layers_per_group = num_layers``). ``make_config`` scales the page with the
+entries per token, so a page holds 32 tokens in both.
 """
 
 from __future__ import annotations
@@ -30,16 +35,30 @@ from jax_vattention.hlo import assert_no_cache_copy, cache_sized_copies, copied_
 
 PAGE = 4096
 L, MB, S, H, D = 3, 4, 128, 2, 16  # default cache: 3 layers x [4, 128, 2, 16]
+_LAYOUT = {"interleaved": False}  # the running test's layout (set by the `layout` fixture)
+
+
+@pytest.fixture(params=["per-layer", "interleaved"])
+def layout(request):
+    _LAYOUT["interleaved"] = request.param == "interleaved"
+    yield request.param
+    _LAYOUT["interleaved"] = False
 
 
 def make_config(**overrides) -> jv.CacheConfig:
-    kw = dict(num_layers=L, max_batch=MB, max_seq=S, kv_heads=H, head_dim=D, dtype="float32", page_bytes=PAGE)
+    """The cache in the running test's layout; every layer in one group when interleaved. A page is 4 KiB per
+    entry of a token: 32 tokens of [2, 16] float32 in either layout."""
+    layers = overrides.get("num_layers", L)
+    g = layers if _LAYOUT["interleaved"] else 1
+    entries = 1 if g == 1 else 2 * g
+    kw = dict(num_layers=layers, max_batch=MB, max_seq=S, kv_heads=H, head_dim=D, dtype="float32",
+              page_bytes=PAGE * entries, layers_per_group=g)
     kw.update(overrides)
     return jv.CacheConfig(**kw)
 
 
 @pytest.fixture
-def manager():
+def manager(layout):
     with jv.KVCacheManager(make_config()) as m:
         yield m
 
@@ -52,15 +71,42 @@ def pages_for(cfg: jv.CacheConfig, tokens: int) -> int:
     return math.ceil(tokens * cfg.token_bytes / cfg.page_bytes)
 
 
+def tensors_of(cfg: jv.CacheConfig) -> int:
+    """Reserved tensors, derived here: 2 per layer, or one per group of interleaved layers."""
+    g = cfg.layers_per_group
+    return 2 * cfg.num_layers if g == 1 else cfg.num_layers // g
+
+
 # -- raw memory access (independent of jax) ------------------------------------
 
 
 def read_raw(m, layer: int, kv: int, slot: int, start: int, count: int) -> np.ndarray:
-    """Tokens [start, start+count) of one slot, copied out through ctypes. -> [count, Hkv, D]"""
+    """Tokens [start, start+count) of one slot of layer ``layer``'s K (kv=0) or V, copied out through ctypes.
+
+    The entry offset is derived here: flat entry 2*layer + kv of a token of E entries (E = 2g interleaved, 1
+    per-layer) is in tensor (2*layer + kv) // E at entry (2*layer + kv) % E. -> [count, Hkv, D]
+    """
     cfg = m.config
-    addr = m._native.tensor_address(layer, kv) + slot * m._native.slot_bytes + start * cfg.token_bytes
-    buf = (ctypes.c_uint8 * (count * cfg.token_bytes)).from_address(addr)
-    return np.frombuffer(bytes(buf), dtype=cfg.jnp_dtype).reshape(count, cfg.kv_heads, cfg.head_dim)
+    entry = cfg.kv_heads * cfg.head_dim * cfg.itemsize
+    E = 1 if cfg.layers_per_group == 1 else 2 * cfg.layers_per_group
+    tensor, index = divmod(2 * layer + kv, E)
+    addr = m._native.tensor_address(tensor) + slot * m._native.slot_bytes + start * cfg.token_bytes + index * entry
+    if count == 0:
+        return np.zeros((0, cfg.kv_heads, cfg.head_dim), cfg.jnp_dtype)
+    buf = bytes((ctypes.c_uint8 * ((count - 1) * cfg.token_bytes + entry)).from_address(addr))
+    rows = [buf[i * cfg.token_bytes: i * cfg.token_bytes + entry] for i in range(count)]
+    return np.frombuffer(b"".join(rows), dtype=cfg.jnp_dtype).reshape(count, cfg.kv_heads, cfg.head_dim)
+
+
+def layer_token(cache, layer: int, kv: int, slot, pos) -> jax.Array:
+    """In jit: token ``pos`` of ``slot`` in layer ``layer``'s K (kv=0) or V, read through the cache's views with a
+    dynamic_slice (only that token's bytes). -> [Hkv, D]"""
+    cfg = cache.manager.config
+    tensor, entry = cfg.locate(layer)[kv]
+    view, h, d = cache.tensors[tensor], cfg.kv_heads, cfg.head_dim
+    if cfg.interleaved:  # [MB, S, g, 2, Hkv, D]
+        return lax.dynamic_slice(view, (slot, pos, entry // 2, entry % 2, 0, 0), (1, 1, 1, 1, h, d)).reshape(h, d)
+    return lax.dynamic_slice(view, (slot, pos, 0, 0), (1, 1, h, d)).reshape(h, d)  # [MB, S, Hkv, D]
 
 
 def snapshot(m, slots_tokens: dict[int, int]) -> dict:
@@ -133,7 +179,7 @@ def test_grow_and_write_land_at_the_manager_addresses(manager):
     s = manager.stats()
     expected_pages = {2: 1, 0: 2, 3: 1, 1: 0}
     assert s.slot_capacity == tuple(32 * expected_pages[i] for i in range(4))
-    assert s.pages_mapped == sum(expected_pages.values()) * 2 * L
+    assert s.pages_mapped == sum(expected_pages.values()) * tensors_of(manager.config)
     for layer in range(L):
         for kv, src in ((0, k), (1, v)):
             for b, slot in enumerate(slots):
@@ -146,7 +192,31 @@ def test_grow_and_write_land_at_the_manager_addresses(manager):
                 after = read_raw(manager, layer, kv, slot, starts[b] + counts[b], 5)
                 assert not before.any() and not after.any()
     # The jax views see the same bytes.
-    np.testing.assert_array_equal(np.asarray(manager.v[2][0, 35:38]), v[2, :3] * 3)
+    cache = manager.cache([0], [38])
+    got = jax.jit(lambda c: jnp.stack([layer_token(c, 2, 1, c.slots[0], 35 + i) for i in range(3)]))(cache)
+    np.testing.assert_array_equal(np.asarray(got), v[2, :3] * 3)
+
+
+def test_an_interleaved_write_lands_between_its_neighbours():
+    """With every layer in one tensor, a write of layer 1 stores its K and V at entries 2 and 3 of each token
+    (E = 6 entries of [Hkv, D]), and every other byte of the tokens, and the tokens around them, stays zero."""
+    cfg = make_config(layers_per_group=L, page_bytes=PAGE * 2 * L)
+    E, entry = 2 * L, H * D * 4
+    assert (cfg.layers_per_group, cfg.token_bytes, cfg.page_bytes // cfg.token_bytes) == (L, E * entry, 32)
+    with jv.KVCacheManager(cfg) as m:
+        m.allocate()
+        slot = m.allocate(40)
+        k, v = pattern((1, 4, H, D), 21, np.float32), pattern((1, 4, H, D), 22, np.float32)  # [B, T, Hkv, D]
+        out = ops.write(m, 1, k, v, i32([slot]), i32([30]), i32([4]))  # tokens 30..33: across the page boundary
+        np.testing.assert_array_equal(out, [34])
+        base = m._native.tensor_address(0) + slot * m._native.slot_bytes
+        raw = bytes((ctypes.c_uint8 * (40 * cfg.token_bytes)).from_address(base))  # [40 tokens, E entries, Hkv, D]
+        tokens = np.frombuffer(raw, np.float32).reshape(40, E, H, D)
+        np.testing.assert_array_equal(tokens[30:34, 2], k[0])  # layer 1 K: entry 2*1 + 0
+        np.testing.assert_array_equal(tokens[30:34, 3], v[0])  # layer 1 V: entry 2*1 + 1
+        assert not tokens[30:34, [0, 1, 4, 5]].any()  # layers 0 and 2 of the same tokens
+        assert not tokens[:30].any() and not tokens[34:].any()  # the tokens around them
+        assert not read_raw(m, 0, 0, 0, 0, 32).any()  # the neighbouring slot
 
 
 def decode_value(step, row, layer, kv, dtype):
@@ -159,7 +229,7 @@ def decode_value(step, row, layer, kv, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fori_loop_decode_writes_every_step(dtype):
+def test_fori_loop_decode_writes_every_step(layout, dtype):
     cfg = make_config(dtype=dtype)
     steps = 20
     with jv.KVCacheManager(cfg) as m:
@@ -182,8 +252,8 @@ def test_fori_loop_decode_writes_every_step(dtype):
                 v = jnp.stack([decode_value(i, b, layer, 1, cfg.jnp_dtype) for b in range(3)])[:, None]
                 lens, cache = cache.write(layer, k, v)
                 # Read back the token just written, indexed by the lengths write returned.
-                got = [lax.dynamic_slice(view, (jnp.maximum(cache.slots[b], 0), lens[b] - 1, 0, 0), (1, 1, H, D))[0, 0]
-                       for view in (cache.k[layer], cache.v[layer]) for b in (0, 2)]
+                got = [layer_token(cache, layer, kv, jnp.maximum(cache.slots[b], 0), lens[b] - 1)
+                       for kv in (0, 1) for b in (0, 2)]
                 rows.append(jnp.stack(got))  # [2 * 2, Hkv, D]
             return cache, reads.at[i].set(jnp.stack(rows))
 
@@ -211,8 +281,9 @@ def test_fori_loop_decode_writes_every_step(dtype):
         s = m.stats()
         pages = {3: pages_for(cfg, 25), 0: pages_for(cfg, 75), 1: pages_for(cfg, 40), 2: 0}
         assert pages[0] > pages_for(cfg, 55)  # the loop crossed a page boundary in slot 0
-        assert s.slot_capacity == tuple(min(m.max_seq, pages[i] * PAGE // cfg.token_bytes) for i in range(MB))
-        assert s.pages_mapped == sum(pages.values()) * 2 * L
+        assert s.slot_capacity == tuple(min(m.max_seq, pages[i] * cfg.page_bytes // cfg.token_bytes)
+                                        for i in range(MB))
+        assert s.pages_mapped == sum(pages.values()) * tensors_of(cfg)
 
 
 def test_chunked_writes_with_partial_counts(manager):
@@ -234,7 +305,7 @@ def test_chunked_writes_with_partial_counts(manager):
     assert not read_raw(manager, 0, 0, a, 0, 12).any()  # layer 0 untouched
 
 
-def test_writes_at_the_edges_of_the_reservation_and_across_pages():
+def test_writes_at_the_edges_of_the_reservation_and_across_pages(layout):
     # 192 B tokens (kv_heads=3): token 21 straddles the first page boundary; the
     # last token of the last slot ends exactly at the end of the reservation.
     cfg = make_config(kv_heads=3, max_seq=128)
@@ -253,14 +324,17 @@ def test_writes_at_the_edges_of_the_reservation_and_across_pages():
         assert m.capacity(0) == 42 and m.capacity(last) == m.max_seq
         assert_bytes_equal(read_raw(m, L - 1, 0, 0, 21, 1), k[0])
         assert_bytes_equal(read_raw(m, L - 1, 1, last, m.max_seq - 1, 1), k[1] + 1)
-        end = m._native.tensor_address(L - 1, 1) + MB * m._native.slot_bytes
+        # The last layer's V is the last entry of a token (of the last tensor), in either layout.
+        end = m._native.tensor_address(tensors_of(cfg) - 1) + MB * m._native.slot_bytes
         assert token_end(m, L - 1, 1, last, m.max_seq - 1) == end
         with pytest.raises(jax.errors.JaxRuntimeError, match="not backed"):
             jax.block_until_ready(step(i32([last]), i32([m.max_seq]), i32([m.max_seq]), k[:1]))
 
 
 def token_end(m, layer, kv, slot, pos) -> int:
-    return m._native.tensor_address(layer, kv) + slot * m._native.slot_bytes + (pos + 1) * m.config.token_bytes
+    """One past the last byte of token ``pos`` of a slot in layer ``layer``'s K (kv=0) or V."""
+    native = m._native
+    return native.entry_address(layer, kv) + slot * native.slot_bytes + pos * native.token_bytes + native.entry_bytes
 
 
 def test_duplicate_rows_and_finished_rows(manager):
@@ -284,7 +358,7 @@ def test_duplicate_rows_and_finished_rows(manager):
     assert not read_raw(manager, 0, 0, b, 7, 25).any()  # the finished row wrote nothing
 
 
-def test_two_managers_in_one_jit_write_to_their_own_memory():
+def test_two_managers_in_one_jit_write_to_their_own_memory(layout):
     with jv.KVCacheManager(make_config()) as m1, jv.KVCacheManager(make_config(num_layers=1)) as m2:
         m2.allocate()
         s1, s2 = m1.allocate(), m2.allocate()  # slot 0 of m1, slot 1 of m2
@@ -301,7 +375,7 @@ def test_two_managers_in_one_jit_write_to_their_own_memory():
         both(k)
         assert_bytes_equal(read_raw(m1, 2, 0, s1, 0, 1), k[0])
         assert_bytes_equal(read_raw(m2, 0, 1, s2, 0, 1), -k[0])
-        assert m1.stats().pages_mapped == 2 * L and m2.stats().pages_mapped == 2
+        assert m1.stats().pages_mapped == tensors_of(m1.config) and m2.stats().pages_mapped == 2
         assert m2.capacity(0) == 0
 
 
@@ -314,23 +388,34 @@ SPARSE_SCRIPT = textwrap.dedent(
     from jax import lax
     import jax_vattention as jv
 
-    # 2 layers x [4, 8192, 2, 16] f32: 1 MiB (256 pages) per slot; only page 0 of slots 0 and 2 gets mapped.
+    # 2 layers x [4, 8192, 2, 16] f32, per-layer (4 tensors, 512 KiB = 128 pages of 32 tokens per slot) or
+    # interleaved (1 tensor [4, 8192, 2, 2, 2, 16], 4 KiB per entry of a token: also 32 tokens a page): only
+    # page 0 of slots 0 and 2 gets mapped, the rest of each slot is an unbacked tail.
     # Strict mode: an unbacked read faults instead of reading zeros, so a copy or overread kills the process.
+    g = int(sys.argv[2])
     cfg = jv.CacheConfig(num_layers=2, max_batch=4, max_seq=8192, kv_heads=2, head_dim=16, dtype="float32",
-                         page_bytes=4096, unbacked_reads="fault")
+                         page_bytes=4096 * (1 if g == 1 else 2 * g), layers_per_group=g, unbacked_reads="fault")
     m = jv.KVCacheManager(cfg)
     assert m.unbacked_reads == "fault", m.unbacked_reads
+    assert len(m.tensors) == (4 if g == 1 else 1) and m.tokens_per_page == 32
     a, _, b = m.allocate(), m.allocate(), m.allocate()
     cache = m.cache([b, -1, a], [3, 0, 10])  # [B=3]
     kv = jnp.arange(3 * 2 * 16, dtype=jnp.float32).reshape(3, 1, 2, 16)  # [B, 1, Hkv, D]
+
+    def token(cache, layer, which, slot, pos):  # [1, 1, Hkv, D]: one token of a layer's K (which=0) or V
+        tensor, entry = cfg.locate(layer)[which]
+        view = cache.tensors[tensor]
+        if cfg.interleaved:  # [MB, S, g, 2, Hkv, D]
+            return lax.dynamic_slice(view, (slot, pos, entry // 2, entry % 2, 0, 0), (1, 1, 1, 1, 2, 16))[:, :, 0, 0]
+        return lax.dynamic_slice(view, (slot, pos, 0, 0), (1, 1, 2, 16))
 
     def step(cache, kv):
         cache = cache.grow(cache.lengths + 1)
         got = []
         for layer in range(2):
             lens, cache = cache.write(layer, kv + layer, -kv - layer)
-            got.append(lax.dynamic_slice(cache.k[layer], (cache.slots[2], lens[2] - 1, 0, 0), (1, 1, 2, 16)))
-            got.append(lax.dynamic_slice(cache.v[layer], (cache.slots[0], lens[0] - 1, 0, 0), (1, 1, 2, 16)))
+            got.append(token(cache, layer, 0, cache.slots[2], lens[2] - 1))
+            got.append(token(cache, layer, 1, cache.slots[0], lens[0] - 1))
         return cache, jnp.concatenate(got)  # [4, 1, Hkv, D]
 
     def expected(scale):  # what step() reads back: K of row 2 and V of row 0, for layers 0 and 1
@@ -365,9 +450,9 @@ SPARSE_SCRIPT = textwrap.dedent(
                                np.asarray(kv[2:3]) * 210 + 20, np.asarray(-kv[0:1]) * 210 - 20])
         np.testing.assert_allclose(total, want, rtol=0, atol=0)
     elif mode == "full_read":  # control: reading the whole view touches PROT_NONE pages
-        np.array(m.k[0], copy=True)
+        np.array(m.tensors[0], copy=True)
     elif mode == "return_view":  # control: a jit that returns a view copies it
-        jax.jit(lambda c: c.k[0])(cache).block_until_ready()
+        jax.jit(lambda c: c.tensors[0])(cache).block_until_ready()
     else:
         raise SystemExit("unknown mode " + mode)
     assert m.stats().slot_capacity == (32, 0, 32, 0), m.stats().slot_capacity  # still one page per slot
@@ -376,24 +461,25 @@ SPARSE_SCRIPT = textwrap.dedent(
 )
 
 
-def run_sparse(mode: str) -> subprocess.CompletedProcess:
+def run_sparse(mode: str, layout: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-c", SPARSE_SCRIPT, mode], capture_output=True, text=True, env=env,
+    g = "2" if layout == "interleaved" else "1"
+    return subprocess.run([sys.executable, "-c", SPARSE_SCRIPT, mode, g], capture_output=True, text=True, env=env,
                           timeout=120)
 
 
 @pytest.mark.parametrize("mode", ["step", "loop"])
-def test_jit_on_a_sparse_cache_never_touches_unmapped_pages(mode):
-    proc = run_sparse(mode)
+def test_jit_on_a_sparse_cache_never_touches_unmapped_pages(layout, mode):
+    proc = run_sparse(mode, layout)
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     assert f"OK {mode}" in proc.stdout
 
 
 @pytest.mark.parametrize("mode", ["full_read", "return_view"])
-def test_sparse_cache_detector_catches_a_full_read(mode):
+def test_sparse_cache_detector_catches_a_full_read(layout, mode):
     # The same cache segfaults as soon as anything reads past the mapped pages,
     # so the runs above finishing is proof that nothing did.
-    proc = run_sparse(mode)
+    proc = run_sparse(mode, layout)
     assert proc.returncode == -signal.SIGSEGV, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     assert "OK" not in proc.stdout
 
@@ -430,7 +516,7 @@ CLOSE_SCRIPT = textwrap.dedent(
         @jax.jit
         def work(cache):  # reads the whole slot 2000 times: still running when close() is called
             def body(i, acc):
-                return acc + jnp.sum(lax.dynamic_slice(cache.k[0], (cache.slots[0], 0, 0, 0), (1, S, H, D)))
+                return acc + jnp.sum(lax.dynamic_slice(cache.tensors[0], (cache.slots[0], 0, 0, 0), (1, S, H, D)))
             return lax.fori_loop(0, 2000, body, 0.0)
 
         jax.block_until_ready(work(cache))
@@ -505,9 +591,8 @@ def model_step(cache, x):
     reads = []
     for layer in range(L):
         lens, cache = cache.write(layer, x + layer, x - layer)  # x: [B, 1, Hkv, D]
-        start = (jnp.maximum(cache.slots[0], 0), lens[0] - 1, 0, 0)
-        reads.append(lax.dynamic_slice(cache.k[layer], start, (1, 1, H, D)))
-    return cache, jnp.concatenate(reads)
+        reads.append(layer_token(cache, layer, 0, jnp.maximum(cache.slots[0], 0), lens[0] - 1)[None, None])
+    return cache, jnp.concatenate(reads)  # [L, 1, Hkv, D]
 
 
 def test_compiled_step_and_loop_have_no_cache_sized_copy(manager):
@@ -543,16 +628,16 @@ def test_hlo_checker_flags_copying_variants(manager):
     tensor_elements = MB * S * H * D
 
     def returns_view(cache):
-        return cache.k[1]
+        return cache.tensors[-1]
 
     def returns_whole_cache(cache):
         return cache
 
-    def updates_a_view(cache, x):
-        return cache.v[0].at[a, 0].set(x).sum()
+    def updates_a_view(cache, x):  # x [Hkv, D] broadcasts over an interleaved token's [g, 2] entries
+        return cache.tensors[0].at[a, 0].set(x).sum()
 
     def loop_updates_a_view(cache, x):
-        return lax.fori_loop(0, 3, lambda i, kv: kv.at[a, i].set(x), cache.k[0])[a, :3]
+        return lax.fori_loop(0, 3, lambda i, kv: kv.at[a, i].set(x), cache.tensors[0])[a, :3]
 
     x = jnp.ones((H, D), jnp.float32)
     bad = [compiled_hlo(returns_view, cache), compiled_hlo(returns_whole_cache, cache),
@@ -561,7 +646,7 @@ def test_hlo_checker_flags_copying_variants(manager):
         with pytest.raises(jv.VAttentionError, match="cache-sized"):
             assert_no_cache_copy(hlo, manager)
     assert len(big_copies(compiled_hlo(returns_view, cache), tensor_elements)) >= 1
-    assert len(big_copies(compiled_hlo(returns_whole_cache, cache), tensor_elements)) >= 2 * L
+    assert len(big_copies(compiled_hlo(returns_whole_cache, cache), tensor_elements)) >= tensors_of(manager.config)
     assert len(big_copies(compiled_hlo(updates_a_view, cache, x), tensor_elements)) >= 1
     assert len(big_copies(compiled_hlo(loop_updates_a_view, cache, x), tensor_elements)) >= 1
 
@@ -684,14 +769,16 @@ def test_errors_inside_jit_keep_data_and_manager_usable(populated, slots, length
     assert_prefill_intact(m, written)
 
 
-def test_pool_exhausted_inside_jit():
-    with jv.KVCacheManager(make_config(pool_bytes=3 * 2 * L * PAGE)) as m:  # 3 page indices
+def test_pool_exhausted_inside_jit(layout):
+    T = tensors_of(make_config())
+    with jv.KVCacheManager(make_config(pool_bytes=3 * T * make_config().page_bytes)) as m:  # 3 page indices
         a, b = m.allocate(), m.allocate()
         written = prefill(m, [a], [40], seed=2)  # 2 page indices
         before = m.stats()
         f = _grow_write(m)
         k = one_token(2)
-        with pytest.raises(jax.errors.JaxRuntimeError, match=r"PoolExhaustedError.*needs 12 pages but only 6 are free"):
+        needs = rf"PoolExhaustedError.*needs {2 * T} pages but only {T} are free"
+        with pytest.raises(jax.errors.JaxRuntimeError, match=needs):
             jax.block_until_ready(f(i32([a, b]), i32([41, 64]), i32([40, 0]), i32([1, 1]), k))
         assert m.stats() == before
         assert_prefill_intact(m, written)
@@ -753,7 +840,7 @@ def test_jit_compiled_before_close_fails_cleanly_after():
     def step_reading(cache, x):
         cache = cache.grow(cache.lengths + 1)
         lens, cache = cache.write(0, x, x)
-        return lax.dynamic_slice(cache.k[0], (cache.slots[0], lens[0] - 1, 0, 0), (1, 1, H, D))
+        return layer_token(cache, 0, 0, cache.slots[0], lens[0] - 1)
 
     f(i32([slot]), i32([1]), i32([0]), i32([1]), k)
     step(cache, k)

@@ -3,7 +3,8 @@
 Device memory is read back with cuda-python (cuMemcpyDtoH) and physical usage
 with cuMemGetInfo, so neither check trusts the code under test. Every case
 that could fault runs in a subprocess: an illegal address would otherwise kill
-the CUDA context for the rest of the suite.
+the CUDA context for the rest of the suite. Tests taking ``layout`` run on
+per-layer tensors and on every layer interleaved in one tensor.
 """
 
 import os
@@ -54,12 +55,23 @@ def free_device_bytes() -> int:
 
 
 def token_bytes_at(m, layer, kv, slot, pos, count=1) -> np.ndarray:
-    addr = m._native.tensor_address(layer, kv) + int(slot) * m._native.slot_bytes + int(pos) * m.config.token_bytes
-    return read_device(addr, count * m.config.token_bytes)
+    """Layer ``layer``'s K (kv=0) or V of tokens [pos, pos+count) of a slot, read from its entries (token_bytes
+    apart, entry_bytes each)."""
+    native = m._native
+    addr = native.entry_address(layer, kv) + int(slot) * native.slot_bytes + int(pos) * native.token_bytes
+    return np.concatenate([read_device(addr + i * native.token_bytes, native.entry_bytes) for i in range(count)])
 
 
-def small_config(**kw):
-    base = dict(num_layers=2, max_batch=4, max_seq=4096, kv_heads=2, head_dim=128, dtype="bfloat16")
+@pytest.fixture(params=["per-layer", "interleaved"])
+def layout(request):
+    return request.param
+
+
+def small_config(layout="per-layer", **kw):
+    # 2 layers of [2, 128] bf16 entries (512 B): per-layer 4096 tokens a 2 MiB page, interleaved (both layers'
+    # K and V in one tensor) 1024.
+    base = dict(num_layers=2, max_batch=4, max_seq=4096, kv_heads=2, head_dim=128, dtype="bfloat16",
+                layers_per_group=2 if layout == "interleaved" else 1)
     base.update(kw)
     return jv.CacheConfig(**base)
 
@@ -71,7 +83,7 @@ def decode_loop(steps):
         def body(i, state):
             c = cache.with_state(state).grow(state.lengths + 1)
             val = (kv0 + i.astype(kv0.dtype)).astype(kv0.dtype)
-            for layer in range(len(c.k)):
+            for layer in range(c.manager.config.num_layers):
                 c.write(layer, val, -val)
             return c.state
 
@@ -80,20 +92,28 @@ def decode_loop(steps):
     return jax.jit(run)
 
 
-def test_views_are_zero_copy_on_gpu():
-    with jv.KVCacheManager(small_config()) as m:
+def test_views_are_zero_copy_on_gpu(layout):
+    with jv.KVCacheManager(small_config(layout)) as m:
         assert m.backend == "cuda"
+        assert len(m.tensors) == m.config.num_tensors
+        for t, view in enumerate(m.tensors):
+            assert view.unsafe_buffer_pointer() == m._native.tensor_address(t)
+            assert view.shape == m.config.tensor_shape(m.max_seq)
+            assert view.devices() == {jax.devices("gpu")[0]}
         for layer in range(2):
-            assert m.k[layer].unsafe_buffer_pointer() == m._native.tensor_address(layer, 0)
-            assert m.v[layer].unsafe_buffer_pointer() == m._native.tensor_address(layer, 1)
-            assert m.k[layer].devices() == {jax.devices("gpu")[0]}
+            for kv in (0, 1):
+                tensor, entry = m.config.locate(layer)[kv]
+                assert m._native.entry_address(layer, kv) == (m._native.tensor_address(tensor)
+                                                              + entry * m._native.entry_bytes)
+        if layout == "per-layer":
+            assert m.k[1] is m.tensors[2] and m.v[1] is m.tensors[3]
 
 
-def test_grow_and_write_in_fori_loop_land_in_vmm_memory():
+def test_grow_and_write_in_fori_loop_land_in_vmm_memory(layout):
     rng = np.random.default_rng()
-    with jv.KVCacheManager(small_config()) as m:
+    with jv.KVCacheManager(small_config(layout)) as m:
         slots = [m.allocate(), m.allocate(), m.allocate()]
-        starts = np.array([0, 1000, 1023], np.int32)  # ragged, one at a page boundary - 1
+        starts = np.array([0, 1000, 1023], np.int32)  # ragged; 1023: one before an interleaved page boundary
         for s, n in zip(slots, starts):
             m.grow(s, int(n))
         rows = np.array([slots[2], -1, slots[0]], np.int32)  # non-adjacent + a padding row
@@ -116,14 +136,14 @@ def test_grow_and_write_in_fori_loop_land_in_vmm_memory():
         assert m.capacity(slots[2]) >= starts[2] + 20
 
 
-def test_compiled_gpu_loop_has_no_cache_sized_copy():
-    with jv.KVCacheManager(small_config()) as m:
+def test_compiled_gpu_loop_has_no_cache_sized_copy(layout):
+    with jv.KVCacheManager(small_config(layout)) as m:
         s = m.allocate()
         cache = m.cache([s], [0])
         kv0 = jnp.ones((1, 1, 2, 128), jnp.bfloat16)
         hlo = decode_loop(4).lower(cache, kv0).compile().as_text()
         assert "vattn_write" in hlo and "vattn_grow" in hlo
-        assert cache_sized_copies(hlo, m.k[0].size) == []
+        assert cache_sized_copies(hlo, 4 * m.max_seq * 2 * 128) == []  # one layer's K: [MB, S, Hkv, D]
 
 
 def test_physical_memory_moves_by_mapped_bytes():
@@ -142,6 +162,29 @@ def test_physical_memory_moves_by_mapped_bytes():
         assert abs(free_device_bytes() - before) <= 4 * MIB
 
 
+def test_device_memory_moves_by_exactly_the_mapped_pages_at_16_tokens_a_page():
+    """Llama-3-8B's cache shape with every layer in one group: a token of all 32 layers' K and V is 128 KiB, a
+    2 MiB page holds 16 tokens, and cuMemGetInfo moves by exactly one page per 16 tokens a slot grows by."""
+    cfg = jv.CacheConfig(num_layers=32, max_batch=4, max_seq=4096, kv_heads=8, head_dim=128, dtype="bfloat16",
+                         layers_per_group=32)
+    assert (cfg.num_tensors, cfg.token_bytes, cfg.tokens_per_page) == (1, 128 * 1024, 16)
+    with jv.KVCacheManager(cfg) as m:
+        assert m.min_request_bytes == 2 * MIB  # per-layer tensors: 64 pages, 128 MiB
+        s = m.allocate()
+
+        def free_now() -> int:
+            return m.device_mem_info()[0]  # cuMemGetInfo through the manager's backend (grow maps synchronously)
+
+        before = free_now()
+        for tokens, pages in ((1, 1), (16, 1), (17, 2), (160, 10), (161, 11), (1000, 63)):
+            m.grow(s, tokens)
+            assert m.capacity(s) == 16 * pages and m.stats().pages_mapped == pages
+            assert before - free_now() == pages * 2 * MIB, (tokens, pages, before - free_now())
+        m.free(s)
+        assert m.trim(release_physical=True) == 63
+        assert free_now() == before
+
+
 def _run_isolated(code: str):
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     return subprocess.run(
@@ -158,9 +201,11 @@ SPARSE_STEP = """
     import jax, jax.numpy as jnp, numpy as np
     from jax import lax
     import jax_vattention as jv
+    g = {layers_per_group}
     cfg = jv.CacheConfig(num_layers=2, max_batch=8, max_seq=32768, kv_heads=8, head_dim=128, dtype="bfloat16",
+                         layers_per_group=g,
                          unbacked_reads="fault")   # strict: an unbacked read is an illegal address, not zeros
-    m = jv.KVCacheManager(cfg)          # 2 x 2 x 512 MiB reserved, nothing mapped
+    m = jv.KVCacheManager(cfg)          # 2 GiB reserved (4 tensors of 512 MiB, or 1 of 2 GiB), nothing mapped
     assert m.unbacked_reads == "fault"
     slots = np.array([m.allocate(), m.allocate()], np.int32)
 
@@ -170,7 +215,11 @@ SPARSE_STEP = """
             c = cache.with_state(state).grow(state.lengths + 1)
             lens, c = c.write(0, kv, kv)
             c.write(1, kv, kv)
-            got = lax.dynamic_slice(c.k[0], (c.slots[0], lens[0] - 1, 0, 0), (1, 1, 8, 128))
+            if g == 1:   # layer 0's K: tensor 0, [MB, S, Hkv, D]
+                got = lax.dynamic_slice(c.tensors[0], (c.slots[0], lens[0] - 1, 0, 0), (1, 1, 8, 128))
+            else:        # entry (0, 0) of the interleaved [MB, S, g, 2, Hkv, D]
+                got = lax.dynamic_slice(c.tensors[0], (c.slots[0], lens[0] - 1, 0, 0, 0, 0),
+                                        (1, 1, 1, 1, 8, 128))[:, :, 0, 0]
             return c.state, got
         return lax.scan(lambda s, i: body(i, s), cache.state, jnp.arange(1500))
 
@@ -182,23 +231,26 @@ SPARSE_STEP = """
     assert np.asarray(state.lengths).tolist() == [1500, 2200], state.lengths
     assert np.all(np.asarray(got, np.float32) == 3.0)
     st = m.stats()
-    assert st.mapped_bytes == 4 * (2 + 3) * (2 << 20), st   # 4 tensors x (2 + 3) pages of 1024 tokens
+    tpp = m.tokens_per_page                      # 1024 per-layer, 256 interleaved (8 KiB tokens)
+    pages = -(-1500 // tpp) + -(-2200 // tpp)
+    assert st.mapped_bytes == len(m.tensors) * pages * (2 << 20), st
     print("MAPPED", st.mapped_bytes, "RESERVED", st.reserved_bytes)
     print(float(jnp.sum(jnp.ones(1000))))   # the context is still healthy
     {control}
 """
 
 
-def test_sparse_mapping_never_faults():
-    proc = _run_isolated(SPARSE_STEP.format(control=""))
+def test_sparse_mapping_never_faults(layout):
+    proc = _run_isolated(SPARSE_STEP.format(control="", layers_per_group=2 if layout == "interleaved" else 1))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1000.0" in proc.stdout
 
 
-def test_sparse_mapping_detector_sees_a_full_read():
+def test_sparse_mapping_detector_sees_a_full_read(layout):
     # Control: reading the whole view must touch unmapped pages and fail, so the
     # test above passing means no path read past the mapped pages.
-    proc = _run_isolated(SPARSE_STEP.format(control="print(float(jnp.sum(m.k[0].astype(jnp.float32))))"))
+    control = "print(float(jnp.sum(m.tensors[0].astype(jnp.float32))))"
+    proc = _run_isolated(SPARSE_STEP.format(control=control, layers_per_group=2 if layout == "interleaved" else 1))
     assert proc.returncode != 0
     assert "ILLEGAL_ADDRESS" in proc.stderr.upper() or "illegal" in proc.stderr.lower(), proc.stderr[-3000:]
 
@@ -258,8 +310,8 @@ def test_zeros_mode_reads_unbacked_memory_as_zeros():
     assert "1000.0" in proc.stdout
 
 
-def test_write_past_capacity_is_refused_on_device_and_reported():
-    with jv.KVCacheManager(small_config()) as m:
+def test_write_past_capacity_is_refused_on_device_and_reported(layout):
+    with jv.KVCacheManager(small_config(layout)) as m:
         a, b = m.allocate(), m.allocate()
         m.grow(a, 10)
         m.grow(b, 10)

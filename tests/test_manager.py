@@ -3,6 +3,12 @@
 Everything here is checked against expectations derived independently of the
 library: page counts from token lengths, memory contents through ctypes over
 the raw tensor addresses, and mapping state from /proc/self/maps.
+
+Every test runs in both layouts (the autouse ``layers_per_group`` fixture):
+per-layer tensors (4 tensors of [4, 128, 2, 16]) and both layers interleaved in
+one tensor ([4, 128, 2, 2, 2, 16]). ``make_config`` scales the page with the
+entries per token, so a page holds 32 tokens in both: page counts per tensor are
+the same, only the number of tensors differs.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax_vattention as jv
-from jax_vattention import ops
+from jax_vattention import _core, ops
 from jax_vattention.errors import (
     BackendError,
     CacheClosedError,
@@ -30,11 +36,23 @@ from jax_vattention.errors import (
 )
 
 PAGE = 4096  # host mapping granularity
+_LAYOUT = {"g": 1}  # layers_per_group of the running test (set by the autouse fixture)
+
+
+@pytest.fixture(autouse=True, params=[1, 2], ids=["per-layer", "interleaved"])
+def layers_per_group(request):
+    _LAYOUT["g"] = request.param
+    yield request.param
+    _LAYOUT["g"] = 1
 
 
 def make_config(**overrides) -> jv.CacheConfig:
-    # 2 layers x [4, 128, 2, 16] float32: 128 B per token, 32 tokens per page, 4 pages per slot.
-    kw = dict(num_layers=2, max_batch=4, max_seq=128, kv_heads=2, head_dim=16, dtype="float32", page_bytes=PAGE)
+    # 2 layers x [4, 128, 2, 16] float32 in the running test's layout: a page of 4 KiB per entry of a token, so
+    # 32 tokens per page and 4 pages per slot in either layout (128 B tokens per-layer, 512 B interleaved).
+    g = overrides.pop("layers_per_group", _LAYOUT["g"])
+    entries = 1 if g == 1 else 2 * g
+    kw = dict(num_layers=2, max_batch=4, max_seq=128, kv_heads=2, head_dim=16, dtype="float32",
+              page_bytes=PAGE * entries, layers_per_group=g)
     kw.update(overrides)
     return jv.CacheConfig(**kw)
 
@@ -58,27 +76,59 @@ def tokens_backed(m: jv.KVCacheManager, pages: int) -> int:
 
 
 def num_tensors(m: jv.KVCacheManager) -> int:
-    return 2 * m.config.num_layers
+    """Reserved tensors, derived here: 2 per layer, or one per group of g interleaved layers."""
+    g = m.config.layers_per_group
+    return 2 * m.config.num_layers if g == 1 else m.config.num_layers // g
+
+
+def tensor_bases(m) -> list[int]:
+    return [m._native.tensor_address(t) for t in range(num_tensors(m))]
 
 
 # -- raw memory access (independent of jax) ------------------------------------
 
 
 def token_address(m, layer: int, kv: int, slot: int, pos: int) -> int:
-    return m._native.tensor_address(layer, kv) + slot * m._native.slot_bytes + pos * m.config.token_bytes
+    """Address of token ``pos`` of ``slot`` in layer ``layer``'s K (kv=0) or V (kv=1), wherever the layout puts it."""
+    return m._native.entry_address(layer, kv) + slot * m._native.slot_bytes + pos * m.config.token_bytes
+
+
+def raw_entries(m, layer: int, kv: int, slot: int, start: int, count: int) -> np.ndarray:
+    """A writable numpy view [count, entry_bytes] (uint8) of one layer's K or V over tokens [start, start+count)
+    of a slot: rows token_bytes apart in the raw mapping."""
+    cfg = m.config
+    span = (count - 1) * cfg.token_bytes + cfg.entry_bytes
+    flat = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(token_address(m, layer, kv, slot, start)))
+    return np.lib.stride_tricks.as_strided(flat, (count, cfg.entry_bytes), (cfg.token_bytes, 1))
 
 
 def read_raw(m, layer: int, kv: int, slot: int, start: int, count: int) -> np.ndarray:
     """Tokens [start, start+count) of one slot, copied out of the mapping. -> [count, Hkv, D]"""
     cfg = m.config
-    buf = (ctypes.c_uint8 * (count * cfg.token_bytes)).from_address(token_address(m, layer, kv, slot, start))
-    return np.frombuffer(bytes(buf), dtype=cfg.jnp_dtype).reshape(count, cfg.kv_heads, cfg.head_dim)
+    if count == 0:
+        return np.zeros((0, cfg.kv_heads, cfg.head_dim), cfg.jnp_dtype)
+    raw = raw_entries(m, layer, kv, slot, start, count).copy()
+    return raw.view(cfg.jnp_dtype).reshape(count, cfg.kv_heads, cfg.head_dim)
 
 
 def write_raw(m, layer: int, kv: int, slot: int, start: int, values: np.ndarray) -> None:
-    """Store values [count, Hkv, D] at tokens [start, ...) of a slot with memmove."""
+    """Store values [count, Hkv, D] at tokens [start, ...) of a slot, through the raw mapping."""
     values = np.ascontiguousarray(values, dtype=m.config.jnp_dtype)
-    ctypes.memmove(token_address(m, layer, kv, slot, start), values.ctypes.data, values.nbytes)
+    raw_entries(m, layer, kv, slot, start, values.shape[0])[:] = values.view(np.uint8).reshape(values.shape[0], -1)
+
+
+def view_tokens(m, layer: int, kv: int, slot: int, start: int, count: int) -> np.ndarray:
+    """Tokens [start, start+count) of one layer's K or V read through the jax view (a slice of the mapped part).
+    -> [count, Hkv, D]"""
+    cfg = m.config
+    (tensor, entry) = cfg.locate(layer)[kv]
+    view, h, d = m.tensors[tensor], cfg.kv_heads, cfg.head_dim
+    if cfg.interleaved:  # [MB, S, g, 2, Hkv, D]
+        group, kv_index = divmod(entry, 2)
+        lo, hi = (slot, start, group, kv_index, 0, 0), (slot + 1, start + count, group + 1, kv_index + 1, h, d)
+    else:  # [MB, S, Hkv, D]
+        lo, hi = (slot, start, 0, 0), (slot + 1, start + count, h, d)
+    return np.asarray(jax.lax.slice(view, lo, hi)).reshape(count, h, d)
 
 
 def fill_slot(m, slot: int, tokens: int, seed: int) -> dict:
@@ -150,14 +200,12 @@ def dirty_mapped_pages(m: jv.KVCacheManager) -> None:
     """Store a non-zero word at both ends of every mapped page (live and deferred slots), so a page unmapped later
     shows whether its hole reads zeros again."""
     cfg, marker = m.config, ctypes.c_uint64(0xA5A5A5A5A5A5A5A5)
-    for layer in range(cfg.num_layers):
-        for kv in (0, 1):
-            base = m._native.tensor_address(layer, kv)
-            for i, tokens in enumerate(m.stats().slot_capacity):
-                for page in range(pages_for(cfg, tokens)):
-                    address = base + i * m._native.slot_bytes + page * cfg.page_bytes
-                    ctypes.memmove(address, ctypes.addressof(marker), 8)
-                    ctypes.memmove(address + cfg.page_bytes - 8, ctypes.addressof(marker), 8)
+    for base in tensor_bases(m):
+        for i, tokens in enumerate(m.stats().slot_capacity):
+            for page in range(pages_for(cfg, tokens)):
+                address = base + i * m._native.slot_bytes + page * cfg.page_bytes
+                ctypes.memmove(address, ctypes.addressof(marker), 8)
+                ctypes.memmove(address + cfg.page_bytes - 8, ctypes.addressof(marker), 8)
 
 
 # -- the core invariant ----------------------------------------------------------
@@ -184,45 +232,65 @@ def assert_consistent(m: jv.KVCacheManager, pages: dict[int, int], allocated: se
     # (in "zeros" mode they read zeros, whatever was stored there before they were unmapped).
     maps = MemoryMaps()
     per_slot, mode = m._native.pages_per_slot, m.unbacked_reads
-    for layer in range(cfg.num_layers):
-        for kv in (0, 1):
-            base = m._native.tensor_address(layer, kv)
-            for i, p in enumerate(expected):
-                for page in range(per_slot):
-                    address = base + i * m._native.slot_bytes + page * cfg.page_bytes
-                    region = maps.at(address)
-                    ok = is_pool_page(region) if page < p else is_reserved_hole(region, mode)
-                    assert ok, f"layer {layer} kv {kv} slot {i} page {page} (expect {p} mapped, {mode}): {region}"
-                    if page >= p and mode == "zeros":
-                        assert reads_zero(address, cfg.page_bytes), f"layer {layer} kv {kv} slot {i} page {page}"
+    for t, base in enumerate(tensor_bases(m)):
+        for i, p in enumerate(expected):
+            for page in range(per_slot):
+                address = base + i * m._native.slot_bytes + page * cfg.page_bytes
+                region = maps.at(address)
+                ok = is_pool_page(region) if page < p else is_reserved_hole(region, mode)
+                assert ok, f"tensor {t} slot {i} page {page} (expect {p} mapped, {mode}): {region}"
+                if page >= p and mode == "zeros":
+                    assert reads_zero(address, cfg.page_bytes), f"tensor {t} slot {i} page {page}"
 
 
 # -- construction, views, rounding --------------------------------------------------
 
 
 def test_views_are_zero_copy(manager):
-    cfg = manager.config
-    assert len(manager.k) == len(manager.v) == cfg.num_layers
-    addresses = []
+    cfg, native = manager.config, manager._native
+    T, g = num_tensors(manager), cfg.layers_per_group
+    assert len(manager.tensors) == T == native.num_tensors == cfg.num_tensors
+    shape = (cfg.max_batch, manager.max_seq, cfg.kv_heads, cfg.head_dim)  # [MB, S, Hkv, D]
+    if g > 1:
+        shape = (cfg.max_batch, manager.max_seq, g, 2, cfg.kv_heads, cfg.head_dim)  # [MB, S, g, 2, Hkv, D]
+    for t, view in enumerate(manager.tensors):
+        assert view.shape == shape and view.dtype == cfg.jnp_dtype
+        assert view.unsafe_buffer_pointer() == native.tensor_address(t)
+    # The token stride and where each layer's K and V entries sit in it.
+    entry = cfg.kv_heads * cfg.head_dim * 4
+    assert native.entry_bytes == entry and native.token_bytes == entry * (1 if g == 1 else 2 * g) == cfg.token_bytes
     for layer in range(cfg.num_layers):
-        for kv, view in ((0, manager.k[layer]), (1, manager.v[layer])):
-            assert view.shape == (cfg.max_batch, manager.max_seq, cfg.kv_heads, cfg.head_dim)  # [MB, S, Hkv, D]
-            assert view.dtype == cfg.jnp_dtype
-            assert view.unsafe_buffer_pointer() == manager._native.tensor_address(layer, kv)
-            addresses.append(manager._native.tensor_address(layer, kv))
-    # 2L distinct, non-overlapping, page-aligned reservations.
-    tensor_bytes = cfg.max_batch * manager._native.slot_bytes
-    addresses.sort()
-    assert all(a % PAGE == 0 for a in addresses)
+        for kv in (0, 1):
+            tensor, index = (2 * layer + kv, 0) if g == 1 else (layer // g, 2 * (layer % g) + kv)
+            assert cfg.locate(layer)[kv] == (tensor, index)
+            assert native.locate(layer, kv) == (tensor, index * entry)
+            assert native.entry_address(layer, kv) == native.tensor_address(tensor) + index * entry
+    # Distinct, non-overlapping, page-aligned reservations.
+    tensor_bytes = cfg.max_batch * native.slot_bytes
+    assert native.tensor_bytes == tensor_bytes
+    addresses = sorted(tensor_bases(manager))
+    assert all(a % cfg.page_bytes == 0 for a in addresses)
     assert all(b - a >= tensor_bytes for a, b in zip(addresses, addresses[1:]))
+
+
+def test_per_layer_arrays_exist_only_in_the_per_layer_layout(manager):
+    cfg = manager.config
+    if not cfg.interleaved:  # k[l] and v[l] are the very objects tensors[2l] and tensors[2l + 1]
+        assert len(manager.k) == len(manager.v) == cfg.num_layers
+        for layer in range(cfg.num_layers):
+            assert manager.k[layer] is manager.tensors[2 * layer] and manager.v[layer] is manager.tensors[2 * layer + 1]
+        return
+    for name in ("k", "v"):
+        with pytest.raises(CacheValueError, match=r"interleaved.*manager\.tensors.*config\.locate"):
+            getattr(manager, name)
 
 
 def test_view_reads_what_was_stored_raw(manager):
     slot = manager.allocate(40)
     data = fill_slot(manager, slot, 40, seed=1)
     # The jax view and the raw pointer see the same bytes (only the mapped pages are read).
-    got = np.asarray(jax.lax.slice(manager.v[1], (slot, 0, 0, 0), (slot + 1, 40, 2, 16)))[0]
-    np.testing.assert_array_equal(got, data[1, 1])
+    for (layer, kv), x in data.items():
+        np.testing.assert_array_equal(view_tokens(manager, layer, kv, slot, 0, 40), x)
 
 
 def test_fresh_manager_reserves_but_maps_nothing(manager):
@@ -230,7 +298,7 @@ def test_fresh_manager_reserves_but_maps_nothing(manager):
     cfg = manager.config
     assert s.reserved_bytes == num_tensors(manager) * cfg.max_batch * manager._native.slot_bytes
     assert s.pages_created == s.pages_mapped == s.maps == 0
-    assert s.pages_budget == 2 * cfg.num_layers * cfg.max_batch * 4  # default pool: every slot at max_seq
+    assert s.pages_budget == num_tensors(manager) * cfg.max_batch * 4  # default pool: every slot at max_seq
     assert_consistent(manager, {}, set())
 
 
@@ -249,8 +317,8 @@ def test_max_seq_rounding_is_reported(kv_heads, head_dim, dtype, max_seq, expect
     with jv.KVCacheManager(cfg) as m:
         assert m.max_seq == expected == m._native.max_seq
         assert m._native.slot_bytes == expected * cfg.token_bytes
-        assert m._native.slot_bytes % PAGE == 0
-        assert m.k[0].shape[1] == expected
+        assert m._native.slot_bytes % cfg.page_bytes == 0
+        assert all(view.shape[1] == expected for view in m.tensors)
         assert (f"rounded from {max_seq}" in repr(m)) == (expected != max_seq)
         # The whole padded range is usable.
         slot = m.allocate()
@@ -287,6 +355,37 @@ def test_bad_config_is_rejected(overrides):
 def test_bad_config_is_rejected_by_the_core(overrides):
     with pytest.raises(CacheValueError, match="granularity|smaller than one page"):
         jv.KVCacheManager(make_config(**overrides))
+
+
+@pytest.mark.parametrize(
+    "num_layers, value, message",
+    [
+        (2, 0, r"layers_per_group must be an int in \[1, 2\] .*got 0$"),
+        (2, -2, r"layers_per_group must be an int in \[1, 2\] .*got -2$"),
+        (4, 3, r"layers_per_group=3 does not divide num_layers=4 \(choose one of \[1, 2, 4\]\)"),
+        (2, 4, r"layers_per_group must be an int in \[1, 2\] .*got 4$"),
+        (2, True, r"layers_per_group must be an int .*got True \(bool\)"),
+        (2, 2.0, r"layers_per_group must be an int .*got 2\.0 \(float\)"),
+        (2, "2", r"layers_per_group must be an int .*got '2' \(str\)"),
+    ],
+)
+def test_bad_layers_per_group_is_rejected(num_layers, value, message):
+    with pytest.raises(CacheValueError, match=message):
+        make_config(num_layers=num_layers, layers_per_group=value, page_bytes=PAGE)
+
+
+@pytest.mark.parametrize("num_layers, value", [(2, 0), (2, -1), (4, 3), (2, 4)])
+def test_bad_layers_per_group_is_rejected_by_the_core(num_layers, value):
+    """The native layout checks it too (positive, divides num_layers) and names both."""
+    native = dict(max_batch=3, max_seq=128, kv_heads=2, head_dim=16, itemsize=4, page_bytes=PAGE, pool_bytes=1 << 20,
+                  deferred_reclaim=True, backend="host", device_ordinal=0, unbacked_reads="zeros")
+    with pytest.raises(CacheValueError, match=f"layers_per_group={value} .*num_layers={num_layers}"):
+        _core.Manager(num_layers=num_layers, layers_per_group=value, **native)
+    with pytest.raises(TypeError, match="layers_per_group must be an int"):
+        _core.Manager(num_layers=num_layers, layers_per_group=2.0, **native)
+    m = _core.Manager(num_layers=4, layers_per_group=4, **native)
+    assert (m.num_tensors, m.entries_per_token, m.token_bytes, m.entry_bytes) == (1, 8, 8 * 128, 128)
+    m.close()
 
 
 # -- the page-count invariant over random operation sequences -------------------------
@@ -378,8 +477,7 @@ def test_close_releases_every_page_and_reservation(unbacked_reads):
     m.free(b)  # deferred pages of a free slot must be released too
     fill_slot(m, a, 100, seed=0)
     tensor_bytes = cfg.max_batch * m._native.slot_bytes
-    bases = [m._native.tensor_address(layer, kv) for layer in range(cfg.num_layers) for kv in (0, 1)]
-    ranges = [(base, base + tensor_bytes) for base in bases]
+    ranges = [(base, base + tensor_bytes) for base in tensor_bases(m)]
     before = MemoryMaps()
     for lo, hi in ranges:  # the checker sees the reservations while open
         kinds = {r[2] for r in before.overlapping(lo, hi)}
@@ -396,7 +494,7 @@ def test_close_releases_every_page_and_reservation(unbacked_reads):
     assert s.reserved_bytes == 0
     assert s.pages_created == s.pages_mapped == s.pages_free == s.mapped_bytes == s.physical_bytes == 0
     assert s.creates == s.destroys and s.maps == s.unmaps
-    assert all(v.is_deleted() for v in (*m.k, *m.v))
+    assert all(v.is_deleted() for v in m.tensors)
     m.close()  # idempotent
 
 
@@ -406,14 +504,14 @@ def test_close_with_a_view_held_elsewhere_neither_stalls_nor_crashes():
     60 s, then unmap under the array: the next read was a segfault)."""
     m = jv.KVCacheManager(make_config())
     slot = m.allocate(5)
-    held = np.from_dlpack(m.k[1])
+    held = np.from_dlpack(m.tensors[-1])
     t0 = time.monotonic()
     m.close()
     assert time.monotonic() - t0 < 5
     assert m.closed and m.pending_release
     with pytest.raises(CacheClosedError):
         m.allocate()
-    assert held[slot, 3, 0, 0] == 0  # backed memory, still mapped: readable
+    assert held[slot, 3].ravel()[0] == 0  # backed memory, still mapped: readable
     assert m.stats().reserved_bytes > 0
     del held
     gc.collect()
@@ -443,7 +541,8 @@ def test_use_after_close_raises_cache_closed():
         lambda: ops.grow(m, np.array([slot], np.int32), np.array([2], np.int32)),
         lambda: ops.write(m, 0, np.zeros((1, 1, 2, 16), np.float32), np.zeros((1, 1, 2, 16), np.float32),
                           np.array([slot], np.int32), np.array([0], np.int32), np.array([1], np.int32)),
-        lambda: m._native.tensor_address(0, 0),
+        lambda: m._native.tensor_address(0),
+        lambda: m._native.entry_address(0, 0),
     ]
     for i, call in enumerate(calls):
         with pytest.raises(CacheClosedError):
@@ -524,14 +623,16 @@ def test_all_slots_in_use(manager):
 
 
 def test_pool_exhausted_reports_pages_needed_and_free():
-    # Budget: 12 pages = 3 page indices across the 4 tensors.
-    cfg = make_config(pool_bytes=12 * PAGE)
+    # Budget: 3 page indices across the T tensors.
+    T = make_config().num_tensors
+    cfg = make_config(pool_bytes=3 * T * make_config().page_bytes)
     with jv.KVCacheManager(cfg) as m:
-        a = m.allocate(32)  # 1 page per tensor -> 4 pages
+        assert num_tensors(m) == T
+        a = m.allocate(32)  # 1 page per tensor -> T pages
         data = fill_slot(m, a, 32, seed=5)
         b = m.allocate()
         before = m.stats()
-        with pytest.raises(PoolExhaustedError, match=r"needs 12 pages but only 8 are free") as info:
+        with pytest.raises(PoolExhaustedError, match=f"needs {3 * T} pages but only {2 * T} are free") as info:
             m.grow(b, 96)  # 3 pages per tensor
         assert isinstance(info.value, MemoryError)
         assert m.stats() == before  # all or nothing
@@ -552,7 +653,7 @@ def test_free_keeps_pages_and_allocate_reuses_them_without_mapping(manager):
     data = fill_slot(manager, a, 70, seed=7)
     manager.free(a)
     s = manager.stats()
-    assert s.pages_mapped_free_slots == 3 * 4 > 0
+    assert s.pages_mapped_free_slots == 3 * num_tensors(manager) > 0
     assert_consistent(manager, {a: 3}, set())
     reused = manager.allocate(min_tokens=60)
     assert reused == a
@@ -588,7 +689,7 @@ def test_allocate_without_a_fitting_slot_takes_the_largest():
             m.free(slot)
         maps = m.stats().maps
         assert m.allocate(128) == 1  # 4 pages wanted, slot 1 has the most (2)
-        assert m.stats().maps == maps + 2 * 4  # only the missing 2 pages x 4 tensors
+        assert m.stats().maps == maps + 2 * num_tensors(m)  # only the missing 2 pages x T tensors
         assert_consistent(m, {0: 1, 1: 4, 2: 1}, {1})
 
 
@@ -599,8 +700,9 @@ def test_no_deferred_reclaim_unmaps_on_free():
         m.free(a)
         s = m.stats()
         assert s.pages_mapped == s.pages_mapped_free_slots == 0
-        assert s.unmaps == unmaps + 4 * 4
-        assert s.pages_free == 16 and s.pages_created == 16  # pages return to the pool, not the OS
+        T = num_tensors(m)
+        assert s.unmaps == unmaps + 4 * T
+        assert s.pages_free == 4 * T and s.pages_created == 4 * T  # pages return to the pool, not the OS
         assert_consistent(m, {}, set())
         b = m.allocate(100)
         assert m.stats().creates == s.creates  # pool pages are reused
@@ -610,22 +712,23 @@ def test_no_deferred_reclaim_unmaps_on_free():
 def test_trim_unmaps_free_slots_and_release_physical_drops_pages(manager):
     a, b, c = manager.allocate(100), manager.allocate(40), manager.allocate(10)
     data = fill_slot(manager, b, 40, seed=9)
+    T = num_tensors(manager)
     manager.free(a)
     manager.free(c)
-    assert manager.stats().pages_mapped_free_slots == (4 + 1) * 4
-    assert manager.trim() == (4 + 1) * 4
+    assert manager.stats().pages_mapped_free_slots == (4 + 1) * T
+    assert manager.trim() == (4 + 1) * T
     s = manager.stats()
     assert s.pages_mapped_free_slots == 0
-    assert s.pages_free == 20 and s.pages_created == 28
+    assert s.pages_free == 5 * T and s.pages_created == 7 * T
     assert_consistent(manager, {b: 2}, {b})
     assert_slot_data(manager, b, data)  # the live slot is untouched
     assert manager.trim() == 0
 
     manager.free(b)
-    assert manager.trim(release_physical=True) == 2 * 4
+    assert manager.trim(release_physical=True) == 2 * T
     s = manager.stats()
     assert s.pages_created == s.pages_free == s.pages_mapped == 0
-    assert s.destroys == s.creates == 28
+    assert s.destroys == s.creates == 7 * T
     assert_consistent(manager, {}, set())
     # Pages can be created again afterwards.
     d = manager.allocate(128)
@@ -635,32 +738,34 @@ def test_trim_unmaps_free_slots_and_release_physical_drops_pages(manager):
 def test_trim_with_a_page_limit(manager):
     a = manager.allocate(128)
     manager.free(a)
-    assert manager.trim(max_pages=4) == 4  # one page index of each of the 4 tensors, from the tail
+    T = num_tensors(manager)
+    assert manager.trim(max_pages=T) == T  # one page index of each of the T tensors, from the tail
     assert_consistent(manager, {a: 3}, set())
     assert manager.trim(max_pages=0) == 0
     assert_consistent(manager, {a: 3}, set())
 
 
 def test_grow_reclaims_deferred_pages_under_pool_pressure():
-    cfg = make_config(pool_bytes=16 * PAGE)  # 4 page indices x 4 tensors
+    T = make_config().num_tensors
+    cfg = make_config(pool_bytes=4 * T * make_config().page_bytes)  # 4 page indices x T tensors
     with jv.KVCacheManager(cfg) as m:
-        a = m.allocate(64)  # 2 pages -> 8
-        keep = m.allocate(1)  # 1 page -> 4, data that must survive the reclaim
+        a = m.allocate(64)  # 2 pages -> 2T
+        keep = m.allocate(1)  # 1 page -> T, data that must survive the reclaim
         data = fill_slot(m, keep, 32, seed=12)
         m.free(a)
         b = m.allocate(0)
         assert b not in (a, keep)  # best fit for 0 tokens: an empty slot
-        assert m.stats().pages_created == 12
-        # b needs 2 pages per tensor = 8, only 4 left in the budget: 4 come from a's tail.
+        assert m.stats().pages_created == 3 * T
+        # b needs 2 pages per tensor = 2T, only T left in the budget: T come from a's tail.
         m.grow(b, 64)
         s = m.stats()
-        assert s.pages_created == 16 and s.pages_free == 0
+        assert s.pages_created == 4 * T and s.pages_free == 0
         assert_consistent(m, {a: 1, b: 2, keep: 1}, {b, keep})
         assert_slot_data(m, keep, data)
         # Now the pool is full of live pages, except a's last page index.
         m.grow(b, 96)
         assert_consistent(m, {b: 3, keep: 1}, {b, keep})
-        with pytest.raises(PoolExhaustedError, match="needs 4 pages but only 0 are free"):
+        with pytest.raises(PoolExhaustedError, match=f"needs {T} pages but only 0 are free"):
             m.grow(b, 128)
         assert_consistent(m, {b: 3, keep: 1}, {b, keep})
         assert_slot_data(m, keep, data)
@@ -685,25 +790,35 @@ def test_backend_failure_rolls_back_and_retry_succeeds(populated, fault):
     assert_all_intact(m, contents)
 
 
-def test_create_failure_in_the_middle_of_a_page_index_is_rolled_back(populated):
-    m, contents = populated
-    slot = m.allocate()
-    # A failed map returns its freshly created page to the free list: 1 page on it.
-    m._inject_failures(maps=1)
-    with pytest.raises(BackendError):
+def test_create_failure_in_the_middle_of_a_grow_is_rolled_back():
+    # 4 layers: 8 per-layer tensors, or 2 interleaved ones (2 layers each): a grow maps one run per tensor.
+    with jv.KVCacheManager(make_config(num_layers=4)) as m:
+        assert num_tensors(m) >= 2
+        keep = m.allocate(40)
+        contents = {keep: fill_slot(m, keep, 40, seed=13)}
+        slot = m.allocate()
+        # A failed map returns its freshly created page to the free list: 1 page on it.
+        m._inject_failures(maps=1)
+        with pytest.raises(BackendError):
+            m.grow(slot, 1)
+        assert m.stats().pages_free == 1
+        # Now tensor 0 maps the free-list page and tensor 1 fails to create one:
+        # the page already mapped into tensor 0 must be unmapped again.
+        m._inject_failures(creates=1)
+        with pytest.raises(BackendError, match="create_page"):
+            m.grow(slot, 1)
+        s = m.stats()
+        assert s.pages_free == 1 and s.maps - s.unmaps == s.pages_mapped
+        assert_consistent(m, {keep: 2}, {keep, slot})  # includes the /proc/self/maps hole check
+        # A run of 3 pages per tensor: the first comes from the free list, creating the second fails.
+        m._inject_failures(creates=1)
+        with pytest.raises(BackendError, match="create_page"):
+            m.grow(slot, 96)
+        assert m.stats().pages_free == 1
+        assert_consistent(m, {keep: 2}, {keep, slot})
         m.grow(slot, 1)
-    assert m.stats().pages_free == 1
-    # Now tensor 0 maps the free-list page and tensor 1 fails to create one:
-    # the page already mapped into tensor 0 must be unmapped again.
-    m._inject_failures(creates=1)
-    with pytest.raises(BackendError, match="create_page"):
-        m.grow(slot, 1)
-    s = m.stats()
-    assert s.pages_free == 1 and s.maps - s.unmaps == s.pages_mapped
-    assert_consistent(m, {0: 2, 1: 2}, {0, 1, slot})  # includes the /proc/self/maps hole check
-    m.grow(slot, 1)
-    assert_consistent(m, {0: 2, 1: 2, slot: 1}, {0, 1, slot})
-    assert_all_intact(m, contents)
+        assert_consistent(m, {keep: 2, slot: 1}, {keep, slot})
+        assert_all_intact(m, contents)
 
 
 def test_failed_allocate_does_not_take_the_slot(manager):
@@ -713,6 +828,20 @@ def test_failed_allocate_does_not_take_the_slot(manager):
     assert manager.stats().live_slots == 0
     assert manager.allocate(10) == 0
     assert_consistent(manager, {0: 1}, {0})
+
+
+def test_one_token_request_maps_one_page_per_tensor():
+    """The smallest request's footprint is min_request_bytes: one page in each tensor. Interleaving every layer
+    into one tensor makes it one page (here of 32 tokens), instead of one page per layer's K and V."""
+    for g in (1, 4):
+        with jv.KVCacheManager(make_config(num_layers=4, layers_per_group=g)) as m:
+            slot = m.allocate(1)
+            s = m.stats()
+            assert s.pages_mapped == num_tensors(m) == (8 if g == 1 else 1)
+            assert s.mapped_bytes == m.min_request_bytes == num_tensors(m) * m.config.page_bytes
+            assert m.tokens_per_page == m.capacity(slot) == 32
+            assert f"{m.tokens_per_page} tokens/page" in repr(m)
+            assert ("interleaved in 1 x [4, 128, 4, 2, 2, 16]" in repr(m)) == (g == 4)
 
 
 def test_errors_are_vattention_errors():

@@ -4,7 +4,7 @@ A hypothesis rule-based state machine drives allocate / grow / write / free /
 trim / pool exhaustion and bad calls against one manager, and after every step
 checks the invariants against a shadow model and against memory itself:
 
-* mapped pages == what the slots' capacities need (live and deferred) in all 2L tensors
+* mapped pages == what the slots' capacities need (live and deferred) in all reserved tensors
 * pages_created == mapped + free list, and never exceeds the budget
 * no physical page is mapped twice (memfd offsets read from /proc/self/maps), and
   everything else in the reservations is a read-only anonymous hole (the
@@ -13,7 +13,9 @@ checks the invariants against a shadow model and against memory itself:
   the other slots did
 * after close() nothing is reserved or mapped (no pool page, no hole left)
 
-The settings run at least 10,000 operations per CI run.
+The machine runs in both layouts (per-layer tensors, and both layers interleaved
+in one tensor, at the same 64 tokens per page); the settings run at least 10,000
+operations per CI run in all.
 """
 
 import bisect
@@ -30,15 +32,19 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import jax_vattention as jv
 
-CFG = jv.CacheConfig(
-    num_layers=2, max_batch=6, max_seq=256, kv_heads=1, head_dim=16, dtype="float32",
-    page_bytes=4096, pool_bytes=40 * 4096,  # budget below the 96 pages a full cache needs
-)
-TENSORS = 2 * CFG.num_layers
-TOKENS_PER_PAGE = CFG.page_bytes // CFG.token_bytes  # 64
+SHAPE = dict(num_layers=2, max_batch=6, max_seq=256, kv_heads=1, head_dim=16, dtype="float32")
+CONFIGS = {
+    # 4 tensors of 64 B tokens, 64 tokens per 4 KiB page; budget below the 96 pages a full cache needs.
+    "per-layer": jv.CacheConfig(**SHAPE, page_bytes=4096, pool_bytes=40 * 4096),
+    # 1 tensor of 256 B tokens (K, V of both layers), 64 tokens per 16 KiB page; budget below its 24 pages.
+    "interleaved": jv.CacheConfig(**SHAPE, layers_per_group=2, page_bytes=4 * 4096, pool_bytes=10 * 4 * 4096),
+}
+CFG = CONFIGS["per-layer"]  # the layout the machine runs now (test_cache_state_machine sets it)
+TENSORS = 4
+TOKENS_PER_PAGE = 64
 WRITE_T = 4  # tokens per write call: one compiled shape for every write
 STEPS = 100
-EXAMPLES = 140  # about EXAMPLES * STEPS operations; at least 10,000 are asserted
+EXAMPLES = 70  # per layout: about 2 * EXAMPLES * STEPS operations; at least 10,000 are asserted
 OPERATIONS = {"steps": 0, "faults": 0, "bad_inputs": 0}
 
 
@@ -59,7 +65,8 @@ def pages_for(tokens: int) -> int:
 
 
 def read_token(m, layer, kv, slot, pos) -> np.ndarray:
-    addr = m._native.tensor_address(layer, kv) + slot * m._native.slot_bytes + pos * CFG.token_bytes
+    """Layer ``layer``'s K (kv=0) or V of one token, at its entry of the token (token_bytes apart)."""
+    addr = m._native.entry_address(layer, kv) + slot * m._native.slot_bytes + pos * CFG.token_bytes
     return np.ctypeslib.as_array((ctypes.c_float * (CFG.kv_heads * CFG.head_dim)).from_address(addr)).copy()
 
 
@@ -116,12 +123,12 @@ def anonymous_holes(ranges) -> dict[str, int]:
     return holes
 
 
-def first_unbacked_word(m, layer, kv, slot, capacity) -> int | None:
+def first_unbacked_word(m, tensor, slot, capacity) -> int | None:
     """The 8 bytes at the start of the first page past `capacity` tokens of a slot (None when the slot is full)."""
     page = pages_for(capacity)
     if page * CFG.page_bytes >= m._native.slot_bytes:
         return None
-    addr = m._native.tensor_address(layer, kv) + slot * m._native.slot_bytes + page * CFG.page_bytes
+    addr = m._native.tensor_address(tensor) + slot * m._native.slot_bytes + page * CFG.page_bytes
     return ctypes.c_uint64.from_address(addr).value
 
 
@@ -130,14 +137,13 @@ class CacheMachine(RuleBasedStateMachine):
         super().__init__()
         self.m = jv.KVCacheManager(CFG, device=jax.devices("cpu")[0])
         assert self.m.unbacked_reads == "zeros"  # the host default
+        assert self.m.tokens_per_page == TOKENS_PER_PAGE and len(self.m.tensors) == TENSORS
         self.live: set[int] = set()
         self.shadow: dict[tuple[int, int, int], float] = {}  # (slot, layer, pos) -> value
         self.next_value = 1.0
-        self.ranges = [
-            (self.m._native.tensor_address(layer, kv),
-             self.m._native.tensor_address(layer, kv) + CFG.max_batch * self.m._native.slot_bytes)
-            for layer in range(CFG.num_layers) for kv in (0, 1)
-        ]
+        tensor_bytes = CFG.max_batch * self.m._native.slot_bytes
+        self.ranges = [(self.m._native.tensor_address(t), self.m._native.tensor_address(t) + tensor_bytes)
+                       for t in range(TENSORS)]
         self.steps = 0
 
     def teardown(self):
@@ -305,9 +311,8 @@ class CacheMachine(RuleBasedStateMachine):
             reserved = sum(hi - lo for lo, hi in self.ranges)
             assert anonymous_holes(self.ranges) == {"r--p": reserved - len(pages) * CFG.page_bytes}
             for slot, capacity in enumerate(self.m.stats().slot_capacity):
-                for layer in range(CFG.num_layers):
-                    for kv in (0, 1):
-                        assert first_unbacked_word(self.m, layer, kv, slot, capacity) in (None, 0), (slot, layer, kv)
+                for tensor in range(TENSORS):
+                    assert first_unbacked_word(self.m, tensor, slot, capacity) in (None, 0), (slot, tensor)
 
 
 CacheMachine.TestCase.settings = settings(
@@ -319,8 +324,20 @@ CacheMachine.TestCase.settings = settings(
 
 
 def test_cache_state_machine():
+    """Both layouts in one test, so the 10,000-operation floor counts them together."""
+    global CFG, TENSORS
     OPERATIONS.update(steps=0, faults=0, bad_inputs=0)
-    CacheMachine.TestCase().runTest()
-    print(f"state machine: {OPERATIONS}")
-    assert OPERATIONS["faults"] > 0 and OPERATIONS["bad_inputs"] > 0, OPERATIONS
+    per_layout = {}
+    try:
+        for name, cfg in CONFIGS.items():
+            CFG, TENSORS = cfg, cfg.num_tensors
+            assert cfg.page_bytes // cfg.token_bytes == TOKENS_PER_PAGE
+            before = dict(OPERATIONS)
+            CacheMachine.TestCase().runTest()
+            per_layout[name] = {k: OPERATIONS[k] - before[k] for k in OPERATIONS}
+    finally:
+        CFG, TENSORS = CONFIGS["per-layer"], 4
+    print(f"state machine: {per_layout}")
+    for name, ops in per_layout.items():
+        assert ops["faults"] > 0 and ops["bad_inputs"] > 0, (name, ops)
     assert OPERATIONS["steps"] >= 10_000, OPERATIONS

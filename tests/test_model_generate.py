@@ -8,6 +8,8 @@ mapped. Bad input: clear errors, nothing left mapped. Most tests use the jnp
 reference attention (fp32); one runs the Pallas kernels in interpret mode.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,10 +50,21 @@ def gen(model):
     return models.Generator(model, attn=REF)
 
 
-def manager(max_batch=4, max_seq=96, **kw):
-    kw.setdefault("page_bytes", PAGE)
+# Both KV layouts: per-layer tensors (1) and every layer interleaved per token (CacheConfig.layers_per_group).
+LAYOUTS = [1, CFG.num_layers]
+
+
+def entries(group: int) -> int:
+    return 1 if group == 1 else 2 * group
+
+
+def manager(max_batch=4, max_seq=96, group=1, **kw):
+    """A strict cache; ``page_bytes`` scales with the layout's entries per token, so both layouts back the same
+    TPP tokens per page and map the same bytes (test_manager covers the interleaved layout's finer pages)."""
+    kw.setdefault("page_bytes", PAGE * entries(group))
     kw.setdefault("unbacked_reads", "fault")
-    return jv.KVCacheManager(models.cache_config_for(CFG, max_batch=max_batch, max_seq=max_seq, dtype="float32", **kw))
+    return jv.KVCacheManager(models.cache_config_for(CFG, max_batch=max_batch, max_seq=max_seq, dtype="float32",
+                                                     layers_per_group=group, **kw))
 
 
 def ragged_prompts(rng, n=4, shortest=1, longest=29):
@@ -86,7 +99,7 @@ def sp(budgets, stop=(), seed=None, **kw):
 
 
 # -- consistency -----------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["vattention", "static"])
+@pytest.mark.parametrize("kind", ["vattention", "vattention-interleaved", "static"])
 def test_forward_equals_prefill_plus_decode_steps(model, rng, kind):
     """Chunked prefill of ragged prefixes, then N teacher-forced decode steps, vs one causal forward (fp32)."""
     B, T, N = 3, 40, 12
@@ -106,8 +119,9 @@ def test_forward_equals_prefill_plus_decode_steps(model, rng, kind):
         return logits, cache.export()
 
     prefill_fn, step_fn = jax.jit(prefill_fn), jax.jit(step_fn)
-    with manager() as m:
-        if kind == "vattention":
+    vattention = kind.startswith("vattention")
+    with manager(group=CFG.num_layers if kind == "vattention-interleaved" else 1) as m:
+        if vattention:
             slots = [m.allocate() for _ in range(B)][::-1]
             cache = m.cache(slots, np.zeros(B, np.int32))
         else:
@@ -134,16 +148,17 @@ def test_forward_equals_prefill_plus_decode_steps(model, rng, kind):
             got.append(np.asarray(logits))
             want.append(full[np.arange(B), pos])
         np.testing.assert_array_equal(np.asarray(cache.lengths), prefix + N)
-        if kind == "vattention":
+        if vattention:
             assert [m.capacity(s) for s in slots] == [pages(int(n)) * TPP for n in prefix + N]
     err = rel_error(np.stack(got), np.stack(want))
     assert err <= 1e-5, f"prefill + decode vs full forward: rel. error {err:.2e}"
 
 
-def test_vattention_and_static_cache_same_greedy_tokens(model, gen, rng):
+@pytest.mark.parametrize("group", LAYOUTS)
+def test_vattention_and_static_cache_same_greedy_tokens(model, gen, rng, group):
     prompts = ragged_prompts(rng)
     budgets = random_budgets(rng)
-    with manager() as m:
+    with manager(group=group) as m:
         a = gen.generate(prompts, m, sp(budgets))
     static = models.static_cache_for(CFG, max_batch=4, max_seq=96, dtype="float32")
     b = gen.generate(prompts, static, sp(budgets))
@@ -170,11 +185,12 @@ def test_batched_equals_one_at_a_time(model, gen, rng, sampling):
         assert batched.tokens == single
 
 
-def test_stop_tokens_budgets_and_memory(gen, rng):
+@pytest.mark.parametrize("group", LAYOUTS)
+def test_stop_tokens_budgets_and_memory(gen, rng, group):
     """Per-request budgets and stop tokens; finished rows stop growing; mapped == what the tokens need."""
     prompts = ragged_prompts(rng)
     budgets = [1, 5, 32, 19]
-    with manager() as m:
+    with manager(group=group) as m:
         free = gen.generate(prompts, m, sp(budgets))
         assert [len(t) for t in free.tokens] == budgets and set(free.finish_reasons) == {"length"}
         stop = free.tokens[2][6]
@@ -258,11 +274,12 @@ def test_filter_logits_matches_numpy(rng):
 
 
 # -- copy-free compiled programs ---------------------------------------------------
-def test_compiled_prefill_and_decode_loop_copy_no_cache(model):
+@pytest.mark.parametrize("group", LAYOUTS)
+def test_compiled_prefill_and_decode_loop_copy_no_cache(model, group):
     graphdef, params = nnx.split(model)
     spec = REF.with_max_len(64)
     # The size-based check needs a cache larger than any activation: [4, 512, 2, 16] = 64Ki elements.
-    with manager(max_batch=4, max_seq=512) as m:
+    with manager(max_batch=4, max_seq=512, group=group) as m:
         cache = m.cache([m.allocate() for _ in range(3)], np.zeros(3, np.int32))
         tokens, counts = jnp.zeros((3, 16), jnp.int32), jnp.array([3, 16, 9], jnp.int32)
         logits = jnp.zeros((3, CFG.vocab_size), jnp.float32)
@@ -289,15 +306,17 @@ def test_compiled_prefill_and_decode_loop_copy_no_cache(model):
         assert_no_cache_copy(text, m)
         # Negative controls: returning a view from a top-level jit, or a transposed read of it, copies the cache;
         # the operand-tracing guard the Generator applies to prefill programs sees both, and no activations.
-        bad = jax.jit(lambda c: (c.k[0], c.state)).lower(cache).compile().as_text()
+        bad = jax.jit(lambda c: (c.tensors[0], c.state)).lower(cache).compile().as_text()
         with pytest.raises(jv.VAttentionError, match="cache-sized"):
             assert_no_cache_copy(bad, m)
         with pytest.raises(jv.VAttentionError, match="copies a cache view"):
             check_compiled(bad, m, strict=False)
-        view = (4, m.max_seq, CFG.num_kv_heads, CFG.head_dim)
-        bad = jax.jit(lambda c: c.k[1].transpose(1, 0, 2, 3)[::2]).lower(cache).compile().as_text()
+        view = m.config.tensor_shape(m.max_seq)
+        swap = (1, 0, *range(2, len(view)))
+        bad = jax.jit(lambda c: c.tensors[-1].transpose(swap)[::2]).lower(cache).compile().as_text()
         assert copies_of_views(bad, view)
-        big = jax.jit(lambda c: jnp.ones(view[::-1]).transpose(3, 2, 1, 0) * c.lengths[0]).lower(cache)
+        big = jax.jit(lambda c: jnp.ones(view[::-1]).transpose(*reversed(range(len(view)))) * c.lengths[0])
+        big = big.lower(cache)
         assert copies_of_views(big.compile().as_text(), view) == []  # an activation, not the view
         for s in [*np.asarray(cache.slots).tolist(), fourth]:
             m.free(int(s))
@@ -360,10 +379,11 @@ def test_bad_settings(gen, model):
         gen.generate([[1]], object(), sp(2, stop=None))
 
 
-def test_pool_exhausted_in_decode_loop_cleans_up(gen, rng):
+@pytest.mark.parametrize("group", LAYOUTS)
+def test_pool_exhausted_in_decode_loop_cleans_up(gen, rng, group):
     """Growth past the page budget fails inside the jitted loop; the slots are freed and unmapped."""
-    tensors = 2 * CFG.num_layers
-    with manager(max_batch=2, max_seq=96, pool_bytes=tensors * 2 * PAGE) as m:  # 2 pages per tensor
+    # 2 pages per tensor: the same bytes in both layouts
+    with manager(max_batch=2, max_seq=96, group=group, pool_bytes=2 * CFG.num_layers * 2 * PAGE) as m:
         prompt = rng.integers(0, CFG.vocab_size, size=20).tolist()
         with pytest.raises(jax.errors.JaxRuntimeError, match="PoolExhaustedError"):
             gen.generate([prompt], m, sp(60))  # needs 3 pages per tensor
@@ -391,13 +411,15 @@ def test_jnp_reference_matches_package_reference(rng):
                        what="prefill")
 
 
-def test_pallas_kernels_in_interpret_mode_match_reference(rng):
+@pytest.mark.parametrize("group", LAYOUTS)
+def test_pallas_kernels_in_interpret_mode_match_reference(rng, group):
     """bf16, head_dim 64: the Pallas decode + chunked-prefill kernels (interpret mode) vs the jnp reference."""
     cfg = CFG.replace(hidden_size=128, head_dim=64, intermediate_size=128)
     model = models.random_model(cfg, seed=int(rng.integers(1000)), init_std=0.2, dtype=jnp.bfloat16)
     prompts = [rng.integers(0, cfg.vocab_size, size=int(n)).tolist() for n in (5, 37, 1)]
-    cache_cfg = models.cache_config_for(cfg, max_batch=3, max_seq=96, dtype="bfloat16", page_bytes=8192,
-                                        unbacked_reads="fault")
+    cache_cfg = models.cache_config_for(cfg, max_batch=3, max_seq=96, dtype="bfloat16",
+                                        page_bytes=8192 * entries(group), unbacked_reads="fault",
+                                        layers_per_group=group)
     out = {}
     for impl in ("kernel", "reference"):
         g = models.Generator(model, attn=AttentionSpec(impl=impl, interpret=True, block_k=32))
@@ -407,7 +429,7 @@ def test_pallas_kernels_in_interpret_mode_match_reference(rng):
     # bf16 logits of magnitude ~8 are quantised in steps of 1/16; the two attention paths round differently.
     assert_same_greedy(out["kernel"].tokens, out["reference"].tokens, prompts, model, tie_tol=0.3,
                        what="kernel vs reference (bf16)")
-    with jv.KVCacheManager(cache_cfg.__class__(**{**cache_cfg.__dict__, "page_bytes": 4096})) as m:
+    with jv.KVCacheManager(dataclasses.replace(cache_cfg, page_bytes=4096 * entries(group))) as m:
         g = models.Generator(model, attn=AttentionSpec(impl="kernel", interpret=True, block_k=32))
         with pytest.raises(GenerationInputError, match="does not divide"):  # 16 tokens per page < block_k
             g.generate(prompts, m, sp(4, stop=None))

@@ -42,7 +42,8 @@ def ragged(rng, n, longest, vocab):
     return [rng.integers(0, vocab, size=int(k)).tolist() for k in lens]
 
 
-def test_hf_parity_and_cache_path_fp32_on_gpu():
+@pytest.mark.parametrize("interleaved", [False, True], ids=["per-layer", "interleaved"])
+def test_hf_parity_and_cache_path_fp32_on_gpu(interleaved):
     parity = np.load(DATA / "hf_parity.npz")
     with jax.default_matmul_precision("highest"):
         for name in ("llama", "qwen2", "mistral"):
@@ -50,14 +51,17 @@ def test_hf_parity_and_cache_path_fp32_on_gpu():
             ids = parity[f"{name}_input_ids"]
             assert rel_error(models.llama.full_logits(model, ids), parity[f"{name}_logits"]) <= 1e-5
             want = parity[f"{name}_gen_tokens"].tolist()
-            cache_cfg = models.cache_config_for(model.config, max_batch=2, max_seq=64, dtype="float32")
+            group = model.config.num_layers if interleaved else 1
+            cache_cfg = models.cache_config_for(model.config, max_batch=2, max_seq=64, dtype="float32",
+                                                layers_per_group=group)
             with jv.KVCacheManager(cache_cfg) as m:
                 r = models.Generator(model).generate([parity[f"{name}_gen_prompt"][0]], m,
                                                      SamplingParams(max_tokens=len(want), ignore_eos=True))
             assert r.tokens[0] == want, name
 
 
-def test_forward_equals_prefill_plus_decode_fp32_on_cuda_cache(rng):
+@pytest.mark.parametrize("interleaved", [False, True], ids=["per-layer", "interleaved"])
+def test_forward_equals_prefill_plus_decode_fp32_on_cuda_cache(rng, interleaved):
     cfg = models.get_preset("tiny").replace(vocab_size=256)
     model = models.random_model(cfg, seed=1, init_std=0.2)
     B, T, N = 4, 300, 20
@@ -79,7 +83,8 @@ def test_forward_equals_prefill_plus_decode_fp32_on_cuda_cache(rng):
 
     with jax.default_matmul_precision("highest"):
         full = np.asarray(models.llama.full_logits(model, tokens))
-        cache_cfg = models.cache_config_for(cfg, max_batch=B, max_seq=512, dtype="float32")
+        cache_cfg = models.cache_config_for(cfg, max_batch=B, max_seq=512, dtype="float32",
+                                            layers_per_group=cfg.num_layers if interleaved else 1)
         with jv.KVCacheManager(cache_cfg) as m:
             cache = m.cache([m.allocate() for _ in range(B)], np.zeros(B, np.int32))
             padded = np.zeros((B, 512), np.int32)
@@ -97,38 +102,41 @@ def test_forward_equals_prefill_plus_decode_fp32_on_cuda_cache(rng):
     assert rel_error(np.stack(got), np.stack(want)) <= 1e-5
 
 
-def test_1b_shape_memory_bound_and_static_parity(rng):
-    """Llama-3.2-1B shape, bf16, kernels: mapped <= tokens needed + one page per layer tensor per request."""
+@pytest.mark.parametrize("interleaved", [False, True], ids=["per-layer", "interleaved"])
+def test_1b_shape_memory_bound_and_static_parity(rng, interleaved):
+    """Llama-3.2-1B shape, bf16, kernels: mapped <= tokens needed + one page per reserved tensor per request
+    (per-layer: 2048 tokens a page, 32 tensors; interleaved: 64 tokens a page of all 16 layers, one tensor)."""
     cfg = models.get_preset("llama-3.2-1b")
     model = models.random_model(cfg, seed=0, dtype=jnp.bfloat16)
     B, max_seq = 8, 8192  # 2048 tokens a page at this shape: a 2048-token slot would be one page
     prompts = ragged(rng, B, 900, cfg.vocab_size)
     budgets = rng.integers(1, 129, size=B).tolist()
     gen = models.Generator(model)  # auto: the Pallas kernels on the GPU
-    cache_cfg = models.cache_config_for(cfg, max_batch=B, max_seq=max_seq, dtype="bfloat16")
+    cache_cfg = models.cache_config_for(cfg, max_batch=B, max_seq=max_seq, dtype="bfloat16",
+                                        layers_per_group=cfg.num_layers if interleaved else 1)
     with jv.KVCacheManager(cache_cfg) as m:
         r = gen.generate(prompts, m, no_eos(budgets))
         st = m.stats()
-    tensors = 2 * cfg.num_layers
-    token_bytes = cfg.num_kv_heads * cfg.head_dim * 2
     lengths = np.array([len(p) for p in prompts]) + np.array(budgets) - 1
     assert r.cache_lengths == lengths.tolist()
-    need = tensors * int(lengths.sum()) * token_bytes
+    need = 2 * cfg.num_layers * int(lengths.sum()) * cache_cfg.entry_bytes
     assert r.needed_bytes == need
-    assert r.mapped_bytes <= need + tensors * B * st.page_bytes, (r.mapped_bytes, need)
+    assert r.mapped_bytes <= need + cache_cfg.num_tensors * B * st.page_bytes, (r.mapped_bytes, need)
     assert r.mapped_bytes < r.static_bytes
     static = models.static_cache_for(cfg, max_batch=B, max_seq=max_seq, dtype="bfloat16")
     s = gen.generate(prompts, static, no_eos(budgets))
     assert_same_greedy(r.tokens, s.tokens, prompts, model, tie_tol=0.05, what="1B vattention vs static")
 
 
-def test_kernels_match_reference_and_batching_at_8b_layer_shapes(rng):
+@pytest.mark.parametrize("interleaved", [False, True], ids=["per-layer", "interleaved"])
+def test_kernels_match_reference_and_batching_at_8b_layer_shapes(rng, interleaved):
     """Llama-3-8B layer shapes (2 layers): kernels vs jnp reference, batched vs single, long prompts."""
     cfg = models.get_preset("llama-3-8b").replace(num_layers=2, vocab_size=4096)
     model = models.random_model(cfg, seed=int(rng.integers(100)), dtype=jnp.bfloat16, init_std=0.05)
     prompts = ragged(rng, 6, 1500, cfg.vocab_size)
     budgets = rng.integers(1, 65, size=6).tolist()
-    cache_cfg = models.cache_config_for(cfg, max_batch=6, max_seq=2048, dtype="bfloat16")
+    cache_cfg = models.cache_config_for(cfg, max_batch=6, max_seq=2048, dtype="bfloat16",
+                                        layers_per_group=cfg.num_layers if interleaved else 1)
     kernel = models.Generator(model, attn=AttentionSpec(impl="kernel"))
     reference = models.Generator(model, attn=AttentionSpec(impl="reference"))
     with jv.KVCacheManager(cache_cfg) as m:
@@ -141,12 +149,14 @@ def test_kernels_match_reference_and_batching_at_8b_layer_shapes(rng):
     assert_same_greedy(a.tokens, single, prompts, model, tie_tol=0.1, what="batched vs single")
 
 
-def test_decode_loop_has_no_cache_copy_at_scale():
+@pytest.mark.parametrize("interleaved", [False, True], ids=["per-layer", "interleaved"])
+def test_decode_loop_has_no_cache_copy_at_scale(interleaved):
     cfg = models.get_preset("llama-3-8b").replace(num_layers=2)
     model = models.abstract_model(cfg, dtype=jnp.bfloat16)
     graphdef, params = nnx.split(model)
     B = 32
-    cache_cfg = models.cache_config_for(cfg, max_batch=B, max_seq=1024, dtype="bfloat16")
+    cache_cfg = models.cache_config_for(cfg, max_batch=B, max_seq=1024, dtype="bfloat16",
+                                        layers_per_group=cfg.num_layers if interleaved else 1)
     with jv.KVCacheManager(cache_cfg) as m:
         cache = m.cache([m.allocate() for _ in range(B)], np.zeros(B, np.int32))  # live slots, nothing mapped
         spec = AttentionSpec(impl="kernel", max_len=1024)

@@ -56,14 +56,17 @@ def test_logits_match_transformers(hf_models, name):
     assert np.abs(ref).max() > 1.0  # the data is not degenerate
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["per-layer", "interleaved"])
 @pytest.mark.parametrize("name", NAMES)
-def test_logits_through_vattention_cache_match_transformers(hf_models, name):
-    """The same logits when every token's K/V goes through the vAttention cache (fp32, host backend)."""
+def test_logits_through_vattention_cache_match_transformers(hf_models, name, interleaved):
+    """The same logits when every token's K/V goes through the vAttention cache (fp32, host backend), in both
+    layouts (CacheConfig.layers_per_group: 1, or every layer interleaved per token)."""
     model = hf_models[name]
     cfg = model.config
     ids = jnp.asarray(PARITY[f"{name}_input_ids"])
     ref = PARITY[f"{name}_logits"]
-    cache_cfg = models.cache_config_for(cfg, max_batch=4, max_seq=64, dtype="float32", page_bytes=4096)
+    cache_cfg = models.cache_config_for(cfg, max_batch=4, max_seq=64, dtype="float32", page_bytes=4096,
+                                        layers_per_group=cfg.num_layers if interleaved else 1)
     with jv.KVCacheManager(cache_cfg) as m:
         slots = [m.allocate(), m.allocate()]
         cache = m.cache(slots[::-1], [0, 0])  # rows in reverse slot order
@@ -82,12 +85,14 @@ def test_logits_through_vattention_cache_match_transformers(hf_models, name):
     assert err <= 1e-5, f"{name}: logits through the cache rel. error {err:.2e}"
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["per-layer", "interleaved"])
 @pytest.mark.parametrize("name", NAMES)
-def test_greedy_generation_matches_transformers(hf_models, name):
+def test_greedy_generation_matches_transformers(hf_models, name, interleaved):
     model = hf_models[name]
     prompt = PARITY[f"{name}_gen_prompt"][0]
     want = PARITY[f"{name}_gen_tokens"].tolist()
-    cache_cfg = models.cache_config_for(model.config, max_batch=2, max_seq=32, dtype="float32", page_bytes=4096)
+    cache_cfg = models.cache_config_for(model.config, max_batch=2, max_seq=32, dtype="float32", page_bytes=4096,
+                                        layers_per_group=model.config.num_layers if interleaved else 1)
     with jv.KVCacheManager(cache_cfg) as m:
         result = models.Generator(model).generate([prompt], m, jv.SamplingParams(max_tokens=len(want), ignore_eos=True))
     assert result.tokens[0] == want

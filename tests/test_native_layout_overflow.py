@@ -37,6 +37,12 @@ CASES = {
     "native_max_seq_rounding": ("native(max_seq=2**63 - 1, kv_heads=3)", r"max_seq"),
     "native_head_dim_overflow": ("native(kv_heads=2**31, head_dim=2**31, itemsize=4)",
                                  r"kv_heads \* head_dim \* itemsize"),
+    # The interleaved layout: a token of 2 * 2**40 entries; and a group size the native layout refuses itself.
+    "interleaved_token_stride": ("manager(num_layers=2**40, layers_per_group=2**40)",
+                                 r"one tensor would reserve .*max_batch \* max_seq \* token_bytes"),
+    "interleaved_num_layers_overflow": ("native(num_layers=2**62, layers_per_group=2**62)", r"num_layers"),
+    "native_layers_per_group_not_a_divisor": ("native(layers_per_group=3)",
+                                              r"layers_per_group=3 must be a positive divisor of num_layers=2"),
     # Huge ints reaching a live manager's methods.
     "free_huge_slot": ("live().free(2**64)", r"slot"),
     "trim_huge_max_pages": ("live().trim(2**70)", r"max_pages"),

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [
     "tests/native/stress_core.cc",
     "ffi/core/cache_manager.cc",
+    "ffi/core/page_mapping.cc",
     "ffi/backends/host_backend.cc",
     "ffi/handlers/registry.cc",
 ]

@@ -28,7 +28,7 @@ def make_manager(pool_pages=None, max_batch=6):
 
 
 def slot_tokens(m, slot, n) -> np.ndarray:
-    addr = m._native.tensor_address(0, 0) + slot * m._native.slot_bytes
+    addr = m._native.entry_address(0, 0) + slot * m._native.slot_bytes
     row = np.ctypeslib.as_array((ctypes.c_float * (n * 16)).from_address(addr))
     return row.reshape(n, 16)[:, 0].copy()
 
@@ -39,7 +39,7 @@ def fake_step(m, out) -> dict[int, int]:
     for chunk in out.decodes + out.prefills:
         r = chunk.request
         assert m.capacity(r.slot) >= chunk.start + chunk.num_tokens, "scheduler dispatched an unbacked step"
-        addr = m._native.tensor_address(0, 0) + r.slot * m._native.slot_bytes + chunk.start * 64
+        addr = m._native.entry_address(0, 0) + r.slot * m._native.slot_bytes + chunk.start * 64
         dst = np.ctypeslib.as_array((ctypes.c_float * (chunk.num_tokens * 16)).from_address(addr)).reshape(-1, 16)
         dst[:] = np.asarray(r.tokens[chunk.start : chunk.start + chunk.num_tokens], np.float32)[:, None]
         if chunk.samples:

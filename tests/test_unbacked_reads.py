@@ -9,7 +9,9 @@ unbacked part was PROT_NONE, so each one was a segfault.
 private read-only anonymous mapping, so unbacked memory reads as zeros and writes
 to it still fault; ``"fault"`` keeps the strict behaviour the no-copy proofs rely on.
 Every reproducer runs in a subprocess, so a segfault fails a test instead of ending
-the run.
+the run. The reductions, the unmap-then-read and the strict-mode fault also run on
+the interleaved layout (both layers in one [MB, S, 2, 2, Hkv, D] tensor), reading
+layer 0's K out of it.
 """
 
 from __future__ import annotations
@@ -34,63 +36,72 @@ SCRIPT = textwrap.dedent(
     import jax.numpy as jnp, numpy as np
     import jax_vattention as jv
 
-    mode, case = sys.argv[1], sys.argv[2]
-    # 2 layers x [4, 128, 2, 16] f32: 128 B per token, 32 tokens per 4 KiB page, 4 pages per slot.
+    mode, case, g = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    # 2 layers x [4, 128, 2, 16] f32, 32 tokens per page, 4 pages per slot: per-layer (g=1), 128 B tokens in
+    # 4 KiB pages; interleaved (g=2), 512 B tokens (K, V of both layers) in 16 KiB pages.
     cfg = jv.CacheConfig(num_layers=2, max_batch=4, max_seq=128, kv_heads=2, head_dim=16, dtype="float32",
-                         page_bytes=4096, unbacked_reads=None if mode == "default" else mode,
+                         page_bytes=4096 * (1 if g == 1 else 2 * g), layers_per_group=g,
+                         unbacked_reads=None if mode == "default" else mode,
                          deferred_reclaim=case != "free_without_reclaim")
     m = jv.KVCacheManager(cfg)
     print("MODE", m.unbacked_reads, flush=True)
+    T = len(m.tensors)
+    # Layer 0's K and V as whole [MB, S, Hkv, D] arrays: a view per-layer, a strided slice of the one tensor
+    # interleaved (reading it reads the whole reservation either way).
+    k0 = (lambda: m.k[0]) if g == 1 else (lambda: m.tensors[0][:, :, 0, 0])
+    v0 = (lambda: m.v[0]) if g == 1 else (lambda: m.tensors[0][:, :, 0, 1])
+    v1 = (lambda: m.v[1]) if g == 1 else (lambda: m.tensors[0][:, :, 1, 1])
     s = m.allocate(5)
     n = 40 if case in ("trim", "free_without_reclaim") else 5     # 40 tokens: pages 0 and 1 of the slot
     vals = jnp.arange(1, n + 1, dtype=jnp.float32)[None, :, None, None] * jnp.ones((1, n, 2, 16), jnp.float32)
     m.grow(s, n)
     i32 = lambda x: jnp.array([x], jnp.int32)
     jv.write(m, 0, vals, -vals, i32(s), i32(0), i32(n)).block_until_ready()
-    expected = np.zeros(m.k[0].shape, np.float32)           # [MB, S, Hkv, D]: zeros wherever nothing was written
+    expected = np.zeros(k0().shape, np.float32)             # [MB, S, Hkv, D]: zeros wherever nothing was written
     expected[s, :n] = np.asarray(vals[0])
 
     if case == "print":
-        print(m.k[0])
+        print(k0())
     elif case == "repr":
-        print(repr(m.k[0]))
+        print(repr(k0()))
     elif case == "cache_repr":
         print(repr(m.cache([s], [n])))                      # never reads the views, in either mode
     elif case == "sum":
-        print("SUM", float(m.k[0].sum()))
+        print("SUM", float(k0().sum()))
     elif case in ("trim", "free_without_reclaim"):
-        np.testing.assert_array_equal(np.asarray(m.k[0]), expected)
+        np.testing.assert_array_equal(np.asarray(k0()), expected)
         m.free(s)
         if case == "trim":
-            assert m.stats().pages_mapped_free_slots == 2 * 4  # deferred: still mapped, still holding the tokens
-            np.testing.assert_array_equal(np.asarray(m.k[0]), expected)
-            assert m.trim() == 2 * 4
+            assert m.stats().pages_mapped_free_slots == 2 * T  # deferred: still mapped, still holding the tokens
+            np.testing.assert_array_equal(np.asarray(k0()), expected)
+            assert m.trim() == 2 * T
         assert m.stats().pages_mapped == 0
         # The written, then unmapped pages read zeros again, through jax and through the raw address.
-        assert float(jnp.abs(m.k[0]).sum()) == 0.0 and float(jnp.abs(m.v[0]).sum()) == 0.0
-        raw = (ctypes.c_float * (n * 32)).from_address(m._native.tensor_address(0, 0) + s * m._native.slot_bytes)
-        assert not np.frombuffer(raw, np.float32).any()
+        assert float(jnp.abs(k0()).sum()) == 0.0 and float(jnp.abs(v0()).sum()) == 0.0
+        raw = (ctypes.c_uint8 * (n * m._native.token_bytes)).from_address(m._native.tensor_address(0)
+                                                                          + s * m._native.slot_bytes)
+        assert not np.frombuffer(raw, np.uint8).any()
         print("ZEROED")
     elif case == "write_unbacked":                          # writes to unbacked memory fault in every mode
-        addr = m._native.tensor_address(1, 1) + 3 * m._native.slot_bytes
+        addr = m._native.entry_address(1, 1) + 3 * m._native.slot_bytes
         ctypes.memset(addr, 1, 8)
         print("WROTE")
     else:
         raise SystemExit("unknown case " + case)
 
     if case in ("print", "repr", "sum"):                    # survived: the whole view is the written data + zeros
-        np.testing.assert_array_equal(np.asarray(m.k[0]), expected)
-        np.testing.assert_array_equal(np.asarray(m.v[1]), 0)
+        np.testing.assert_array_equal(np.asarray(k0()), expected)
+        np.testing.assert_array_equal(np.asarray(v1()), 0)
     m.close()
     print("OK", case)
     """
 )
 
 
-def run(mode: str, case: str) -> subprocess.CompletedProcess:
+def run(mode: str, case: str, layers_per_group: int = 1) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-c", SCRIPT, mode, case], capture_output=True, text=True, env=env,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-c", SCRIPT, mode, case, str(layers_per_group)], capture_output=True,
+                          text=True, env=env, timeout=120)
 
 
 def describe(proc: subprocess.CompletedProcess) -> str:
@@ -116,19 +127,25 @@ def test_reproducers_return_normally_by_default(case):
         assert "SUM 480.0" in out, out  # (1 + 2 + 3 + 4 + 5) x 2 heads x 16 dims, the rest zeros
 
 
-@pytest.mark.parametrize("case", ["trim", "free_without_reclaim"])
-def test_an_unmapped_page_reads_zeros_again(case):
+def test_a_reduction_of_an_interleaved_layer_returns_normally_by_default():
+    proc = run("default", "sum", 2)
+    assert proc.returncode == 0 and "MODE zeros" in proc.stdout and "OK sum" in proc.stdout, describe(proc)
+    assert "SUM 480.0" in proc.stdout, proc.stdout  # layer 0's K only, not the V beside it
+
+
+@pytest.mark.parametrize("case, layers_per_group", [("trim", 1), ("free_without_reclaim", 1), ("trim", 2)])
+def test_an_unmapped_page_reads_zeros_again(case, layers_per_group):
     """A page written, then unmapped (trim of a deferred slot; free without deferred reclamation) reads zeros."""
-    proc = run("zeros", case)
+    proc = run("zeros", case, layers_per_group)
     assert proc.returncode == 0 and "ZEROED" in proc.stdout, describe(proc)
 
 
 # -- "fault": the strict mode still faults ----------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["print", "repr", "sum"])
-def test_strict_mode_still_faults(case):
-    proc = run("fault", case)
+@pytest.mark.parametrize("case, layers_per_group", [("print", 1), ("repr", 1), ("sum", 1), ("sum", 2)])
+def test_strict_mode_still_faults(case, layers_per_group):
+    proc = run("fault", case, layers_per_group)
     assert proc.returncode == -signal.SIGSEGV, describe(proc)
     assert "MODE fault" in proc.stdout and "OK" not in proc.stdout
 

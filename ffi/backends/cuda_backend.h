@@ -10,7 +10,7 @@
 //   kZeros: one physical page of zeros (page_bytes, created and zeroed at the
 //           first reserve) is mapped READ-ONLY at every unbacked page of every
 //           reservation (one handle mapped at many addresses; access is set
-//           per mapping). map() of a real page first unmaps the zero page at
+//           per mapping, once per contiguous run of them). map() of a real page first unmaps the zero page at
 //           that address; unmap() of a real page maps the zero page back
 //           read-only; release() unmaps the zero pages of the range, and the
 //           last release frees the zero page. The manager never sees any of it.
@@ -46,6 +46,8 @@ class CudaBackend final : public MemoryBackend, public DeviceMemory {
   PageHandle create_page(size_t bytes) override;
   void destroy_page(PageHandle page, size_t bytes) override;
   void map(uintptr_t addr, size_t bytes, PageHandle page) override;
+  // n x cuMemMap, then one cuMemSetAccess over the whole run (see the .cc for why that is legal).
+  void map_run(uintptr_t addr, size_t page_bytes, const PageHandle* pages, size_t n) override;
   void unmap(uintptr_t addr, size_t bytes) override;
   void synchronize() override;
   DeviceMemory* device_memory() override { return this; }
@@ -70,11 +72,15 @@ class CudaBackend final : public MemoryBackend, public DeviceMemory {
     std::vector<uint8_t> zero_mapped;  // per page of zero_page_bytes_
   };
   CUmemAllocationProp page_prop() const;
+  // Access of this device to a mapping (access is per mapping; a new one starts inaccessible).
+  CUmemAccessDesc access(CUmemAccess_flags flags) const;
+  // kZeros (cuda_zero_pages.cc).
   // Creates the zero page (once) and fills it with zeros through a temporary read-write mapping.
   void create_zero_page(size_t page_bytes);
   void destroy_zero_page() noexcept;
-  // cuMemMap of the zero page at ptr + cuMemSetAccess(PROT_READ); on failure nothing stays mapped.
-  CUresult map_zero_page(CUdeviceptr ptr) const;
+  // cuMemMap of the zero page at each of the n pages from ptr, then one cuMemSetAccess(PROT_READ) over
+  // them all; on failure nothing of the run stays mapped.
+  CUresult map_zero_run(CUdeviceptr ptr, size_t n) const;
   // The reservation holding [addr, addr + bytes) and the index of its first page; throws if none or misaligned.
   Reservation& reservation_of(uintptr_t addr, size_t bytes, size_t* first_page);
   // Unmaps the zero pages in [addr, addr + bytes) (before a real page is mapped there); throws on failure,

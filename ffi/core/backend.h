@@ -4,6 +4,7 @@
 //   reserve  ~ cuMemAddressReserve     release ~ cuMemAddressFree
 //   create   ~ cuMemCreate             destroy ~ cuMemRelease
 //   map      ~ cuMemMap+cuMemSetAccess unmap   ~ cuMemUnmap
+//   map_run  ~ n x cuMemMap + one cuMemSetAccess over the whole run
 // so the manager logic that drives it is the same on the GPU and in CI.
 // A backend holds no state beyond what those calls need.
 #pragma once
@@ -62,6 +63,27 @@ class MemoryBackend {
 
   // Back [addr, addr+bytes) with `page`, readable and writable by the device.
   virtual void map(uintptr_t addr, size_t bytes, PageHandle page) = 0;
+  // Back the run of n pages [addr, addr + n*page_bytes) with pages[0..n), page i
+  // at addr + i*page_bytes, readable and writable by the device. All or nothing:
+  // on failure no page of the run stays mapped and the error propagates. The
+  // default maps page by page; a backend whose access setting costs per call
+  // (CUDA) overrides it to set access once over the run.
+  virtual void map_run(uintptr_t addr, size_t page_bytes, const PageHandle* pages, size_t n) {
+    size_t done = 0;
+    try {
+      for (; done < n; ++done) map(addr + done * page_bytes, page_bytes, pages[done]);
+    } catch (...) {
+      while (done > 0) {
+        --done;
+        try {
+          unmap(addr + done * page_bytes, page_bytes);
+        } catch (...) {
+          // Keep unwinding the rest; the first error is the one reported.
+        }
+      }
+      throw;
+    }
+  }
   // Remove the backing; the range stays reserved and reads again as it did
   // before the map (faults or zeros); writing it faults.
   virtual void unmap(uintptr_t addr, size_t bytes) = 0;
@@ -73,7 +95,8 @@ class MemoryBackend {
   // (CUDA); nullptr when it can (host). Handlers reach device memory only here.
   virtual DeviceMemory* device_memory() { return nullptr; }
 
-  // Test-only fault injection: the next `n` create_page / map calls fail.
+  // Test-only fault injection: the next `n` create_page / map calls fail (in
+  // map_run, each page of the run counts as one map call).
   void inject_failures(int create_failures, int map_failures) {
     fail_creates_ = create_failures;
     fail_maps_ = map_failures;

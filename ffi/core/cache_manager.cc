@@ -72,13 +72,20 @@ void CacheManager::check_slot(int64_t slot) const {
                                                  std::to_string(layout_.max_batch) + ")");
 }
 
-uintptr_t CacheManager::tensor_base(int64_t layer, int64_t kv) const {
+uintptr_t CacheManager::tensor_base(int64_t tensor) const {
   std::lock_guard<std::mutex> lock(mu_);
   check_open();
-  if (layer < 0 || layer >= layout_.num_layers || (kv != 0 && kv != 1))
-    throw Error(ErrorKind::kInvalidArgument, "layer " + std::to_string(layer) + " is out of range [0, " +
-                                                 std::to_string(layout_.num_layers) + ")");
-  return bases_[2 * layer + kv];
+  if (tensor < 0 || tensor >= layout_.num_tensors())
+    throw Error(ErrorKind::kInvalidArgument, "tensor " + std::to_string(tensor) + " is out of range [0, " +
+                                                 std::to_string(layout_.num_tensors()) + ")");
+  return bases_[tensor];
+}
+
+uintptr_t CacheManager::entry_address(int64_t layer, int64_t kv) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  check_open();
+  const EntryLocation at = layout_.locate(layer, kv);
+  return bases_[at.tensor] + static_cast<uintptr_t>(at.offset);
 }
 
 uintptr_t CacheManager::page_addr(int64_t tensor, int64_t slot, int64_t page) const {
@@ -87,96 +94,6 @@ uintptr_t CacheManager::page_addr(int64_t tensor, int64_t slot, int64_t page) co
 
 int64_t CacheManager::available_pages() const {
   return static_cast<int64_t>(free_pages_.size()) + (pages_budget_ - pages_created_);
-}
-
-PageHandle CacheManager::acquire_page() {
-  if (!free_pages_.empty()) {
-    PageHandle p = free_pages_.back();
-    free_pages_.pop_back();
-    return p;
-  }
-  PageHandle p = backend_->create_page(layout_.page_bytes);
-  ++pages_created_;
-  ++creates_;
-  return p;
-}
-
-// Maps page indices [mapped_pages, target_pages) in every tensor. On a backend
-// failure the page index in progress is rolled back, so the slot stays
-// consistent (same page count in every tensor) and the error propagates.
-void CacheManager::map_pages(int64_t slot, int64_t target_pages) {
-  Slot& s = slots_[slot];
-  const int64_t T = layout_.num_tensors();
-  while (s.mapped_pages < target_pages) {
-    const int64_t page = s.mapped_pages;
-    int64_t done = 0;
-    try {
-      for (; done < T; ++done) {
-        PageHandle h = acquire_page();
-        try {
-          backend_->map(page_addr(done, slot, page), layout_.page_bytes, h);
-        } catch (...) {
-          free_pages_.push_back(h);
-          throw;
-        }
-        ++maps_;
-        s.pages.push_back(h);
-      }
-    } catch (...) {
-      for (int64_t t = done - 1; t >= 0; --t) {
-        backend_->unmap(page_addr(t, slot, page), layout_.page_bytes);
-        ++unmaps_;
-        free_pages_.push_back(s.pages.back());
-        s.pages.pop_back();
-      }
-      ++capacity_version_;
-      throw;
-    }
-    ++s.mapped_pages;
-    ++capacity_version_;  // only on a change: a new version makes the CUDA write re-upload its capacity table
-  }
-}
-
-// Unmaps page indices [keep_pages, mapped_pages) in every tensor, returning
-// the physical pages to the free list. Caller synchronizes the device first.
-void CacheManager::unmap_pages(int64_t slot, int64_t keep_pages) {
-  Slot& s = slots_[slot];
-  const int64_t T = layout_.num_tensors();
-  while (s.mapped_pages > keep_pages) {
-    const int64_t page = s.mapped_pages - 1;
-    for (int64_t t = T - 1; t >= 0; --t) {
-      backend_->unmap(page_addr(t, slot, page), layout_.page_bytes);
-      ++unmaps_;
-      free_pages_.push_back(s.pages.back());
-      s.pages.pop_back();
-    }
-    --s.mapped_pages;
-    ++capacity_version_;
-  }
-}
-
-// Deferred reclamation: take pages back from free slots, largest first.
-int64_t CacheManager::reclaim_free_slots(int64_t pages_wanted) {
-  std::vector<int64_t> order;
-  for (int64_t i = 0; i < layout_.max_batch; ++i)
-    if (!slots_[i].allocated && slots_[i].mapped_pages > 0) order.push_back(i);
-  if (order.empty()) return 0;
-  std::sort(order.begin(), order.end(),
-            [&](int64_t a, int64_t b) { return slots_[a].mapped_pages > slots_[b].mapped_pages; });
-  backend_->synchronize();
-  int64_t got = 0;
-  const int64_t T = layout_.num_tensors();
-  for (int64_t i : order) {
-    if (pages_wanted >= 0 && got >= pages_wanted) break;
-    int64_t keep = 0;
-    if (pages_wanted >= 0) {
-      int64_t still = (pages_wanted - got + T - 1) / T;  // page indices still needed
-      keep = std::max<int64_t>(0, slots_[i].mapped_pages - still);
-    }
-    got += (slots_[i].mapped_pages - keep) * T;
-    unmap_pages(i, keep);
-  }
-  return got;
 }
 
 void CacheManager::grow_locked(const int32_t* slots, const int32_t* lengths, int64_t n) {

@@ -2,8 +2,10 @@
 // the slot lifecycle. Includes neither XLA nor CUDA headers; every memory API
 // call goes through the MemoryBackend it owns.
 //
-// Page p of slot s in tensor t lives at base[t] + s*slot_bytes + p*page_bytes.
-// A slot always has the same number of pages mapped in all 2*L tensors.
+// The layout (CacheLayout) reserves num_tensors() tensors: 2*L per-layer ones,
+// or L/g interleaved ones. Page p of slot s in tensor t lives at
+// base[t] + s*slot_bytes + p*page_bytes. A slot always has the same number of
+// pages mapped in every tensor. Page mapping is page_mapping.cc.
 #pragma once
 
 #include <cstdint>
@@ -23,7 +25,7 @@ struct CacheStats {
   int64_t pages_budget = 0;        // pool size in pages
   int64_t pages_created = 0;       // physical pages that exist (mapped + free list)
   int64_t pages_free = 0;          // created, unmapped, on the free list
-  int64_t pages_mapped = 0;        // mapped into some slot, summed over tensors
+  int64_t pages_mapped = 0;        // mapped into some slot, summed over all reserved tensors
   int64_t pages_mapped_free_slots = 0;  // of those, held by free slots (deferred reclamation)
   int64_t live_slots = 0;
   // Lifetime counters of backend calls.
@@ -44,8 +46,12 @@ class CacheManager {
   const CacheLayout& layout() const { return layout_; }
   MemoryBackend& backend() { return *backend_; }
 
-  // Address of tensor t = 2*layer + kv (kv 0 = K, 1 = V).
-  uintptr_t tensor_base(int64_t layer, int64_t kv) const;
+  // Base address of reserved tensor `tensor` in [0, num_tensors()).
+  uintptr_t tensor_base(int64_t tensor) const;
+  // Address of layer `layer`'s K (kv 0) or V (kv 1) at slot 0, token 0: its
+  // tensor's base plus the entry offset (layout().locate). Token p of slot s is
+  // token_bytes * p + slot_bytes * s further; entry_bytes of it are the layer's.
+  uintptr_t entry_address(int64_t layer, int64_t kv) const;
 
   // Allocate a free slot, preferring one whose deferred pages already cover
   // `min_tokens` (best fit), then back [0, min_tokens).
@@ -88,7 +94,9 @@ class CacheManager {
   void check_open() const;
   void check_slot(int64_t slot) const;
   int64_t available_pages() const;
-  PageHandle acquire_page();
+  // Appends n pages from the free list or newly created ones to *out; on a
+  // failure the ones it took go (back) to the free list and the error propagates.
+  void acquire_pages(int64_t n, std::vector<PageHandle>* out);
   void map_pages(int64_t slot, int64_t target_pages);
   void unmap_pages(int64_t slot, int64_t keep_pages);
   int64_t reclaim_free_slots(int64_t pages_wanted);

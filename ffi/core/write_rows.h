@@ -1,4 +1,7 @@
-// The host write: copies new K/V token rows into their slots of one layer.
+// The host write: copies new K/V token rows into their slots of one layer, in
+// place at the layer's entries (CacheLayout::locate): token p of slot s is
+// entry_address + s*slot_bytes + p*token_bytes, entry_bytes long (token_bytes
+// = entry_bytes per-layer, so a row is one contiguous copy there).
 // Plain C++ over host pointers; the CPU FFI handler only adapts its buffers.
 #pragma once
 

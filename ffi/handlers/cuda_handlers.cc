@@ -76,10 +76,11 @@ ffi::Error WriteCuda(cudaStream_t stream, uint64_t manager_id, int64_t layer, ff
     a.out_lengths = out->typed_data();
     a.capacity = reinterpret_cast<const int32_t*>(tables.capacity);
     a.error = reinterpret_cast<int32_t*>(tables.refused);
-    a.k_base = reinterpret_cast<void*>(m.tensor_base(layer, 0));
-    a.v_base = reinterpret_cast<void*>(m.tensor_base(layer, 1));
+    a.k_base = reinterpret_cast<void*>(m.entry_address(layer, 0));  // the layer's entries, wherever it lives
+    a.v_base = reinterpret_cast<void*>(m.entry_address(layer, 1));
     a.batch = ws.batch;
     a.tokens = ws.tokens;
+    a.entry_bytes = L.entry_bytes;
     a.token_bytes = L.token_bytes;
     a.slot_bytes = L.slot_bytes;
     a.max_batch = L.max_batch;

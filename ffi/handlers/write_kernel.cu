@@ -5,9 +5,11 @@
 namespace vattn {
 namespace {
 
-// One block per (token, row). A row whose slot, count or positions fall outside
-// the slot's writable capacity is skipped and reported through `error`, so a
-// bad index never stores into unmapped memory.
+// One block per (token, row); a block copies the row's K and V entry of that
+// token (entry_bytes each; consecutive tokens are token_bytes apart in the
+// cache). A row whose slot, count or positions fall outside the slot's
+// writable capacity is skipped and reported through `error`, so a bad index
+// never stores into unmapped memory.
 __global__ void write_kv_kernel(WriteKernelArgs a) {
   const int64_t t = blockIdx.x, b = blockIdx.y;
   const int32_t slot = a.slots[b], start = a.starts[b], count = a.counts[b];
@@ -23,21 +25,22 @@ __global__ void write_kv_kernel(WriteKernelArgs a) {
     }
   }
   if (skip || !valid || t >= count) return;
-  const int64_t src = (b * a.tokens + t) * a.token_bytes;
+  const int64_t src = (b * a.tokens + t) * a.entry_bytes;
   const int64_t dst = int64_t{slot} * a.slot_bytes + (int64_t{start} + t) * a.token_bytes;
   const char* ks = static_cast<const char*>(a.k_new) + src;
   const char* vs = static_cast<const char*>(a.v_new) + src;
   char* kd = static_cast<char*>(a.k_base) + dst;
   char* vd = static_cast<char*>(a.v_base) + dst;
-  const bool vec = a.token_bytes % 16 == 0 && (reinterpret_cast<uintptr_t>(ks) | reinterpret_cast<uintptr_t>(vs) |
-                                                reinterpret_cast<uintptr_t>(kd) | reinterpret_cast<uintptr_t>(vd)) % 16 == 0;
+  const int64_t n = a.entry_bytes;
+  const bool vec = n % 16 == 0 && (reinterpret_cast<uintptr_t>(ks) | reinterpret_cast<uintptr_t>(vs) |
+                                   reinterpret_cast<uintptr_t>(kd) | reinterpret_cast<uintptr_t>(vd)) % 16 == 0;
   if (vec) {
-    for (int64_t i = threadIdx.x; i < a.token_bytes / 16; i += blockDim.x) {
+    for (int64_t i = threadIdx.x; i < n / 16; i += blockDim.x) {
       reinterpret_cast<uint4*>(kd)[i] = reinterpret_cast<const uint4*>(ks)[i];
       reinterpret_cast<uint4*>(vd)[i] = reinterpret_cast<const uint4*>(vs)[i];
     }
   } else {
-    for (int64_t i = threadIdx.x; i < a.token_bytes; i += blockDim.x) {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
       kd[i] = ks[i];
       vd[i] = vs[i];
     }

@@ -1,4 +1,5 @@
-// Launcher for the CUDA scatter of new K/V rows into the VMM cache.
+// Launcher for the CUDA scatter of new K/V rows into the VMM cache, at one
+// layer's entries of its (per-layer or interleaved) tensor.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -16,9 +17,12 @@ struct WriteKernelArgs {
   int32_t* out_lengths;        // [B]
   const int32_t* capacity;     // [max_batch], writable tokens per slot
   int32_t* error;              // [4] {flag, row, slot, end position}
-  void* k_base;
-  void* v_base;
-  int64_t batch, tokens, token_bytes, slot_bytes, max_batch;
+  void* k_base;                // the layer's K entry at slot 0, token 0 (tensor base + entry offset)
+  void* v_base;                // the layer's V entry at slot 0, token 0
+  int64_t batch, tokens;
+  int64_t entry_bytes;         // bytes copied per token: Hkv * D * itemsize, also the source token stride
+  int64_t token_bytes;         // the cache's token stride (entries_per_token * entry_bytes)
+  int64_t slot_bytes, max_batch;
 };
 
 // Enqueues the write on `stream`; returns the launch error (cudaSuccess when

@@ -40,8 +40,9 @@ Grid ``(B, Hkv * head_blocks, num_splits)``. Program ``(b, h, s)`` owns all
 ``G = Hq/Hkv`` query heads of KV head ``h`` (GQA packing, padded to a power of
 two >= 16 rows because Triton dots need M >= 16), and the token range
 ``[s * chunk, (s + 1) * chunk) & [0, len_b)`` of slot ``slots[b]``. Each
-``[block_k, D]`` K/V tile (rows strided by ``Hkv * D`` in the token-major cache,
-no transpose, no copy) is loaded once and used by all G heads. Softmax is fp32
+``[block_k, D]`` K/V tile (rows strided by ``E * Hkv * D`` in the token-major cache:
+``Hkv * D`` per-layer, the whole interleaved token otherwise; no transpose, no
+copy) is loaded once and used by all G heads. Softmax is fp32
 online softmax (exp2 domain). With ``num_splits > 1`` (flash decoding) each
 split writes unnormalised partials ``(acc, m, l)`` that a small XLA combine
 merges; with one split the kernel normalises and writes ``q.dtype`` directly.
@@ -112,7 +113,7 @@ def choose_config(batch, kv_heads, group, max_len, head_dim, *, block_k=None, nu
 
 
 def _decode_kernel(slots_ref, lens_ref, q_ref, k_ref, v_ref, *out_refs, cfg: DecodeConfig,
-                   sm_scale: float, soft_cap, normalize: bool, masked_loads: bool):
+                   sm_scale: float, soft_cap, normalize: bool, masked_loads: bool, k_entry: int, v_entry: int):
     b, hb, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kv_head = lax.div(hb, cfg.head_blocks) if cfg.head_blocks > 1 else hb
     slot = slots_ref[b]
@@ -128,8 +129,8 @@ def _decode_kernel(slots_ref, lens_ref, q_ref, k_ref, v_ref, *out_refs, cfg: Dec
         pos0 = start + j * bk
         pos = pos0 + lax.broadcasted_iota(jnp.int32, (bk,), 0)
         row_ok = pos < length
-        k = common.load_kv_tile(k_ref, slot, pos0, kv_head, row_ok, masked_loads)
-        v = common.load_kv_tile(v_ref, slot, pos0, kv_head, row_ok, masked_loads)
+        k = common.load_kv_tile(k_ref, slot, pos0, k_entry, kv_head, row_ok, masked_loads)  # [bk, D]
+        v = common.load_kv_tile(v_ref, slot, pos0, v_entry, kv_head, row_ok, masked_loads)
         s = common.qk_logits(q, k, sm_scale, soft_cap)
         valid = jnp.broadcast_to(row_ok[None, :], s.shape)
         return common.online_softmax_step(carry, s, v, valid)
@@ -163,17 +164,19 @@ def combine_splits(acc, m, row_sum):
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "soft_cap", "max_len", "interpret", "block_k", "num_splits",
-                     "num_warps", "num_stages", "num_sms", "masked_loads"),
+                     "num_warps", "num_stages", "num_sms", "masked_loads", "k_entry", "v_entry"),
 )
 def _decode_attention(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, soft_cap=None, max_len=None,
                       interpret=False, block_k=None, num_splits=None, num_warps=None, num_stages=None,
-                      num_sms=None, masked_loads=None):
+                      num_sms=None, masked_loads=None, k_entry=0, v_entry=0):
     """Single-token attention of ``q [B, Hq, D]`` over the cache rows ``slots``.
 
     Args:
       q: ``[B, Hq, D]``, one query token per row.
-      k_cache, v_cache: ``[MB, S, Hkv, D]`` bf16/fp16 (e.g. ``manager.k[layer]``);
-        read in place, only tiles below each row's length.
+      k_cache, v_cache: ``[MB, S, Hkv, D]`` bf16/fp16 (e.g. ``manager.k[layer]``), or an
+        interleaved group ``[MB, S, g, 2, Hkv, D]`` / ``[MB, S, E, Hkv, D]`` (the same
+        array for both; see common.py); read in place, only tiles below each row's
+        length, only entries ``k_entry``/``v_entry``.
       slots: ``[B] int32``; row b reads slot ``slots[b]`` (any order, repeats ok).
         A negative slot marks a padding row: it reads nothing and outputs 0.
       lengths: ``[B] int32`` valid tokens per row (>= 1; 0 gives a zero output).
@@ -187,13 +190,15 @@ def _decode_attention(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, sof
       block_k, num_splits, num_warps, num_stages, num_sms: tuning overrides.
       masked_loads: row-masked tile loads (default: on GPU, off in interpret
         mode, see ``common.load_kv_tile``); exposed for tests.
+      k_entry, v_entry: static entries (flat, in ``[0, E)``) holding this layer's K and
+        V: ``2 * (layer % g)`` and ``+ 1`` interleaved; 0 for rank 4.
     Returns:
       ``[B, Hq, D]`` in ``q.dtype``.
 
     Mapping requirement: tokens ``[0, ceil(len/block_k)*block_k)`` of each slot
     are mapped, which holds when ``block_k`` divides tokens-per-page (common.py).
     """
-    mb, seq, hkv, d = common.check_cache(k_cache, v_cache)
+    mb, seq, hkv, d = common.check_cache(k_cache, v_cache, k_entry=k_entry, v_entry=v_entry)
     if q.ndim != 3 or q.shape[-1] != d:
         raise ValueError(f"q must be [B, Hq, {d}], got {q.shape}")
     batch, hq, _ = q.shape
@@ -234,7 +239,7 @@ def _decode_attention(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, sof
             pl.BlockSpec((None, None, None, cfg.block_h), lambda b, h, s: (b, h, s, 0)),
         ]
     kernel = functools.partial(_decode_kernel, cfg=cfg, sm_scale=scale, soft_cap=soft_cap, normalize=normalize,
-                               masked_loads=masked_loads)
+                               masked_loads=masked_loads, k_entry=int(k_entry), v_entry=int(v_entry))
     whole = pl.no_block_spec  # slots/lengths/cache: whole-array refs, indexed in the body
     outs = pl.pallas_call(
         kernel,

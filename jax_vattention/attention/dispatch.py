@@ -1,5 +1,9 @@
 """The engine's kernel dispatch: attention over a cache ``[MB, S, Hkv, D]``, kernels or jnp, chosen statically.
 
+Either cache layout (see common.py): one layer's ``[MB, S, Hkv, D]``, or an
+interleaved group ``[MB, S, g, 2, Hkv, D]`` passed as both K and V with static
+``k_entry``/``v_entry``.
+
 Two implementations, one contract (read slot ``slots[b]`` only below the row's
 length, which must come from ``KVCache.write``):
 
@@ -42,7 +46,9 @@ class AttentionSpec:
     impl: str = "auto"  # "auto" | "kernel" | "reference"
     interpret: bool = False  # run the Pallas kernels in the HLO interpreter (CPU)
     max_len: int | None = None  # static bound on any row's cached length (window / grid size)
-    block_k: int | None = None  # KV tile of the kernels; must divide tokens-per-page
+    # KV tile of the kernels. In interpret mode over a sparsely mapped cache it must divide the tokens per page
+    # (common.py; 16 for an interleaved Llama-3-8B with g=32 and 2 MiB pages); None: the kernels' default.
+    block_k: int | None = None
 
     def __post_init__(self):
         if self.impl not in ("auto", "kernel", "reference"):
@@ -60,11 +66,13 @@ class AttentionSpec:
         impl = "kernel" if (platform == "gpu" and kernel_ok) else "reference"
         return dataclasses.replace(self, impl=impl)
 
-    def kernel_block_k(self, head_dim: int, seq_len: int) -> int:
-        """The KV tile the kernels will use on slots of ``seq_len`` tokens (their default when ``block_k`` is None)."""
+    def kernel_block_k(self, head_dim: int, seq_len: int, tokens_per_page: int | None = None) -> int:
+        """The KV tile the kernels use on slots of ``seq_len`` tokens: ``block_k``, else their default, which with
+        ``tokens_per_page`` (``CacheConfig.tokens_per_page``) is also capped to divide it (common.py).
+        Callers pass the result as ``block_k`` so the kernels use exactly it."""
         if self.block_k:
             return self.block_k
-        return common.default_block_k(head_dim, seq_len)
+        return common.default_block_k(head_dim, seq_len, tokens_per_page)
 
     def with_max_len(self, max_len: int | None) -> AttentionSpec:
         return dataclasses.replace(self, max_len=max_len)
@@ -76,17 +84,19 @@ def default_platform() -> str:
 
 
 # -- jnp reference (any dtype, fp32 maths) -------------------------------------
-def gather_window(cache: jax.Array, slots: jax.Array, lengths: jax.Array, window: int) -> jax.Array:
-    """``cache[slots[b], min(t, len_b - 1), h]`` for ``t < window``: ``[B, Hkv, W, D]``, below lengths only.
+def gather_window(cache: jax.Array, slots: jax.Array, lengths: jax.Array, window: int, entry: int = 0) -> jax.Array:
+    """``cache[slots[b], min(t, len_b - 1), entry, h]`` for ``t < window``: ``[B, Hkv, W, D]``, below lengths only.
 
-    Gathered head-major, the layout the score and value products consume, so
-    XLA needs no transposed copy of the window (which, for a full batch at a
-    full-length window, is as large as a cache tensor).
+    ``cache`` is ``[MB, S, Hkv, D]`` (``entry`` 0) or a group (common.py); only the
+    entry's rows are read. Gathered head-major, the layout the score and value
+    products consume, so XLA needs no transposed copy of the window (which, for a
+    full batch at a full-length window, is as large as a cache tensor).
     """
     pos = jnp.arange(window, dtype=jnp.int32)[None, :]  # [1, W]
     idx = jnp.minimum(pos, jnp.maximum(lengths[:, None], 1) - 1)  # [B, W]
-    heads = jnp.arange(cache.shape[2], dtype=jnp.int32)
-    return cache[slots[:, None, None], idx[:, None, :], heads[None, :, None]]  # [B, Hkv, W, D]
+    heads = jnp.arange(cache.shape[-2], dtype=jnp.int32)
+    return cache[common.kv_index(cache, slots[:, None, None], idx[:, None, :], entry,  # [B, Hkv, W, D]
+                                 heads[None, :, None])]
 
 
 def _attend(q, k, v, mask, scale):
@@ -101,11 +111,13 @@ def _attend(q, k, v, mask, scale):
     return o.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
 
 
-def prefill_attention_reference(q, k_cache, v_cache, slots, starts, q_lens, *, window: int):
+def prefill_attention_reference(q, k_cache, v_cache, slots, starts, q_lens, *, window: int, k_entry: int = 0,
+                                v_entry: int = 0):
     """Causal attention of ``q [B, T, Hq, D]`` (tokens ``starts + t``) over cache tokens ``[0, starts + q_lens)``."""
+    common.check_layout(k_cache, v_cache, k_entry, v_entry)
     kv_lens = starts + q_lens  # [B]
-    k = gather_window(k_cache, slots, kv_lens, window)  # [B, Hkv, W, D]
-    v = gather_window(v_cache, slots, kv_lens, window)
+    k = gather_window(k_cache, slots, kv_lens, window, k_entry)  # [B, Hkv, W, D]
+    v = gather_window(v_cache, slots, kv_lens, window, v_entry)
     t = jnp.arange(q.shape[1], dtype=jnp.int32)
     w = jnp.arange(window, dtype=jnp.int32)
     qpos = starts[:, None] + t[None, :]  # [B, T]
@@ -115,10 +127,12 @@ def prefill_attention_reference(q, k_cache, v_cache, slots, starts, q_lens, *, w
     return jnp.where(q_ok[:, :, None, None], o, 0.0).astype(q.dtype)
 
 
-def decode_attention_reference(q, k_cache, v_cache, slots, lengths, *, window: int):
+def decode_attention_reference(q, k_cache, v_cache, slots, lengths, *, window: int, k_entry: int = 0,
+                               v_entry: int = 0):
     """Attention of one query per row ``q [B, Hq, D]`` over cache tokens ``[0, lengths)``."""
     ones = jnp.ones_like(lengths)
-    return prefill_attention_reference(q[:, None], k_cache, v_cache, slots, lengths - 1, ones, window=window)[:, 0]
+    return prefill_attention_reference(q[:, None], k_cache, v_cache, slots, lengths - 1, ones, window=window,
+                                       k_entry=k_entry, v_entry=v_entry)[:, 0]
 
 
 def dense_causal_attention(q, k, v):
@@ -131,8 +145,14 @@ def dense_causal_attention(q, k, v):
 
 
 # -- dispatch ------------------------------------------------------------------
-def cache_attention(q, k_cache, v_cache, slots, lengths, num_new, spec: AttentionSpec):
+def cache_attention(q, k_cache, v_cache, slots, lengths, num_new, spec: AttentionSpec, *, k_entry: int = 0,
+                    v_entry: int = 0):
     """Attention of the pending tokens over the cache after their K/V were written.
+
+    ``k_cache``/``v_cache``: ``[MB, S, Hkv, D]``, or the interleaved group
+    ``[MB, S, g, 2, Hkv, D]`` (or ``[MB, S, E, Hkv, D]``) twice, with this layer's K and
+    V at the static entries ``k_entry = 2*(l % g)`` and ``v_entry = k_entry + 1``.
+    Pass the views as they are (no reshape: common.py says why).
 
     q: ``[B, T, Hq, D]``; row b's first ``num_new[b]`` queries are the tokens at
     positions ``[lengths[b] - num_new[b], lengths[b])`` (``lengths`` as returned
@@ -144,11 +164,13 @@ def cache_attention(q, k_cache, v_cache, slots, lengths, num_new, spec: Attentio
         spec = spec.resolve(k_cache.dtype, q.shape[-1], default_platform())
     window = min(spec.max_len or k_cache.shape[1], k_cache.shape[1])
     decode = q.shape[1] == 1
+    entries = dict(k_entry=k_entry, v_entry=v_entry)
     if spec.impl == "kernel":
-        kw = dict(max_len=spec.max_len, interpret=spec.interpret, block_k=spec.block_k)
+        kw = dict(max_len=spec.max_len, interpret=spec.interpret, block_k=spec.block_k, **entries)
         if decode:
             return decode_attention(q[:, 0], k_cache, v_cache, slots, lengths, **kw)[:, None]
         return chunked_prefill_attention(q, k_cache, v_cache, slots, lengths - num_new, num_new, **kw)
     if decode:
-        return decode_attention_reference(q[:, 0], k_cache, v_cache, slots, lengths, window=window)[:, None]
-    return prefill_attention_reference(q, k_cache, v_cache, slots, lengths - num_new, num_new, window=window)
+        return decode_attention_reference(q[:, 0], k_cache, v_cache, slots, lengths, window=window, **entries)[:, None]
+    return prefill_attention_reference(q, k_cache, v_cache, slots, lengths - num_new, num_new, window=window,
+                                       **entries)

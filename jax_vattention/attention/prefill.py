@@ -1,5 +1,9 @@
 """Chunked-prefill attention over the vAttention cache (Pallas, Triton backend).
 
+The cache is one layer's K/V ``[MB, S, Hkv, D]``, or an interleaved group
+``[MB, S, g, 2, Hkv, D]`` / ``[MB, S, E, Hkv, D]`` with static entries (see
+common.py); read in place either way.
+
 Packed layout (documented choice): **padded batch-major**, the same layout
 ``jax_vattention.write`` takes for the new K/V, so one forward pass projects
 ``[B, Tmax, ...]`` tokens once and uses them for both::
@@ -69,7 +73,7 @@ def choose_config(group, head_dim, *, block_m=None, block_k=None, num_warps=None
 
 
 def _prefill_kernel(slots_ref, starts_ref, qlens_ref, q_ref, k_ref, v_ref, o_ref, *, cfg: PrefillConfig,
-                    sm_scale: float, soft_cap, masked_loads: bool):
+                    sm_scale: float, soft_cap, masked_loads: bool, k_entry: int, v_entry: int):
     num_qb = pl.num_programs(0)
     i = num_qb - 1 - pl.program_id(0)  # longest (last) query tiles first: shorter tail
     kv_head, b = pl.program_id(1), pl.program_id(2)
@@ -90,16 +94,16 @@ def _prefill_kernel(slots_ref, starts_ref, qlens_ref, q_ref, k_ref, v_ref, o_ref
 
     def full_block(j, carry):
         pos0 = j * bk
-        k = k_ref[slot, pl.ds(pos0, bk), kv_head, :]
-        v = v_ref[slot, pl.ds(pos0, bk), kv_head, :]
+        k = k_ref[common.kv_index(k_ref, slot, pl.ds(pos0, bk), k_entry, kv_head, slice(None))]  # [bk, D]
+        v = v_ref[common.kv_index(v_ref, slot, pl.ds(pos0, bk), v_entry, kv_head, slice(None))]
         return common.online_softmax_step(carry, common.qk_logits(q, k, sm_scale, soft_cap), v, None)
 
     def edge_block(j, carry):
         pos0 = j * bk
         pos = pos0 + lax.broadcasted_iota(jnp.int32, (bk,), 0)
         row_ok = pos < kv_len
-        k = common.load_kv_tile(k_ref, slot, pos0, kv_head, row_ok, masked_loads)
-        v = common.load_kv_tile(v_ref, slot, pos0, kv_head, row_ok, masked_loads)
+        k = common.load_kv_tile(k_ref, slot, pos0, k_entry, kv_head, row_ok, masked_loads)
+        v = common.load_kv_tile(v_ref, slot, pos0, v_entry, kv_head, row_ok, masked_loads)
         valid = (pos[None, :] <= qpos[:, None]) & row_ok[None, :]
         return common.online_softmax_step(carry, common.qk_logits(q, k, sm_scale, soft_cap), v, valid)
 
@@ -116,20 +120,22 @@ def _prefill_kernel(slots_ref, starts_ref, qlens_ref, q_ref, k_ref, v_ref, o_ref
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "soft_cap", "max_len", "interpret", "block_m", "block_k", "num_warps",
-                     "num_stages", "masked_loads"),
+                     "num_stages", "masked_loads", "k_entry", "v_entry"),
 )
 def _chunked_prefill_attention(q, k_cache, v_cache, slots, starts, q_lens, *, sm_scale=None, soft_cap=None,
                                max_len=None, interpret=False, block_m=None, block_k=None, num_warps=None,
-                               num_stages=None, masked_loads=None):
+                               num_stages=None, masked_loads=None, k_entry=0, v_entry=0):
     """Causal attention of new chunks ``q [B, Tmax, Hq, D]`` over cached prefixes.
 
-    See the module docstring for the layout. ``max_len`` (static, optional)
+    See the module docstring for the layout. The cache is ``[MB, S, Hkv, D]`` or an
+    interleaved group with static entries ``k_entry``/``v_entry`` (see
+    ``decode._decode_attention`` and common.py). ``max_len`` (static, optional)
     bounds ``starts + q_lens``; rows are clamped to it. Padding rows (negative
     slot) and padding queries read nothing and give 0. Mapping requirement:
     tokens ``[0, ceil((starts + q_lens) / block_k) * block_k)`` of each slot are
     mapped (holds when ``block_k`` divides tokens-per-page, see common.py).
     """
-    mb, seq, hkv, d = common.check_cache(k_cache, v_cache)
+    mb, seq, hkv, d = common.check_cache(k_cache, v_cache, k_entry=k_entry, v_entry=v_entry)
     if q.ndim != 4 or q.shape[-1] != d:
         raise ValueError(f"q must be [B, Tmax, Hq, {d}], got {q.shape}")
     batch, tmax, hq, _ = q.shape
@@ -156,7 +162,7 @@ def _chunked_prefill_attention(q, k_cache, v_cache, slots, starts, q_lens, *, sm
     qf = qf.transpose(0, 2, 1, 3, 4).reshape(batch, hkv, tpad * gp, d).astype(k_cache.dtype)
 
     kernel = functools.partial(_prefill_kernel, cfg=cfg, sm_scale=scale, soft_cap=soft_cap,
-                               masked_loads=masked_loads)
+                               masked_loads=masked_loads, k_entry=int(k_entry), v_entry=int(v_entry))
     whole = pl.no_block_spec
     tile = pl.BlockSpec((None, None, cfg.block_m, d), lambda i, h, b: (b, h, num_qb - 1 - i, 0))
     of = pl.pallas_call(

@@ -5,6 +5,10 @@ window are *clipped* to ``length - 1`` before the gather (so every gathered toke
 is a valid one) and the clipped duplicates are masked out of the softmax. Only
 the ``[B, W, Hkv, D]`` window is gathered, never a whole slot, and all maths is
 fp32. Requirements: ``lengths >= 1`` and valid (non-negative) slots.
+
+Caches are ``[MB, S, Hkv, D]`` or an interleaved group ``[MB, S, g, 2, Hkv, D]`` /
+``[MB, S, E, Hkv, D]`` with static ``k_entry``/``v_entry`` (see common.py); the
+gather reads only the layer's own entry of each token.
 """
 
 from __future__ import annotations
@@ -17,15 +21,16 @@ import jax.numpy as jnp
 from . import common
 
 
-def gather_window(cache, slots, lengths, window: int):
-    """``cache[slots[b], min(t, len_b - 1)]`` for ``t < window``: ``[B, W, Hkv, D]``.
+def gather_window(cache, slots, lengths, window: int, entry: int = 0):
+    """``cache[slots[b], min(t, len_b - 1), entry]`` for ``t < window``: ``[B, W, Hkv, D]``.
 
-    Reads only tokens below each row's length. Also returns the ``[B, W]`` mask of
-    positions that are real (``t < len_b``).
+    ``cache`` is ``[MB, S, Hkv, D]`` (``entry`` 0) or a group (common.py). Reads only
+    tokens below each row's length, and of them only ``entry``. Also returns the
+    ``[B, W]`` mask of positions that are real (``t < len_b``).
     """
     pos = jnp.arange(window, dtype=jnp.int32)[None, :]
-    idx = jnp.minimum(pos, jnp.maximum(lengths[:, None], 1) - 1)
-    return cache[slots[:, None], idx], pos < lengths[:, None]
+    idx = jnp.minimum(pos, jnp.maximum(lengths[:, None], 1) - 1)  # [B, W]
+    return cache[common.kv_index(cache, slots[:, None], idx, entry)], pos < lengths[:, None]
 
 
 def _attend(q, k, v, mask, sm_scale, soft_cap):
@@ -42,53 +47,56 @@ def _attend(q, k, v, mask, sm_scale, soft_cap):
     return o.reshape(b, t, hq, d)
 
 
-def decode_attention_reference(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, soft_cap=None, max_len=None):
+def decode_attention_reference(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, soft_cap=None, max_len=None,
+                               k_entry=0, v_entry=0):
     """Reference for ``decode_attention`` (same arguments and semantics; also fp32 caches, any head_dim)."""
-    mb, seq, _, _ = common.check_cache(k_cache, v_cache, kernel=False)
+    mb, seq, _, _ = common.check_cache(k_cache, v_cache, kernel=False, k_entry=k_entry, v_entry=v_entry)
     common.check_rows("slots", slots, q.shape[0])
     common.check_rows("lengths", lengths, q.shape[0])
     common.check_row_values(mb, seq, slots, padding_rows=False, lengths=lengths)
     return _decode_reference(q, k_cache, v_cache, slots, lengths, sm_scale=sm_scale, soft_cap=soft_cap,
-                             max_len=max_len)
+                             max_len=max_len, k_entry=int(k_entry), v_entry=int(v_entry))
 
 
 def chunked_prefill_attention_reference(q, k_cache, v_cache, slots, starts, q_lens, *, sm_scale=None,
-                                        soft_cap=None, max_len=None):
+                                        soft_cap=None, max_len=None, k_entry=0, v_entry=0):
     """Reference for ``chunked_prefill_attention`` (padded ``q [B, Tmax, Hq, D]``; also fp32 caches).
 
     Query ``t < q_lens[b]`` of row b sits at absolute position ``starts[b] + t``
     and attends to cache tokens ``[0, starts[b] + t]``. Padding queries
     (``t >= q_lens[b]``) give zeros. ``max_len`` bounds ``starts + q_lens``.
     """
-    mb, seq, _, _ = common.check_cache(k_cache, v_cache, kernel=False)
+    mb, seq, _, _ = common.check_cache(k_cache, v_cache, kernel=False, k_entry=k_entry, v_entry=v_entry)
     for name, x in (("slots", slots), ("starts", starts), ("q_lens", q_lens)):
         common.check_rows(name, x, q.shape[0])
     common.check_row_values(mb, seq, slots, padding_rows=False, starts=starts, q_lens=q_lens,
                             **{"starts + q_lens": starts + q_lens})
     return _prefill_reference(q, k_cache, v_cache, slots, starts, q_lens, sm_scale=sm_scale, soft_cap=soft_cap,
-                              max_len=max_len)
+                              max_len=max_len, k_entry=int(k_entry), v_entry=int(v_entry))
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "max_len"))
-def _decode_reference(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, soft_cap=None, max_len=None):
-    _, seq, hkv, d = common.check_cache(k_cache, v_cache, kernel=False)
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "max_len", "k_entry", "v_entry"))
+def _decode_reference(q, k_cache, v_cache, slots, lengths, *, sm_scale=None, soft_cap=None, max_len=None,
+                      k_entry=0, v_entry=0):
+    _, seq, hkv, d = common.check_cache(k_cache, v_cache, kernel=False, k_entry=k_entry, v_entry=v_entry)
     common.check_heads(q.shape[1], hkv)
     window = seq if max_len is None else min(int(max_len), seq)
     lengths = jnp.minimum(lengths, window)
-    k, mask = gather_window(k_cache, slots, lengths, window)
-    v, _ = gather_window(v_cache, slots, lengths, window)
+    k, mask = gather_window(k_cache, slots, lengths, window, k_entry)  # [B, W, Hkv, D]
+    v, _ = gather_window(v_cache, slots, lengths, window, v_entry)
     o = _attend(q[:, None], k, v, mask[:, None, :], common.default_sm_scale(d, sm_scale), soft_cap)
     return o[:, 0].astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "max_len"))
-def _prefill_reference(q, k_cache, v_cache, slots, starts, q_lens, *, sm_scale=None, soft_cap=None, max_len=None):
-    _, seq, hkv, d = common.check_cache(k_cache, v_cache, kernel=False)
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "max_len", "k_entry", "v_entry"))
+def _prefill_reference(q, k_cache, v_cache, slots, starts, q_lens, *, sm_scale=None, soft_cap=None, max_len=None,
+                       k_entry=0, v_entry=0):
+    _, seq, hkv, d = common.check_cache(k_cache, v_cache, kernel=False, k_entry=k_entry, v_entry=v_entry)
     common.check_heads(q.shape[2], hkv)
     window = seq if max_len is None else min(int(max_len), seq)
     kv_lens = jnp.minimum(starts + q_lens, window)
-    k, kv_mask = gather_window(k_cache, slots, kv_lens, window)
-    v, _ = gather_window(v_cache, slots, kv_lens, window)
+    k, kv_mask = gather_window(k_cache, slots, kv_lens, window, k_entry)  # [B, W, Hkv, D]
+    v, _ = gather_window(v_cache, slots, kv_lens, window, v_entry)
     t = jnp.arange(q.shape[1], dtype=jnp.int32)
     qpos = starts[:, None] + t[None, :]  # [B, T]
     causal = jnp.arange(window, dtype=jnp.int32)[None, None, :] <= qpos[:, :, None]

@@ -82,6 +82,10 @@ class PagedKVCache(CacheRows):
     state: PagedCacheState
 
     @property
+    def dtype(self) -> jnp.dtype:
+        return self.k[0].dtype
+
+    @property
     def page_size(self) -> int:
         return self.k[0].shape[2]
 

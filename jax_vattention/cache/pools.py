@@ -42,7 +42,7 @@ class VAttentionPool:
         self.deferred_reclaim = deferred_reclaim
         c = manager.config
         self.max_batch, self.max_seq = c.max_batch, manager.max_seq
-        self._tensors = 2 * c.num_layers
+        self._tensors = c.num_tensors
         # Tokens backed per live slot. A live slot's pages are never taken away
         # (pressure and trim reclaim free slots only), so a grow within the
         # known capacity needs no native call: the engine grows every row

@@ -80,6 +80,9 @@ class KVCacheLike(Protocol):
     @property
     def num_new(self) -> jax.Array: ...  # [B] int32
 
+    @property
+    def dtype(self) -> Any: ...  # the dtype K/V are stored in (what ``write`` takes)
+
     def with_state(self, state) -> Any: ...
 
     def select_rows(self, r0: int, r1: int) -> Any: ...

@@ -43,6 +43,10 @@ class StaticKVCache(CacheRows):
         return cls(k, v, CacheState(slots, lengths, jnp.zeros_like(lengths)))
 
     @property
+    def dtype(self) -> jnp.dtype:
+        return self.k[0].dtype
+
+    @property
     def max_seq(self) -> int:
         return self.k[0].shape[1]
 

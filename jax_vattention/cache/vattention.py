@@ -7,7 +7,7 @@
         out = cache.attention(layer, q, lengths, AttentionSpec())
 
 Rules that keep it copy-free:
-  * The views (``k``, ``v``) are ordinary, non-donated jit arguments, read only.
+  * The views (``tensors``) are ordinary, non-donated jit arguments, read only.
   * A top-level jit must not return them: XLA copies a non-donated output,
     which on a sparse cache reads unmapped memory. Return ``cache.state`` and
     rebuild with ``cache.with_state(state)`` outside.
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import ops
+from ..attention import common
 from ..attention.dispatch import AttentionSpec, cache_attention
 from ..errors import CacheValueError, SlotStateError
 from .protocol import CacheRows
@@ -43,8 +44,16 @@ class CacheState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache(CacheRows):
-    k: tuple[jax.Array, ...]  # L x [MB, S, Hkv, D] zero-copy views
-    v: tuple[jax.Array, ...]  # L x [MB, S, Hkv, D]
+    """The manager's reserved tensors plus per-row state.
+
+    ``tensors`` are the zero-copy views of ``manager.tensors``, in the layout of
+    ``manager.config`` (``CacheConfig.layers_per_group``): ``2 * L`` per-layer
+    ``[MB, S, Hkv, D]`` (K0, V0, K1, ...) or ``L / g`` interleaved
+    ``[MB, S, g, 2, Hkv, D]``. ``config.locate(layer)`` says where a layer's K and
+    V live; the kernels read them in place, with the token stride.
+    """
+
+    tensors: tuple[jax.Array, ...]  # zero-copy views, one per reserved tensor
     state: CacheState
     manager: Any = dataclasses.field(metadata=dict(static=True))
     # Writes as pure calls ordered only by their lengths (see ``for_step`` and ``ops.write``).
@@ -75,7 +84,7 @@ class KVCache(CacheRows):
             if not 0 <= length <= manager.max_seq:
                 raise CacheValueError(f"slot {slot}: length {length} is outside [0, max_seq={manager.max_seq}]")
         state = CacheState(slots, lengths, jnp.zeros_like(lengths))
-        return cls(tuple(manager.k), tuple(manager.v), state, manager)
+        return cls(tuple(manager.tensors), state, manager)
 
     @classmethod
     def for_step(cls, manager, slots, starts, counts) -> KVCache:
@@ -98,7 +107,21 @@ class KVCache(CacheRows):
         ops._check_rows("starts", starts, batch)
         ops._check_rows("counts", counts, batch)
         state = CacheState(slots, starts + counts, counts)
-        return cls(tuple(manager.k), tuple(manager.v), state, manager, pure_writes=True)
+        return cls(tuple(manager.tensors), state, manager, pure_writes=True)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.manager.config.jnp_dtype
+
+    def layer_kv(self, layer: int) -> tuple[jax.Array, int, jax.Array, int]:
+        """``(k_tensor, k_entry, v_tensor, v_entry)``: where ``layer``'s K and V live (one tensor, interleaved).
+
+        Per-layer tensors are ``[MB, S, Hkv, D]`` (entry 0); interleaved ones ``[MB, S, g, 2, Hkv, D]``, whose
+        ``g * 2`` entries per token the kernels index as they are. Never reshape a view, not even inside jit:
+        XLA may give a new size-1 axis another layout, which is a copy of the whole (sparse) reservation.
+        """
+        (tk, ek), (tv, ev) = self.manager.config.locate(layer)
+        return self.tensors[tk], ek, self.tensors[tv], ev
 
     def grow(self, new_lengths: jax.Array) -> KVCache:
         """Back ``new_lengths [B]`` tokens per row; the added tokens become pending writes.
@@ -125,8 +148,18 @@ class KVCache(CacheRows):
     def attention(self, layer: int, q: jax.Array, lengths: jax.Array, spec: AttentionSpec) -> jax.Array:
         """Attention of the pending tokens ``q [B, T, Hq, D]`` over ``layer``, read below ``lengths`` only."""
         if spec.impl == "auto":
-            spec = spec.resolve(self.k[layer].dtype, q.shape[-1], self.manager.device.platform)
-        return cache_attention(q, self.k[layer], self.v[layer], self.slots, lengths, self.num_new, spec)
+            spec = spec.resolve(self.dtype, q.shape[-1], self.manager.device.platform)
+        if spec.impl == "kernel" and spec.interpret and not spec.block_k:
+            # Unmasked tile reads (interpret mode) reach the length rounded up to the tile: keep tiles within a page.
+            spec = dataclasses.replace(spec, block_k=self._page_block(q.shape[-1]))
+        k, k_entry, v, v_entry = self.layer_kv(layer)
+        return cache_attention(q, k, v, self.slots, lengths, self.num_new, spec, k_entry=k_entry, v_entry=v_entry)
+
+    def _page_block(self, head_dim: int) -> int | None:
+        """The kernels' default tile, halved until it divides the tokens per page (``None``: the default fits)."""
+        default = common.default_block_k(head_dim, self.manager.max_seq)
+        block = common.default_block_k(head_dim, self.manager.max_seq, self.manager.config.tokens_per_page)
+        return None if block == default else block
 
     def export(self) -> CacheState:
         """What a top-level jit returns: the per-row state only (returning a view would copy the cache)."""

@@ -9,6 +9,8 @@ from ..validation import check_int
 
 KV_CACHES = ("vattention", "paged", "static")
 OVERLAP_MODES = ("thread", "inline", "off")
+# The engine's default vAttention layout, chosen by benchmarks/bench_serving.py (README, "KV layout").
+DEFAULT_LAYERS_PER_GROUP: int | str = "all"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +23,9 @@ class EngineConfig:
       dtype: cache dtype (default: the model's parameter dtype).
       pool_bytes: physical KV budget (default: every slot at ``max_seq``).
       page_bytes: vAttention page size (default 2 MiB); page_size: tokens per block of the paged baseline.
+      layers_per_group: vAttention layout (``CacheConfig.layers_per_group``): ``1`` per-layer tensors,
+        ``"all"`` (the default) every layer interleaved in one reservation (16 tokens per 2 MiB page for
+        Llama-3-8B), or any divisor of the model's layer count.
     Scheduling (Sarathi-Serve):
       token_budget: tokens per step; chunk_size: largest prefill chunk; max_prefill_rows: chunks per step;
       admission_headroom: tokens beyond its known ones the pool must hold to admit a request.
@@ -38,6 +43,7 @@ class EngineConfig:
     pool_bytes: int | None = None
     page_bytes: int | None = None
     page_size: int = 16
+    layers_per_group: int | str = DEFAULT_LAYERS_PER_GROUP
     token_budget: int = 256
     chunk_size: int = 128
     max_prefill_rows: int = 4
@@ -67,6 +73,9 @@ class EngineConfig:
         for name in ("pool_bytes", "page_bytes"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, check_int(f"EngineConfig.{name}", getattr(self, name), low=1))
+        if self.layers_per_group != "all":
+            object.__setattr__(self, "layers_per_group", check_int(
+                "EngineConfig.layers_per_group", self.layers_per_group, low=1, hint="or 'all'"))
         for name in ("deferred_reclaim", "best_fit", "premap"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")

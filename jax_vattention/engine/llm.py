@@ -52,6 +52,8 @@ def make_pool(model_config, c: EngineConfig, dtype: str) -> KVPool:
     if c.kv_cache == "vattention":
         extra: dict[str, Any] = {k: v for k, v in (("pool_bytes", c.pool_bytes), ("page_bytes", c.page_bytes))
                                  if v is not None}
+        extra["layers_per_group"] = (model_config.num_layers if c.layers_per_group == "all"
+                                     else c.layers_per_group)
         pool = VAttentionPool(KVCacheManager(CacheConfig(**shape, **extra)), deferred_reclaim=c.deferred_reclaim)
         if c.premap:
             pool.premap()

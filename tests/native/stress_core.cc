@@ -3,7 +3,8 @@
 //
 // Phase 1: one thread, random operations, invariants checked after each, with
 // unbacked reads faulting and reading zeros (then the first byte past every
-// slot's mapped pages must read zero, whatever was unmapped there before).
+// slot's mapped pages must read zero, whatever was unmapped there before), in
+// the per-layer layout (4 tensors) and the interleaved one (both layers in 1).
 // Phase 2: several threads own one slot each (allocate/grow/write/verify/free)
 // while others trim, read stats and churn the registry.
 // Phase 3: layouts whose sizes overflow int64 are rejected (kInvalidArgument),
@@ -32,11 +33,28 @@ using namespace vattn;
     }                                                                  \
   } while (0)
 
-static CacheLayout layout() {
+// 2 layers of [8, 512, 1, 16] f32 entries, 64 tokens a page in either layout: per-layer (g = 1) 4 tensors of
+// 64 B tokens in 4 KiB pages; interleaved (g = 2) 1 tensor of 256 B tokens in 16 KiB pages.
+static CacheLayout layout(int64_t layers_per_group = 1) {
   CacheLayout L;
   L.num_layers = 2, L.max_batch = 8, L.requested_max_seq = 512, L.kv_heads = 1, L.head_dim = 16;
-  L.itemsize = 4, L.page_bytes = 4096;
+  L.itemsize = 4, L.layers_per_group = layers_per_group;
+  L.page_bytes = 4096 * (layers_per_group == 1 ? 1 : 2 * layers_per_group);
+  L.finalize();  // derives num_tensors() for the pool sizes below (the manager finalizes again, idempotently)
   return L;
+}
+
+// Entry addresses agree with the tensor bases and the layout's arithmetic.
+static void check_entries(const CacheManager& m) {
+  const CacheLayout& L = m.layout();
+  CHECK(L.num_tensors() * L.entries_per_token == 2 * L.num_layers);
+  CHECK(L.token_bytes == L.entries_per_token * L.entry_bytes);
+  for (int64_t layer = 0; layer < L.num_layers; ++layer)
+    for (int kv = 0; kv < 2; ++kv) {
+      const int64_t flat = 2 * layer + kv;
+      CHECK(m.entry_address(layer, kv) ==
+            m.tensor_base(flat / L.entries_per_token) + uintptr_t(flat % L.entries_per_token * L.entry_bytes));
+    }
 }
 
 static void check_invariants(const CacheManager& m) {
@@ -56,22 +74,24 @@ static void check_unbacked_reads_zero(const CacheManager& m) {
   for (int64_t slot = 0; slot < L.max_batch; ++slot) {
     const int64_t pages = L.pages_for_tokens(s.slot_capacity[slot]);
     if (pages >= L.pages_per_slot) continue;
-    for (int64_t layer = 0; layer < L.num_layers; ++layer)
-      for (int kv = 0; kv < 2; ++kv) {
-        const auto* p = reinterpret_cast<const volatile float*>(m.tensor_base(layer, kv) + slot * L.slot_bytes +
-                                                                pages * L.page_bytes);
-        CHECK(p[0] == 0.0f && p[L.page_bytes / sizeof(float) - 1] == 0.0f);
-      }
+    for (int64_t t = 0; t < L.num_tensors(); ++t) {
+      const auto* p =
+          reinterpret_cast<const volatile float*>(m.tensor_base(t) + slot * L.slot_bytes + pages * L.page_bytes);
+      CHECK(p[0] == 0.0f && p[L.page_bytes / sizeof(float) - 1] == 0.0f);
+    }
   }
 }
 
-static void phase_single_thread(uint64_t seed, UnbackedReads unbacked_reads) {
-  CacheManager m(layout(), 48 * 4096, true, std::make_unique<HostBackend>(unbacked_reads));
+static void phase_single_thread(uint64_t seed, UnbackedReads unbacked_reads, int64_t layers_per_group, int ops) {
+  const CacheLayout base = layout(layers_per_group);
+  // A budget of 12 page indices in every tensor, of the 8 slots x 8 pages a full cache has.
+  CacheManager m(base, 12 * base.num_tensors() * base.page_bytes, true, std::make_unique<HostBackend>(unbacked_reads));
   CHECK(m.backend().unbacked_reads() == unbacked_reads);
+  check_entries(m);
   std::mt19937_64 rng(seed);
   std::vector<int64_t> live;
   int64_t errors = 0;
-  for (int op = 0; op < 20000; ++op) {
+  for (int op = 0; op < ops; ++op) {
     try {
       switch (rng() % 6) {
         case 0: live.push_back(m.allocate(rng() % 300)); break;
@@ -103,23 +123,25 @@ static void phase_single_thread(uint64_t seed, UnbackedReads unbacked_reads) {
       const CacheLayout& L = m.layout();
       const CacheStats s = m.stats();
       for (int64_t slot = 0; slot < L.max_batch; ++slot)
-        for (int64_t layer = 0; layer < L.num_layers; ++layer)
-          for (int kv = 0; kv < 2; ++kv) {
-            auto* p = reinterpret_cast<float*>(m.tensor_base(layer, kv) + slot * L.slot_bytes);
-            for (int64_t j = 0; j < s.slot_capacity[slot] * L.kv_heads * L.head_dim; j += 64) p[j] = 1.0f + j;
-          }
+        for (int64_t t = 0; t < L.num_tensors(); ++t) {
+          auto* p = reinterpret_cast<float*>(m.tensor_base(t) + slot * L.slot_bytes);
+          for (int64_t j = 0; j < s.slot_capacity[slot] * L.token_bytes / 4; j += 64) p[j] = 1.0f + j;
+        }
       check_unbacked_reads_zero(m);
     }
   }
   m.close();
   CHECK(m.stats().pages_created == 0 && m.stats().reserved_bytes == 0);
-  std::printf("single-thread (unbacked reads: %s): 20000 ops, %lld expected errors\n",
-              unbacked_reads_name(unbacked_reads), static_cast<long long>(errors));
+  std::printf("single-thread (unbacked reads: %s, layers_per_group %lld): %d ops, %lld expected errors\n",
+              unbacked_reads_name(unbacked_reads), static_cast<long long>(layers_per_group), ops,
+              static_cast<long long>(errors));
 }
 
-static void phase_threads() {
-  auto m = std::make_shared<CacheManager>(layout(), 64 * 4096, true,
-                                         std::make_unique<HostBackend>(UnbackedReads::kZeros));
+static void phase_threads(int64_t layers_per_group, int cycles_per_thread) {
+  const CacheLayout base = layout(layers_per_group);
+  auto m = std::make_shared<CacheManager>(base, 16 * base.num_tensors() * base.page_bytes, true,
+                                          std::make_unique<HostBackend>(UnbackedReads::kZeros));
+  check_entries(*m);
   const uint64_t id = ManagerRegistry::instance().add(m);
   std::atomic<bool> stop{false};
   std::atomic<int64_t> cycles{0};
@@ -128,7 +150,7 @@ static void phase_threads() {
   for (int t = 0; t < 6; ++t) {
     threads.emplace_back([&, t] {
       std::mt19937_64 rng(t);
-      for (int i = 0; i < 400; ++i) {
+      for (int i = 0; i < cycles_per_thread; ++i) {
         int64_t slot;
         try {
           slot = ManagerRegistry::instance().find(id)->allocate(1 + rng() % 200);
@@ -137,16 +159,14 @@ static void phase_threads() {
         }
         const int64_t cap = m->capacity(slot);
         // Write a pattern into the slot's backed memory of every tensor, then verify it.
-        for (int64_t layer = 0; layer < L.num_layers; ++layer)
-          for (int kv = 0; kv < 2; ++kv) {
-            auto* p = reinterpret_cast<float*>(m->tensor_base(layer, kv) + slot * L.slot_bytes);
-            for (int64_t j = 0; j < cap * L.kv_heads * L.head_dim; ++j) p[j] = float(t * 1000 + i);
-          }
-        for (int64_t layer = 0; layer < L.num_layers; ++layer)
-          for (int kv = 0; kv < 2; ++kv) {
-            auto* p = reinterpret_cast<const float*>(m->tensor_base(layer, kv) + slot * L.slot_bytes);
-            for (int64_t j = 0; j < cap * L.kv_heads * L.head_dim; ++j) CHECK(p[j] == float(t * 1000 + i));
-          }
+        for (int64_t u = 0; u < L.num_tensors(); ++u) {
+          auto* p = reinterpret_cast<float*>(m->tensor_base(u) + slot * L.slot_bytes);
+          for (int64_t j = 0; j < cap * L.token_bytes / 4; ++j) p[j] = float(t * 1000 + i);
+        }
+        for (int64_t u = 0; u < L.num_tensors(); ++u) {
+          auto* p = reinterpret_cast<const float*>(m->tensor_base(u) + slot * L.slot_bytes);
+          for (int64_t j = 0; j < cap * L.token_bytes / 4; ++j) CHECK(p[j] == float(t * 1000 + i));
+        }
         m->free(slot);
         ++cycles;
       }
@@ -175,13 +195,15 @@ static void phase_threads() {
     closed = e.kind() == ErrorKind::kClosed;
   }
   CHECK(closed);
-  std::printf("threads: %lld slot cycles\n", static_cast<long long>(cycles.load()));
+  std::printf("threads (layers_per_group %lld): %lld slot cycles\n", static_cast<long long>(layers_per_group),
+              static_cast<long long>(cycles.load()));
 }
 
 static void phase_layout_overflow() {
   struct Case {
     int64_t num_layers, max_batch, max_seq, kv_heads, head_dim, itemsize;
     const char* names;  // expected in the message
+    int64_t layers_per_group = 1;
   };
   const int64_t big = int64_t{1} << 62;
   const Case cases[] = {
@@ -193,11 +215,16 @@ static void phase_layout_overflow() {
       {big, 3, 128, 2, 16, 4, "num_layers"},
       {int64_t{1} << 40, 3, 128, 2, 16, 4, "num_layers"},
       {2, 3, INT64_MAX, 3, 16, 4, "max_seq"},
+      {2, 3, 128, 2, 16, 4, "layers_per_group=0 must be a positive divisor of num_layers=2", 0},
+      {4, 3, 128, 2, 16, 4, "layers_per_group=3 must be a positive divisor of num_layers=4", 3},
+      {2, 3, 128, 2, 16, 4, "layers_per_group=-2", -2},
+      {big, 3, 128, 2, 16, 4, "num_layers", big},  // interleaved: 2 * num_layers still overflows, named
   };
   for (const Case& c : cases) {
     CacheLayout L;
     L.num_layers = c.num_layers, L.max_batch = c.max_batch, L.requested_max_seq = c.max_seq;
     L.kv_heads = c.kv_heads, L.head_dim = c.head_dim, L.itemsize = c.itemsize, L.page_bytes = 4096;
+    L.layers_per_group = c.layers_per_group;
     bool rejected = false;
     try {
       CacheManager m(L, 1 << 20, true, std::make_unique<HostBackend>(UnbackedReads::kFault));
@@ -211,9 +238,13 @@ static void phase_layout_overflow() {
 }
 
 int main() {
-  phase_single_thread(1, UnbackedReads::kFault);
-  phase_single_thread(2, UnbackedReads::kZeros);
-  phase_threads();
+  // The per-layer layout at full length, the interleaved one (same code paths, other strides) at half.
+  for (int64_t g : {1, 2}) {
+    const int scale = g == 1 ? 2 : 1;
+    phase_single_thread(1, UnbackedReads::kFault, g, 10000 * scale);
+    phase_single_thread(2, UnbackedReads::kZeros, g, 10000 * scale);
+    phase_threads(g, 200 * scale);
+  }
   phase_layout_overflow();
   std::printf("OK\n");
   return 0;
