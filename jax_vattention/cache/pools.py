@@ -94,9 +94,10 @@ class VAttentionPool:
         return s.pages_mapped - s.pages_mapped_free_slots
 
     def memory(self) -> tuple[int, int]:
-        """Bytes mapped into slots (live and deferred), and device bytes held by pages (mapped and spare handles)."""
+        """Bytes mapped into live slots (as the paged pool counts its blocks in use), and device bytes held by
+        pages: live, kept by free slots for reuse (deferred reclamation) and spare handles."""
         s = self.manager.stats()
-        return s.mapped_bytes, s.physical_bytes
+        return (s.pages_mapped - s.pages_mapped_free_slots) * s.page_bytes, s.physical_bytes
 
     def premap(self) -> None:
         """Map every slot to ``max_seq`` and free it (pages stay): the "all mapped beforehand" control."""
