@@ -10,7 +10,8 @@
 #        GPU tests, our kernels instrumented, warm compilation cache), engine-tests (engine/paged/reliability tests),
 #        tune-prefill (prefill tile sweep at the benchmark's shapes),
 #        bench-zero-mapping (what a read-only zero mapping of a whole reservation costs on CUDA),
-#        bench-serving-layouts (ShareGPT-like, 256 requests, B <= 128: both vAttention layouts, paged16, static),
+#        bench-serving-layouts (ShareGPT-like, 256 requests, B <= 128: both vAttention layouts, the interleaved one
+#        without deferred reclamation, paged16, static),
 #        bench-serving-tight (the same at an 8 GiB KV budget, B <= 256)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -41,8 +42,8 @@ for step in "$@"; do
     bench-serving) python3 benchmarks/bench_serving.py > "$OUT/bench_serving.log" 2>&1 || status=1; summary "$OUT/bench_serving.log" 30 ;;
     bench-serving-quick) python3 benchmarks/bench_serving.py --quick > "$OUT/bench_serving_quick.log" 2>&1 || status=1; summary "$OUT/bench_serving_quick.log" 30 ;;
     bench-serving-long) python3 benchmarks/bench_serving.py --workload long > "$OUT/bench_serving_long.log" 2>&1 || status=1; summary "$OUT/bench_serving_long.log" 30 ;;
-    bench-serving-layouts) python3 benchmarks/bench_serving.py --requests 256 --max-batch 128 --budget-tokens 196608 --configs vattention,vattention-per-layer,paged16,static > "$OUT/bench_serving_layouts.log" 2>&1 || status=1; summary "$OUT/bench_serving_layouts.log" 30 ;;
-    bench-serving-tight) python3 benchmarks/bench_serving.py --requests 256 --max-batch 256 --budget-gib 8 --configs vattention,vattention-per-layer,paged16 > "$OUT/bench_serving_tight.log" 2>&1 || status=1; summary "$OUT/bench_serving_tight.log" 30 ;;
+    bench-serving-layouts) python3 benchmarks/bench_serving.py --requests 256 --max-batch 128 --budget-tokens 196608 --configs vattention,vattention-no-reclaim,vattention-per-layer,paged16,static > "$OUT/bench_serving_layouts.log" 2>&1 || status=1; summary "$OUT/bench_serving_layouts.log" 30 ;;
+    bench-serving-tight) python3 benchmarks/bench_serving.py --requests 256 --max-batch 256 --budget-gib 8 --configs vattention,vattention-no-reclaim,vattention-per-layer,paged16 > "$OUT/bench_serving_tight.log" 2>&1 || status=1; summary "$OUT/bench_serving_tight.log" 30 ;;
     long-run) python3 benchmarks/long_run.py > "$OUT/long_run.log" 2>&1 || status=1; summary "$OUT/long_run.log" 20 ;;
     sanitize) bash scripts/gpu_sanitize.sh > "$OUT/sanitize_run.log" 2>&1 || status=1; summary "$OUT/sanitize_run.log" 20 ;;
     sanitize-kernels) SANITIZER_ARGS="--kernel-name kns=vattn" bash scripts/gpu_sanitize.sh tests/test_attention.py -m gpu > "$OUT/sanitize_kernels_run.log" 2>&1 || status=1; summary "$OUT/sanitize_kernels_run.log" 20 ;;

@@ -480,35 +480,36 @@ VMM_INTERLEAVED_SCRIPT = textwrap.dedent(
     rng = np.random.default_rng(seed)
     G, HKV, D, BK = 2, 2, 64, 32
     E = 2 * G
-    # The interleaved group [MB, S, G, 2, HKV, D] of a 2-layer model, as the bytes of a per-layer reservation of
-    # E * HKV heads (a token is E entries of [HKV, D] either way: 1 KiB), split into entries inside jit (a bitcast:
-    # no unit axes). The group view is passed as it is, with flat entries.
-    # 32 KiB pages hold 32 tokens of the whole group, so BK=32 divides them. Strict mode: unbacked pages fault.
-    cfg = jv.CacheConfig(num_layers=1, max_batch=8, max_seq=1024, kv_heads=E * HKV, head_dim=D,
-                         dtype="bfloat16", page_bytes=32768, unbacked_reads="fault")
+    # A real interleaved cache: both layers of a 2-layer model in one reservation [MB, S, G, 2, HKV, D], written
+    # through the FFI write (layer 0 with NaN, which the reads of layer 1 must never see). A token is E entries of
+    # [HKV, D] (1 KiB), so 32 KiB pages hold 32 tokens and BK=32 divides them. Strict mode: unbacked pages fault.
+    cfg = jv.CacheConfig(num_layers=G, max_batch=8, max_seq=1024, kv_heads=HKV, head_dim=D, dtype="bfloat16",
+                         page_bytes=32768, unbacked_reads="fault", layers_per_group=G)
     attn.check_block_fits_pages(BK, cfg.page_bytes, HKV, D, jnp.bfloat16, entries=E)
     m = jv.KVCacheManager(cfg)
     assert m.unbacked_reads == "fault", m.unbacked_reads
+    assert m.tokens_per_page == 32 and m.tensors[0].shape == (8, m.max_seq, G, 2, HKV, D)
     lens = [1, 31, 32, 33, 300, 1024]
     slots = [m.allocate() for _ in range(8)]
     slots = [slots[i] for i in (6, 1, 3, 7, 0, 4)]  # non-adjacent, out of order
     for s, n in zip(slots, lens):
         m.grow(s, n)
     T = max(lens)
-    K_E, V_E = 2, 3  # layer 1 of the group; the other layer's entries are NaN
-    group = rng.standard_normal((6, T, E, HKV, D)).astype(np.float32)
-    group[:, :, [0, 1]] = np.nan
-    gn = jnp.asarray(group.reshape(6, T, E * HKV, D), jnp.bfloat16)
+    (_, K_E), (_, V_E) = cfg.locate(1)  # layer 1's entries; layer 0's hold NaN
     sl = jnp.asarray(slots, jnp.int32)
-    lengths = jv.write(m, 0, gn, gn, sl, jnp.zeros(6, jnp.int32), jnp.asarray(lens, jnp.int32))
+    counts, zeros = jnp.asarray(lens, jnp.int32), jnp.zeros(6, jnp.int32)
+    nan = jnp.full((6, T, HKV, D), jnp.nan, jnp.bfloat16)
+    jv.write(m, 0, nan, nan, sl, zeros, counts)
+    kn = jnp.asarray(rng.standard_normal((6, T, HKV, D)), jnp.bfloat16)
+    vn = jnp.asarray(rng.standard_normal((6, T, HKV, D)), jnp.bfloat16)
+    lengths = jv.write(m, 1, kn, vn, sl, zeros, counts)
     # overshoot > 0: the negative control (rows read past their mapped pages).
     lengths = jnp.minimum(lengths + overshoot, cfg.max_seq)
-    MB, S = cfg.max_batch, m.max_seq
+    S = m.max_seq
     kw = dict(k_entry=K_E, v_entry=V_E)
 
     @jax.jit
-    def run(view, q, qp, lengths):  # the view is a plain argument, never closed over (that would copy it)
-        grp = view.reshape(MB, S, G, 2, HKV, D)  # [MB, S, g, 2, Hkv, D], K and V both in it
+    def run(grp, q, qp, lengths):  # the group view [MB, S, g, 2, Hkv, D] is a plain argument, passed as K and V
         dec = [attn.decode_attention(q, grp, grp, sl, lengths, interpret=True, block_k=BK, num_splits=s, **kw)
                for s in (1, 4)]
         q_lens = jnp.minimum(lengths, 24)
@@ -523,7 +524,7 @@ VMM_INTERLEAVED_SCRIPT = textwrap.dedent(
 
     q = jnp.asarray(rng.standard_normal((6, 8, D)), jnp.bfloat16)
     qp = jnp.asarray(rng.standard_normal((6, 24, 8, D)), jnp.bfloat16)
-    dec, pre, (ref, pre_ref, disp, dpa) = run(m.k[0], q, qp, lengths)
+    dec, pre, (ref, pre_ref, disp, dpa) = run(m.tensors[0], q, qp, lengths)
     for out in (*dec, disp, dpa):
         attn.assert_close(out, ref)
     attn.assert_close(pre, pre_ref)

@@ -36,8 +36,8 @@ def one_at_a_time(model, ps, params):
 LAYOUTS = ["all", 1]
 
 
-@pytest.mark.parametrize("group", LAYOUTS)
-@pytest.mark.parametrize("pool_pages,budget,chunk", [(None, 64, 32), (80, 48, 16)])
+@pytest.mark.parametrize("pool_pages,budget,chunk,group", [(None, 64, 32, "all"), (80, 48, 16, "all"),
+                                                           (80, 48, 16, 1)])
 def test_continuous_batching_matches_sequential(model, pool_pages, budget, chunk, group):
     vocab = model.config.vocab_size
     ps = prompts(budget, 7, vocab)

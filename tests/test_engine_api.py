@@ -12,6 +12,7 @@ import models  # noqa: E402
 from jax_vattention.attention import AttentionSpec  # noqa: E402
 from jax_vattention.engine import LLM, EngineConfig, SamplingParams  # noqa: E402
 from jax_vattention.engine.stats import EngineStats, RequestOutput  # noqa: E402
+from jax_vattention.errors import CacheValueError  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 KW = dict(max_batch=4, max_seq=128, attn=AttentionSpec(impl="reference"), page_bytes=4096)
@@ -112,6 +113,11 @@ def test_engine_construction_errors_name_the_problem():
         EngineConfig(kv_cache="dense")
     with pytest.raises(ValueError, match="deferred_reclaim"):
         EngineConfig(deferred_reclaim="no")
+    for bad in (0, -2, True, 1.5, "half"):
+        with pytest.raises(ValueError, match="EngineConfig.layers_per_group"):
+            EngineConfig(layers_per_group=bad)
     model = models.random_model(models.get_preset("tiny"), seed=0)
     with pytest.raises(TypeError, match="not both"):
         LLM(model, EngineConfig(), max_batch=2)
+    with pytest.raises(CacheValueError, match=r"layers_per_group must be an int in \[1, 2\].*got 3"):
+        LLM(model, layers_per_group=3, max_batch=2, max_seq=64, page_bytes=4096)  # the tiny preset has 2 layers

@@ -32,8 +32,9 @@ from jax_vattention.errors import CacheClosedError  # noqa: E402
 from models.testing import assert_same_greedy  # noqa: E402
 
 CFG = models.get_preset("tiny").replace(vocab_size=256)
-# fp32 tiny model: 512 bytes per token per tensor, 8 tokens per 4 KiB page, 4 tensors. The longest request
-# (30 + 20 tokens) holds 28 pages; the budget of 40 holds one and a half, so four slots preempt under pressure.
+# fp32 tiny model in the engine's default layout (both layers interleaved): 2 KiB per token, 2 tokens per 4 KiB
+# page, one tensor. The longest request (30 + 20 tokens) holds 25 pages; the budget of 40 (80 tokens) holds one and
+# a half, so four slots preempt under pressure, and nearly every token crosses a page.
 ENGINE = dict(max_batch=4, max_seq=64, page_bytes=4096, pool_bytes=40 * 4096, token_budget=24, chunk_size=16,
               max_prefill_rows=2, min_decode_bucket=4, min_prefill_bucket=16,
               attn=AttentionSpec(impl="reference"))
