@@ -24,7 +24,8 @@ def add_generate_parser(sub) -> None:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="DIR", help="local Hugging Face directory (config.json + *.safetensors)")
     src.add_argument("--preset", default="tiny", help="model shape with random weights (default: tiny)")
-    g.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="text prompt (needs tokenizer.json)")
+    g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="text prompt (a model directory needs tokenizer.json; presets use a byte-level tokenizer)")
     g.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
                    help="prompt as token ids, e.g. '1 2 3' or '1,2,3' (repeatable)")
     g.add_argument("--num-prompts", type=int, default=4, help="random prompts when none are given (default 4)")
@@ -111,15 +112,17 @@ def _generate(args, jax, np, jv, models, AttentionSpec) -> int:
     else:
         cfg = models.get_preset(args.preset)
         model = models.random_model(cfg, seed=args.seed, dtype=dtype)
-        source = f"preset {args.preset!r}, random weights (seed {args.seed})"
+        tokenizer = models.tokenizer_for(cfg)  # byte-level: text round-trips with random weights too
+        source = f"preset {args.preset!r}, random weights (seed {args.seed})" + (
+            ", byte-level tokenizer" if tokenizer is not None else "")
     cfg = model.config
     print(f"model: {source}, {models.config.param_count_str(cfg)} params, {dtype} on {platform}")
 
     prompts = [_parse_ids(p) for p in args.prompt_ids]
     if args.prompt:
         if tokenizer is None:
-            raise models.GenerationInputError("text prompts need a model directory with tokenizer.json; "
-                                              "pass --prompt-ids instead")
+            raise models.GenerationInputError("text prompts need a tokenizer: this model directory has no "
+                                              "tokenizer.json; pass --prompt-ids instead")
         prompts += [tokenizer.encode(p).ids for p in args.prompt]
     if not prompts:
         if args.num_prompts <= 0 or args.prompt_len <= 0:
@@ -174,11 +177,9 @@ def _size(nbytes: int) -> str:
 def _report(result, prompts, tokenizer, cfg, stats, max_seq, cache_kind) -> None:
     for i, (p, toks) in enumerate(zip(prompts, result.tokens)):
         reason = result.finish_reasons[i]
+        print(f"[{i}] prompt {len(p)} tokens -> {len(toks)} new ({reason}): {toks}")
         if tokenizer is not None:
-            text = tokenizer.decode(toks)
-            print(f"[{i}] prompt {len(p)} tokens -> {len(toks)} new ({reason}): {text!r}")
-        else:
-            print(f"[{i}] prompt {len(p)} tokens -> {len(toks)} new ({reason}): {toks}")
+            print(f"    text: {tokenizer.decode(toks, skip_special_tokens=False)!r}")
     n = result.num_generated
     print(f"generated {n} tokens for {len(prompts)} requests: prefill {result.prefill_seconds * 1e3:.1f} ms, "
           f"decode {result.decode_seconds * 1e3:.1f} ms ({result.decode_steps} steps in the jitted loop), "

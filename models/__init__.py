@@ -12,7 +12,8 @@ cache the same way); nothing in ``jax_vattention`` imports this package.
 
 Modules: ``config`` (ModelConfig, presets), ``layers`` (norms, projections,
 RoPE) and ``llama`` (the decoder), ``loading`` (HF safetensors), ``decode``
-(jit programs), ``generate`` (the host loop), ``testing`` (comparison helpers).
+(jit programs), ``generate`` (the host loop), ``tokenizer`` (a byte-level tokenizer for random-weight
+presets), ``testing`` (comparison helpers).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .errors import CheckpointError, GenerationInputError, ModelError, UnknownPr
 from .generate import GenerationResult, Generator, check_requests, generate
 from .llama import LlamaForCausalLM, abstract_model, random_model
 from .loading import load_model, load_tokenizer
+from .tokenizer import byte_level_tokenizer, tokenizer_for
 
 
 def cache_config_for(cfg: ModelConfig, *, max_batch: int, max_seq: int, dtype="bfloat16", **kwargs):
@@ -53,6 +55,7 @@ __all__ = [
     "UnknownPresetError",
     "UnsupportedModelError",
     "abstract_model",
+    "byte_level_tokenizer",
     "cache_config_for",
     "check_requests",
     "decode_step",
@@ -60,6 +63,7 @@ __all__ = [
     "get_preset",
     "load_model",
     "load_tokenizer",
+    "tokenizer_for",
     "prefill",
     "random_model",
     "static_cache_for",

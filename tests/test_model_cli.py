@@ -44,6 +44,23 @@ def test_default_tiny_preset_runs(capsys):
     static = re.search(r"static cache 3 x 32768\s+([\d.]+) MiB = ([\d.]+)x the mapped memory", out)
     assert mapped and static and float(static.group(2)) > 1
     assert "closed: nothing reserved or mapped" in out
+    assert "byte-level tokenizer" in out and len(re.findall(r"    text: '", out)) == 3  # presets show text too
+
+
+def test_text_round_trips_on_the_tiny_preset(capsys):
+    prompt = "héllo, vAttention ✓"
+    rc, out, err = run(capsys, "--prompt", prompt, "--max-tokens", "4", "--ignore-eos")
+    assert rc == 0, err
+    assert f"[0] prompt {len(prompt.encode())} tokens -> 4 new (length)" in out  # one token per UTF-8 byte
+    import models
+
+    tok = models.tokenizer_for(models.get_preset("tiny"))
+    for text in ("héllo, vAttention ✓", "  tabs\tand\nnewlines", "日本語 🙂", ""):
+        ids = tok.encode(text).ids
+        assert ids == list(text.encode()) and tok.decode(ids) == text
+    assert models.tokenizer_for(models.get_preset("tiny").replace(vocab_size=128)) is None
+    with pytest.raises(ValueError, match="vocab_size >= 258"):
+        models.byte_level_tokenizer(200)
 
 
 def test_hf_checkpoint_matches_transformers_greedy(capsys):
@@ -73,10 +90,10 @@ def test_text_prompts_with_tokenizer(tmp_path, capsys):
     rc, out, err = run(capsys, "--model", str(d), "--prompt", "w5 w17 w99", "--prompt", "w3",
                        "--max-tokens", "5", "--ignore-eos")
     assert rc == 0, err
-    texts = re.findall(r"new \(length\): '(.*)'", out)
+    texts = re.findall(r"    text: '(.*)'", out)
     assert len(texts) == 2 and all(re.fullmatch(r"(w\d+ ?){5}", t) for t in texts), out
     rc, out2, _ = run(capsys, "--model", str(d), "--prompt-ids", "5 17 99", "--max-tokens", "5", "--ignore-eos")
-    assert re.findall(r"new \(length\): '(.*)'", out2) == texts[:1]  # the same tokens as the id prompt
+    assert re.findall(r"    text: '(.*)'", out2) == texts[:1]  # the same tokens as the id prompt
     (d / "tokenizer.json").unlink()
     rc, out3, _ = run(capsys, "--model", str(d), "--prompt-ids", "5 17 99", "--max-tokens", "5", "--ignore-eos")
     assert " ".join(f"w{i}" for i in generated_ids(out3)[0]) == texts[0]
@@ -106,11 +123,12 @@ def _corrupt_dir(tmp_path):
     (["--max-tokens", "0"], "max_tokens must be a positive int, got 0"),
     (["--prompt-ids", " ".join(["7"] * 20), "--max-seq", "16"], "20 tokens, longer than max_seq=16"),
     (["--prompt-ids", "1 2 3", "--max-seq", "16", "--max-tokens", "15"], "need 17 cache tokens"),
-    (["--prompt", "hello"], "text prompts need a model directory with tokenizer.json"),
+    (["--model", "HF_NO_TOKENIZER", "--prompt", "hello"], "this model directory has no tokenizer.json"),
     (["--top-p", "0"], "top_p must be in"),
 ])
 def test_bad_input_exits_nonzero_with_message(tmp_path, capsys, argv, message):
-    argv = [str(_corrupt_dir(tmp_path)) if a == "CORRUPT" else a for a in argv]
+    places = {"CORRUPT": lambda: str(_corrupt_dir(tmp_path)), "HF_NO_TOKENIZER": lambda: str(DATA / "hf_llama")}
+    argv = [places[a]() if a in places else a for a in argv]
     rc, out, err = run(capsys, *argv)
     assert rc == 2
     assert "error: " in err and message in err, err
