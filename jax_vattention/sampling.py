@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .text import check_stop
 from .validation import check_int
 
 MODES = ("greedy", "sample", "filter")
@@ -39,7 +40,9 @@ class SamplingParams:
     filters. Generation stops at ``max_tokens``, at any of ``stop_token_ids`` and,
     unless ``ignore_eos``, at the model's EOS ids; the stop token is returned.
     ``seed=None`` draws an independent seed per request (as vLLM); a given seed
-    reproduces the same tokens in any batch.
+    reproduces the same tokens in any batch. ``stop`` strings (they need a
+    tokenizer: ``LLM(..., tokenizer=...)``) end a request when its text contains
+    one; the stop string is not part of the output text.
     """
 
     max_tokens: int = 16
@@ -49,6 +52,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     seed: int | None = None
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "max_tokens", check_int("SamplingParams.max_tokens", self.max_tokens, low=1))
@@ -70,6 +74,7 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.stop_token_ids must be a sequence of ints, got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids",
                            tuple(check_int("SamplingParams.stop_token_ids", t, low=0) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop", check_stop(self.stop))
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
 

@@ -53,7 +53,7 @@ def test_two_threads_calling_generate_never_interleave(llm):
 @pytest.mark.parametrize("prompts,match", [
     ([[1.7, 2.2]], "integer token ids"),
     ([[True, False]], "integer token ids"),
-    (["12"], "is a string"),
+    (["12"], "text prompts? needs? a tokenizer"),
     ([1, 2, 3], "for one prompt pass \\[ids\\]"),
     ([[]], "non-empty"),
     ([[1, 10**6]], "vocab_size"),

@@ -33,9 +33,10 @@ from ..attention.dispatch import AttentionSpec
 from ..cache import KVPool, PagedKVPool, StaticPool, VAttentionPool
 from ..config import CacheConfig
 from ..errors import CacheClosedError
-from ..inputs import check_prompt, check_prompts
+from ..inputs import PromptError, check_prompt, check_prompts
 from ..manager import KVCacheManager, default_device
 from ..sampling import SamplingParams
+from ..text import Detokenizer, TextTokenizer, encode
 from .config import EngineConfig
 from .map_ahead import MapAhead
 from .model_runner import ModelRunner
@@ -84,8 +85,14 @@ class LLM:
     ``generate`` run one after the other (each gets its own outputs), never interleaved.
     """
 
-    def __init__(self, model: CausalLM, config: EngineConfig | None = None, **overrides: Any):
+    def __init__(self, model: CausalLM, config: EngineConfig | None = None, *, tokenizer: TextTokenizer | None = None,
+                 **overrides: Any):
         check_model(model)
+        if tokenizer is not None and not (callable(getattr(tokenizer, "encode", None))
+                                          and callable(getattr(tokenizer, "decode", None))):
+            raise TypeError(f"tokenizer must have encode and decode (e.g. a tokenizers.Tokenizer), "
+                            f"got {type(tokenizer).__name__}")
+        self.tokenizer = tokenizer
         if config is None:
             config = EngineConfig(**overrides)
         elif overrides:
@@ -123,17 +130,25 @@ class LLM:
     # -- requests ----------------------------------------------------------------
     @_serialized
     def add_request(self, prompt, params: SamplingParams = SamplingParams()) -> Request:
-        """Queue one prompt (a sequence of token ids); it runs on the next ``step``."""
+        """Queue one prompt (token ids, or text with a tokenizer); it runs on the next ``step``."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("SamplingParams.stop strings need a tokenizer: LLM(model, tokenizer=...)")
         cfg = self.model.config
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise PromptError("a text prompt needs a tokenizer: LLM(model, tokenizer=...), or pass token ids")
+            prompt = encode(self.tokenizer, prompt)
         ids = check_prompt(prompt, cfg.vocab_size).tolist()
         positions = getattr(cfg, "max_position_embeddings", None)
         if positions is not None and len(ids) + params.max_tokens - 1 > positions:
             raise ValueError(f"the prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs "
                              f"{len(ids) + params.max_tokens - 1} positions, beyond the model's "
                              f"max_position_embeddings={positions}")
-        r = Request(self._next_id, ids, params, stop_ids=params.stop_ids(cfg.eos_token_ids))  # Request seeds it
+        detok = None if self.tokenizer is None else Detokenizer(self.tokenizer, ids, params.stop)
+        r = Request(self._next_id, ids, params, stop_ids=params.stop_ids(cfg.eos_token_ids),  # Request seeds it
+                    detokenizer=detok)
         self.scheduler.add(r)
         self._next_id += 1
         return r
@@ -183,7 +198,17 @@ class LLM:
     @_serialized
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
                  progress: bool = False) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs in request order. ``progress`` shows a tqdm bar."""
+        """Run every prompt (token ids, or text with a tokenizer) to completion; outputs in request order.
+
+        ``progress`` shows a tqdm bar.
+        """
+        texts = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and any(isinstance(p, str)
+                                                                                       for p in prompts))
+        if texts:
+            if self.tokenizer is None:
+                raise PromptError("text prompts need a tokenizer: LLM(model, tokenizer=...), or pass token ids")
+            prompts = [encode(self.tokenizer, p) if isinstance(p, str) else p
+                       for p in ([prompts] if isinstance(prompts, str) else prompts)]
         prompts = check_prompts(prompts, self.model.config.vocab_size)
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)

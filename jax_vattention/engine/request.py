@@ -7,6 +7,7 @@ import enum
 import time
 
 from ..sampling import SamplingParams
+from ..text import Detokenizer
 
 
 class Status(enum.Enum):
@@ -40,11 +41,17 @@ class Request:
     first_token_time: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
     finish_time: float | None = None
+    detokenizer: Detokenizer | None = None  # the output's text and stop strings (engines with a tokenizer)
 
     def __post_init__(self):
         self.params = self.params.seeded()  # seed=None: an independent random seed, fixed for the request's life
         if self.stop_ids is None:
             self.stop_ids = self.params.stop_ids()
+
+    @property
+    def text(self) -> str | None:
+        """The output's text (without a stop string that ended it), or None without a tokenizer."""
+        return None if self.detokenizer is None else self.detokenizer.text
 
     @property
     def tokens(self) -> list[int]:
@@ -76,12 +83,19 @@ class Request:
             self.first_token_time = now
         self.token_times.append(now)
         assert self.stop_ids is not None  # set by __post_init__
+        if self.detokenizer is not None:
+            self.detokenizer.add(token)
+            if self.detokenizer.stopped_by is not None:  # a stop string: its text is cut, the request ends
+                self.finish("stop", now)
+                return
         if token in self.stop_ids:
             self.finish("stop", now)
         elif len(self.output) >= self.params.max_tokens:
             self.finish("length", now)
 
     def finish(self, reason: str, now: float) -> None:
+        if self.detokenizer is not None:
+            self.detokenizer.finish()  # the tail a full decode would give
         self.status = Status.FINISHED
         self.finish_reason = reason
         self.finish_time = now

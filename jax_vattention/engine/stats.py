@@ -22,12 +22,13 @@ class RequestOutput:
     num_preemptions: int
     latency_s: float | None = None
     error: str | None = None  # why a request finished with "error"
+    text: str | None = None  # the output's text, when the engine has a tokenizer (a stop string excluded)
 
     @classmethod
     def of(cls, r: Request) -> RequestOutput:
         return cls(r.request_id, r.prompt, r.output, r.finish_reason, r.ttft, r.inter_token_times,
                    r.num_preemptions, None if r.finish_time is None else r.finish_time - r.arrival_time,
-                   r.error if r.finish_reason == "error" else None)
+                   r.error if r.finish_reason == "error" else None, r.text)
 
 
 @dataclasses.dataclass

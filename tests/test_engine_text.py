@@ -1,0 +1,82 @@
+"""Text in, text out on the engine: a tokenizer, incremental detokenization and stop strings (vLLM's semantics)."""
+
+import jax.numpy as jnp
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("tokenizers")
+import models  # noqa: E402
+from jax_vattention.attention import AttentionSpec  # noqa: E402
+from jax_vattention.engine import LLM, SamplingParams  # noqa: E402
+from jax_vattention.text import Detokenizer  # noqa: E402
+
+# vocab_size 258: every id the model can emit is a byte or a special token, so its outputs are text
+CFG = models.get_preset("tiny").replace(vocab_size=258)
+TOK = models.byte_level_tokenizer(258)
+KW = dict(max_batch=4, max_seq=128, page_bytes=4096, attn=AttentionSpec(impl="reference"))
+
+
+@pytest.fixture(scope="module")
+def llm():
+    model = models.random_model(CFG, seed=3, dtype=jnp.float32, init_std=0.5)
+    with LLM(model, tokenizer=TOK, **KW) as engine:
+        yield engine
+
+
+def test_detokenizer_emits_whole_characters_and_matches_a_full_decode():
+    text = "héllo ✓ 日本語 🙂 and plain words"
+    ids = TOK.encode(text).ids
+    d = Detokenizer(TOK, TOK.encode("prompt: ").ids)
+    deltas = [d.add(t) for t in ids]
+    assert "".join(deltas) == text == d.text and d.flush() == ""  # no stop strings: nothing held back
+    assert all("\ufffd" not in x for x in deltas)  # a split multi-byte character comes out whole, once complete
+    assert deltas[ids.index(0xe2)] == ""  # the first byte of "✓" alone is not final yet
+    cut = Detokenizer(TOK, [])
+    streamed = "".join(cut.add(t) for t in TOK.encode("ok ✓").ids[:-1])  # ends inside "✓"
+    assert streamed == "ok " and cut.finish() == "\ufffd" and cut.text == TOK.decode(TOK.encode("ok ✓").ids[:-1])
+
+
+@pytest.mark.parametrize("stops,cut", [(("日本",), "héllo ✓ "), (("lo", "✓"), "hél"), (("absent",), None)])
+def test_detokenizer_stop_strings_cut_the_text(stops, cut):
+    text = "héllo ✓ 日本語"
+    d = Detokenizer(TOK, [], stops)
+    emitted = "".join(d.add(t) for t in TOK.encode(text).ids if d.stopped_by is None) + d.flush()
+    assert d.text == emitted == (text if cut is None else cut)  # nothing past a stop string is ever streamed
+    assert (d.stopped_by is None) == (cut is None)
+
+
+def test_text_prompts_and_outputs(llm):
+    prompts = ["Hello, vAttention!", "naïve ✓"]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+    by_ids = llm.generate([TOK.encode(p).ids for p in prompts], SamplingParams(max_tokens=12, ignore_eos=True))
+    for o, ids_out, p in zip(outs, by_ids, prompts):
+        assert o.prompt == TOK.encode(p).ids and o.tokens == ids_out.tokens  # text is only encoded ids
+        assert o.text == TOK.decode(o.tokens) == ids_out.text and len(o.tokens) == 12
+
+
+def test_stop_string_ends_the_request_and_is_excluded(llm):
+    prompt = "The cache maps pages"
+    free = llm.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    assert len(free.text) >= 4, f"the model should emit some text: {free.tokens}"
+    stop = free.text[2:4]  # appears in the text: generation must end there, without it
+    out = llm.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and stop not in out.text
+    assert out.text == free.text[:free.text.index(stop)]
+    assert out.tokens == free.tokens[:len(out.tokens)] and len(out.tokens) < len(free.tokens)
+    assert not llm.scheduler.has_unfinished() and llm.manager.stats().live_slots == 0
+
+
+def test_text_needs_a_tokenizer():
+    model = models.random_model(CFG, seed=0, dtype=jnp.float32)
+    with LLM(model, **KW) as bare:
+        with pytest.raises(ValueError, match="need a tokenizer"):
+            bare.generate(["hello"], SamplingParams(max_tokens=2))
+        with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+            bare.generate([[1, 2]], SamplingParams(max_tokens=2, stop=["x"]))
+        assert bare.generate([[1, 2]], SamplingParams(max_tokens=2))[0].text is None
+        assert not bare.scheduler.has_unfinished()
+    with pytest.raises(TypeError, match="encode and decode"):
+        LLM(model, tokenizer=object(), **KW)
+    for bad in ([""], [3], b"x"):
+        with pytest.raises(ValueError, match="SamplingParams.stop"):
+            SamplingParams(stop=bad)
