@@ -25,8 +25,8 @@ from .decode import decode_step, prefill
 from .errors import CheckpointError, GenerationInputError, ModelError, UnknownPresetError, UnsupportedModelError
 from .generate import GenerationResult, Generator, check_requests, generate
 from .llama import LlamaForCausalLM, abstract_model, random_model
-from .loading import load_model, load_tokenizer
-from .tokenizer import byte_level_tokenizer, tokenizer_for
+from .loading import load_chat_template, load_model, load_tokenizer
+from .tokenizer import byte_level_tokenizer, chat_template_for, tokenizer_for
 
 
 def cache_config_for(cfg: ModelConfig, *, max_batch: int, max_seq: int, dtype="bfloat16", **kwargs):
@@ -56,12 +56,14 @@ __all__ = [
     "UnsupportedModelError",
     "abstract_model",
     "byte_level_tokenizer",
+    "chat_template_for",
     "cache_config_for",
     "check_requests",
     "decode_step",
     "generate",
     "get_preset",
     "load_model",
+    "load_chat_template",
     "load_tokenizer",
     "tokenizer_for",
     "prefill",

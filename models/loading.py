@@ -142,3 +142,36 @@ def load_tokenizer(directory: str | Path):
         return Tokenizer.from_file(str(path))
     except Exception as e:
         raise CheckpointError(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})") from None
+
+
+def load_chat_template(directory: str | Path):
+    """The ``jax_vattention.chat.ChatTemplate`` of ``directory/tokenizer_config.json``, or None without one.
+
+    ``chat_template`` is a string, or (newer checkpoints) a list of ``{"name", "template"}`` whose ``default``
+    entry is taken; ``bos_token`` / ``eos_token`` may be strings or ``{"content": ...}`` dicts.
+    """
+    import json
+
+    from jax_vattention.chat import ChatTemplate
+
+    path = Path(directory) / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    template = cfg.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is None:
+        return None
+    if not isinstance(template, str):
+        raise CheckpointError(f"{path}: chat_template must be a string or a list of named templates")
+
+    def token(name: str) -> str:
+        value = cfg.get(name) or ""
+        return value.get("content", "") if isinstance(value, dict) else str(value)
+
+    return ChatTemplate(template, token("bos_token"), token("eos_token"))

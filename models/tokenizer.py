@@ -56,3 +56,17 @@ def byte_level_tokenizer(vocab_size: int) -> Tokenizer:
 def tokenizer_for(cfg: ModelConfig) -> Tokenizer | None:
     """The byte-level tokenizer for a model with random weights, or None when its vocabulary is too small."""
     return byte_level_tokenizer(cfg.vocab_size) if cfg.vocab_size >= MIN_VOCAB else None
+
+
+# A plain chat format for the byte-level presets (no role tokens to learn: the roles are text).
+BYTE_LEVEL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def chat_template_for(cfg: ModelConfig):
+    """The presets' ``ChatTemplate`` (with the byte-level tokenizer), or None when that tokenizer does not fit."""
+    from jax_vattention.chat import ChatTemplate
+
+    return ChatTemplate(BYTE_LEVEL_CHAT_TEMPLATE, BOS, EOS) if cfg.vocab_size >= MIN_VOCAB else None

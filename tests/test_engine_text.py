@@ -80,3 +80,49 @@ def test_text_needs_a_tokenizer():
     for bad in ([""], [3], b"x"):
         with pytest.raises(ValueError, match="SamplingParams.stop"):
             SamplingParams(stop=bad)
+
+
+def test_chat_renders_the_template_and_generates():
+    pytest.importorskip("jinja2")
+    from jax_vattention.chat import ChatTemplate, ChatTemplateError
+
+    model = models.random_model(CFG, seed=3, dtype=jnp.float32, init_std=0.5)
+    template = models.chat_template_for(CFG)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi ✓"}]
+    text = template.render(conv)
+    assert text == "<|begin_of_text|>system: Be brief.\nuser: Hi ✓\nassistant: "
+    assert TOK.encode(text).ids[0] == 256  # the special token is one id, not its characters
+    with LLM(model, tokenizer=TOK, chat_template=template, **KW) as llm:
+        sp = SamplingParams(max_tokens=6, ignore_eos=True)
+        (one,) = llm.chat(conv, sp)
+        assert one.prompt == TOK.encode(text).ids and len(one.tokens) == 6
+        two = llm.chat([conv, conv[1:]], sp)
+        assert two[0].tokens == one.tokens and len(two) == 2
+        for bad, match in (([{"role": "user"}], "string 'role' and 'content'"),
+                           ([{"role": "wizard", "content": "x"}], "role 'wizard'"), ([], "non-empty")):
+            with pytest.raises(ChatTemplateError, match=match):
+                llm.chat(bad, sp)
+        assert not llm.scheduler.has_unfinished()
+    strict = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}x")
+    with pytest.raises(ChatTemplateError, match="user first"):
+        strict.render(conv)
+    with pytest.raises(ChatTemplateError, match="does not parse"):
+        ChatTemplate("{% for %}")
+    with LLM(model, tokenizer=TOK, **KW) as plain, pytest.raises(ValueError, match="needs a chat template"):
+        plain.chat(conv)
+
+
+def test_chat_template_from_a_checkpoint_directory(tmp_path):
+    pytest.importorskip("jinja2")
+    import json
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": [{"name": "default", "template": "{{ bos_token }}{{ messages[-1]['content'] }}"},
+                          {"name": "tool_use", "template": "unused"}],
+        "bos_token": {"content": "<s>"}, "eos_token": "</s>"}))
+    t = models.load_chat_template(tmp_path)
+    assert t.bos_token == "<s>" and t.eos_token == "</s>" and t.render([{"role": "user", "content": "q"}]) == "<s>q"
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(models.CheckpointError, match="cannot read"):
+        models.load_chat_template(tmp_path)
+    assert models.load_chat_template(tmp_path / "missing") is None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +31,7 @@ import numpy as np
 
 from ..attention.dispatch import AttentionSpec
 from ..cache import KVPool, PagedKVPool, StaticPool, VAttentionPool
+from ..chat import ChatTemplate, ChatTemplateError
 from ..config import CacheConfig
 from ..errors import CacheClosedError
 from ..inputs import PromptError, check_prompt, check_prompts
@@ -86,8 +87,16 @@ class LLM:
     """
 
     def __init__(self, model: CausalLM, config: EngineConfig | None = None, *, tokenizer: TextTokenizer | None = None,
-                 **overrides: Any):
+                 chat_template: ChatTemplate | str | None = None, **overrides: Any):
         check_model(model)
+        if isinstance(chat_template, str):
+            chat_template = ChatTemplate(chat_template)
+        if chat_template is not None and not isinstance(chat_template, ChatTemplate):
+            raise TypeError(f"chat_template must be a ChatTemplate or a template string, "
+                            f"got {type(chat_template).__name__}")
+        if chat_template is not None and tokenizer is None:
+            raise TypeError("a chat_template needs a tokenizer (LLM(model, tokenizer=..., chat_template=...))")
+        self.chat_template = chat_template
         if tokenizer is not None and not (callable(getattr(tokenizer, "encode", None))
                                           and callable(getattr(tokenizer, "decode", None))):
             raise TypeError(f"tokenizer must have encode and decode (e.g. a tokenizers.Tokenizer), "
@@ -238,6 +247,25 @@ class LLM:
                     self.scheduler.cancel(r.request_id)
             raise
         return [RequestOutput.of(r) for r in requests]
+
+    def chat(self, messages, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
+             add_generation_prompt: bool = True, progress: bool = False) -> list[RequestOutput]:
+        """Generate replies: ``messages`` is one conversation (a list of ``{"role", "content"}``) or a list of them,
+        rendered with the chat template (``LLM(..., chat_template=...)``, e.g. ``models.load_chat_template``)."""
+        if self.chat_template is None:
+            raise ValueError("LLM.chat needs a chat template: LLM(model, tokenizer=..., chat_template=...)")
+        one = isinstance(messages, Sequence) and bool(messages) and isinstance(messages[0], Mapping)
+        conversations = [messages] if one else messages
+        if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence) or not conversations:
+            raise ChatTemplateError(f"messages must be a conversation or a non-empty list of them, "
+                                    f"got {messages!r:.80}")
+        prompts = []
+        for i, conv in enumerate(conversations):
+            try:
+                prompts.append(self.chat_template.render(conv, add_generation_prompt=add_generation_prompt))
+            except ValueError as e:
+                raise type(e)(f"conversation {i}: {e}") from None
+        return self.generate(prompts, params, progress=progress)
 
     # -- compilation -------------------------------------------------------------------
     def step_shapes(self) -> list[tuple]:
