@@ -62,6 +62,9 @@ def check_requests(prompts, params, *, vocab_size: int, max_seq: int, max_batch:
     for i, p in enumerate(params):
         if not isinstance(p, SamplingParams):
             raise GenerationInputError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
+        if p.stop:
+            raise GenerationInputError(f"params[{i}]: stop strings need text; the Generator decodes token ids only "
+                                       "(use stop_token_ids, or the engine: LLM(model, tokenizer=...))")
         if out[i].size > max_seq:
             raise GenerationInputError(f"prompt {i} has {out[i].size} tokens, longer than max_seq={max_seq}")
         need = out[i].size + p.max_tokens - 1  # the last sampled token is never written

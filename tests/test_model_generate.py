@@ -375,6 +375,11 @@ def test_bad_settings(gen, model):
     with jv.KVCacheManager(other) as m:
         with pytest.raises(GenerationInputError, match="does not fit the model"):
             gen.generate([[1]], m, sp(2, stop=None))
+    with jv.KVCacheManager(models.cache_config_for(CFG, max_batch=2, max_seq=64, dtype="float32",
+                                                  page_bytes=PAGE)) as m:
+        with pytest.raises(GenerationInputError, match="stop strings need text"):
+            gen.generate([[1]], m, SamplingParams(max_tokens=2, stop=["x"]))
+        assert m.stats().pages_mapped == 0
     with pytest.raises(TypeError, match="KVCacheManager or a StaticKVCache"):
         gen.generate([[1]], object(), sp(2, stop=None))
 
