@@ -112,9 +112,12 @@ def _generate(args, jax, np, jv, models, AttentionSpec) -> int:
     else:
         cfg = models.get_preset(args.preset)
         model = models.random_model(cfg, seed=args.seed, dtype=dtype)
-        tokenizer = models.tokenizer_for(cfg)  # byte-level: text round-trips with random weights too
-        source = f"preset {args.preset!r}, random weights (seed {args.seed})" + (
-            ", byte-level tokenizer" if tokenizer is not None else "")
+        try:
+            tokenizer = models.tokenizer_for(cfg)  # byte-level: text round-trips with random weights too
+            note = ", byte-level tokenizer" if tokenizer is not None else ""
+        except ImportError:  # a dependency of the package, but a --no-deps install may lack it
+            tokenizer, note = None, " (no tokenizer: the tokenizers package is not installed)"
+        source = f"preset {args.preset!r}, random weights (seed {args.seed}){note}"
     cfg = model.config
     print(f"model: {source}, {models.config.param_count_str(cfg)} params, {dtype} on {platform}")
 

@@ -11,10 +11,12 @@ bring their own ``tokenizer.json`` (``models.load_tokenizer``).
 
 from __future__ import annotations
 
-from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
-from tokenizers import models as tok_models
+from typing import TYPE_CHECKING
 
 from .config import ModelConfig
+
+if TYPE_CHECKING:  # imported where used: ``import models`` works without tokenizers (e.g. a bare GPU image)
+    from tokenizers import Tokenizer
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 NUM_BYTES = 256
@@ -42,6 +44,9 @@ def byte_level_tokenizer(vocab_size: int) -> Tokenizer:
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB:
         raise ValueError(f"a byte-level tokenizer needs vocab_size >= {MIN_VOCAB}, got {vocab_size!r}")
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tok_models
+
     vocab = {ch: b for b, ch in enumerate(_byte_chars())}
     tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=[], fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
