@@ -86,6 +86,11 @@ class Detokenizer:
             self._prefix = self._read = len(self._ids)
         return self.flush()
 
+    @property
+    def streamable(self) -> str:
+        """The part of ``text`` that is final: everything ``add`` / ``flush`` returned so far."""
+        return self.text[:self._sent]
+
     def flush(self) -> str:
         """The text not yet returned by ``add`` (what it held back for the stop strings)."""
         out, self._sent = self.text[self._sent:], len(self.text)

@@ -5,10 +5,12 @@
 * ``scheduler``: continuous batching over any ``KVPool`` (typed results, no exceptions).
 * ``model_runner``: step layout, bucketing, jit, warmup; ``map_ahead``: overlapped allocation.
 * ``workloads``: seeded ShareGPT-like and long-context request mixes.
+* ``async_llm``: ``AsyncLLM``, one engine loop streaming requests to asyncio callers.
 """
 
 from ..cache import PagedKVPool, StaticPool, VAttentionPool
 from ..sampling import SamplingParams
+from .async_llm import AsyncLLM, StreamDelta
 from .config import EngineConfig
 from .llm import LLM
 from .model_runner import ModelRunner
@@ -17,6 +19,6 @@ from .request import Request, Status
 from .scheduler import Chunk, Scheduler, SchedulerConfig, SchedulerOutput
 from .stats import EngineStats, RequestOutput
 
-__all__ = ["LLM", "CausalLM", "CausalLMConfig", "Chunk", "EngineConfig", "EngineStats", "ModelRunner",
-           "PagedKVPool", "Request", "RequestOutput", "SamplingParams", "Scheduler", "SchedulerConfig",
+__all__ = ["LLM", "AsyncLLM", "StreamDelta", "CausalLM", "CausalLMConfig", "Chunk", "EngineConfig", "EngineStats",
+           "ModelRunner", "PagedKVPool", "Request", "RequestOutput", "SamplingParams", "Scheduler", "SchedulerConfig",
            "SchedulerOutput", "StaticPool", "Status", "VAttentionPool"]
