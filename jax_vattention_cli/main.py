@@ -1,4 +1,4 @@
-"""The ``jax-vattention`` command: ``demo``, ``generate`` and ``serve`` (``--help`` on each)."""
+"""The ``jax-vattention`` command: ``demo``, ``generate``, ``serve`` and ``bench`` (``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 from jax_vattention.errors import VAttentionError
 
+from .bench import add_bench_parser, run_bench
 from .demo import add_demo_parser, run_demo
 from .generate import add_generate_parser, run_generate
 from .serve import add_serve_parser, run_serve
@@ -18,10 +19,11 @@ def main(argv=None) -> int:
     add_demo_parser(sub)
     add_generate_parser(sub)
     add_serve_parser(sub)
+    add_bench_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["demo", *(argv or sys.argv[1:])])
-    run = {"demo": run_demo, "generate": run_generate, "serve": run_serve}[args.command]
+    run = {"demo": run_demo, "generate": run_generate, "serve": run_serve, "bench": run_bench}[args.command]
     try:
         return run(args)
     except (ValueError, VAttentionError) as e:  # bad input: a message and exit status 2, never a traceback

@@ -1,107 +1,73 @@
-"""``jax-vattention serve``: run the serving engine on a seeded synthetic workload and print its metrics.
+"""``jax-vattention serve``: the OpenAI-compatible HTTP server (FastAPI on uvicorn) over one engine.
 
-    jax-vattention serve                                  # tiny model, 64 ShareGPT-like requests
-    jax-vattention serve --preset llama-3.2-1b --requests 500 --max-batch 32 --kv-cache paged
+    jax-vattention serve --model /path/to/hf-dir --port 8000      # tokenizer.json and its chat template
+    jax-vattention serve --preset tiny                             # random weights, byte-level tokenizer
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "tiny", "prompt": "Hello", "max_tokens": 16}'
+
+SIGTERM or Ctrl-C shuts down gracefully: uvicorn stops accepting, running requests are aborted, the engine
+loop stops and the cache is closed (nothing stays mapped).
 """
 
 from __future__ import annotations
 
 import os
-import sys
-
-MIB = 1 << 20
 
 
 def add_serve_parser(sub) -> None:
-    s = sub.add_parser(
-        "serve", help="continuous batching on a synthetic workload (vAttention, paged or static KV)",
-        description="Run the continuous-batching engine on a seeded ShareGPT-like or long-context workload with a "
-                    "random-weight model preset and print throughput, latency and KV memory.")
-    s.add_argument("--preset", default="tiny", help="model shape with seeded random weights (default: tiny)")
-    s.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
-    s.add_argument("--workload", default="sharegpt", choices=["sharegpt", "long"])
-    s.add_argument("--requests", type=int, default=64)
-    s.add_argument("--prompt-median", type=float, default=None, help="ShareGPT-like prompt median (default 256)")
-    s.add_argument("--output-median", type=float, default=None, help="ShareGPT-like output median (default 192)")
-    s.add_argument("--kv-cache", default="vattention", choices=["vattention", "paged", "static"])
-    s.add_argument("--max-batch", type=int, default=16)
-    s.add_argument("--max-seq", type=int, default=None, help="default: the workload's longest request")
-    s.add_argument("--pool-mib", type=float, default=None, help="KV budget (default: every slot at max_seq)")
-    s.add_argument("--token-budget", type=int, default=512)
-    s.add_argument("--chunk-size", type=int, default=256)
-    s.add_argument("--overlap", default="thread", choices=["thread", "inline", "off"])
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--no-progress", action="store_true")
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)",
+                       description="Serve a model over an OpenAI-compatible HTTP API with the vAttention engine.")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="DIR", help="local Hugging Face directory (needs tokenizer.json)")
+    src.add_argument("--preset", default="tiny", help="model shape with random weights (default: tiny)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients send (default: dir or preset)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=32)
+    s.add_argument("--max-seq", type=int, default=2048)
+    s.add_argument("--layers-per-group", default="all", help="vAttention layout: 1 or 'all' (default)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    s.add_argument("--seed", type=int, default=0, help="random weights of a preset")
+
+
+def build_engine(args):
+    """``(LLM, model name)`` for the arguments (used by the command and by tests)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to the page pool
+    import jax_vattention as jv
+    import models
+    from jax_vattention.engine import LLM
+
+    platform = jv.default_device().platform
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if platform == "gpu" else "float32")
+    if args.model:
+        model = models.load_model(args.model, dtype=dtype)
+        tokenizer, chat = models.load_tokenizer(args.model), models.load_chat_template(args.model)
+        if tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer.json; the server takes and returns text")
+        name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    else:
+        model = models.random_model(models.get_preset(args.preset), seed=args.seed, dtype=dtype)
+        tokenizer, chat = models.tokenizer_for(model.config), models.chat_template_for(model.config)
+        if tokenizer is None:
+            raise ValueError(f"preset {args.preset!r} has a vocabulary too small for the byte-level tokenizer")
+        name = args.served_model_name or args.preset
+    group = "all" if args.layers_per_group == "all" else int(args.layers_per_group)
+    page_bytes = None if platform == "gpu" else 64 << 10
+    llm = LLM(model, tokenizer=tokenizer, chat_template=chat, max_batch=args.max_batch, max_seq=args.max_seq,
+              layers_per_group=group, page_bytes=page_bytes)
+    return llm, name
 
 
 def run_serve(args) -> int:
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to the page pool
-    import jax.numpy as jnp
+    import uvicorn
 
-    import models
-    from jax_vattention import VAttentionError, default_device
-    from jax_vattention.engine import LLM
-    from jax_vattention.engine.workloads import long_context, sharegpt_like
+    from jax_vattention.engine import AsyncLLM
+    from jax_vattention.server import build_app
 
-    for name in ("requests", "max_batch", "token_budget", "chunk_size"):
-        if getattr(args, name) <= 0:
-            print(f"error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
-            return 2
-    try:
-        cfg = models.get_preset(args.preset)
-    except (KeyError, ValueError, models.ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.layers is not None:
-        if args.layers <= 0:
-            print(f"error: --layers must be positive, got {args.layers}", file=sys.stderr)
-            return 2
-        cfg = cfg.replace(num_layers=args.layers)
-    if args.workload == "long":
-        wl = long_context(args.requests, vocab_size=cfg.vocab_size, seed=args.seed)
-    else:
-        kw = {k: v for k, v in (("prompt_median", args.prompt_median), ("output_median", args.output_median))
-              if v is not None}
-        wl = sharegpt_like(args.requests, vocab_size=cfg.vocab_size, seed=args.seed, **kw)
-    max_seq = -(-wl.max_len() // 64) * 64 if args.max_seq is None else args.max_seq
-    if max_seq < wl.max_len():  # before any compilation: the run could not admit its longest request
-        print(f"error: --max-seq {max_seq} is shorter than the workload's longest request ({wl.max_len()} tokens)",
-              file=sys.stderr)
-        return 2
-    gpu = default_device().platform == "gpu"
-    dtype = "bfloat16" if gpu else "float32"
-    model = models.random_model(cfg, seed=args.seed, dtype=jnp.dtype(dtype))
-    pool = None if args.pool_mib is None else int(args.pool_mib * MIB)
-    print(f"{args.preset} ({cfg.num_layers} layers, {dtype}) on {default_device()}; {wl.describe()}", flush=True)
-    try:
-        with LLM(model, kv_cache=args.kv_cache, max_batch=args.max_batch, max_seq=max_seq, pool_bytes=pool,
-                 page_bytes=None if gpu else 64 * 1024, token_budget=args.token_budget, chunk_size=args.chunk_size,
-                 overlap_allocation=args.overlap, max_prefill_rows=1, min_decode_bucket=min(8, args.max_batch),
-                 min_prefill_bucket=min(32, args.chunk_size)) as llm:
-            import time
-
-            print(f"compiled {len(llm.step_shapes())} step shapes in {llm.warmup():.1f} s (before timing)",
-                  flush=True)
-            t0 = time.perf_counter()
-            outs = llm.generate(wl.prompts, wl.params, progress=not args.no_progress)
-            wall = time.perf_counter() - t0
-            m = llm.stats.summary(outs, wall)
-            rows = [
-                ("requests", f"{m['requests']} ({m['completed']} complete)"),
-                ("throughput", f"{m['requests_per_s']:.2f} req/s, {m['output_tokens_per_s']:.0f} output tok/s "
-                               f"({wall:.1f} s)"),
-                ("TTFT p50 / p99", f"{m['ttft_p50_s']:.3f} / {m['ttft_p99_s']:.3f} s"),
-                ("time between tokens p50 / p99", f"{m['tbt_p50_s'] * 1e3:.1f} / {m['tbt_p99_s'] * 1e3:.1f} ms"),
-                ("peak batch", str(m["peak_batch"])),
-                ("peak KV used / physical",
-                 f"{m['peak_used_kv_bytes'] / MIB:.1f} / {m['peak_physical_kv_bytes'] / MIB:.1f} MiB"),
-                ("steps / compiled shapes / preemptions", f"{m['steps']} / {llm.num_compiled} / {m['preemptions']}"),
-            ]
-    except (VAttentionError, models.ModelError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v}")
-    print("closed: nothing reserved or mapped" if args.kv_cache != "vattention" or llm.manager.closed else "LEAK")
+    llm, name = build_engine(args)
+    with llm, AsyncLLM(llm) as engine:
+        app = build_app(engine, name)
+        print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({llm.manager!r})", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # returns on SIGTERM / SIGINT
+    print("shut down: the cache is closed" + ("" if llm.manager.closed else " (NOT closed)"))
     return 0

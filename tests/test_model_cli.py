@@ -147,8 +147,8 @@ def test_console_entry_point_subprocess():
     assert bad.returncode == 2 and "error: max_tokens must be a positive int" in bad.stderr
 
 
-def test_serve_runs_the_engine_on_a_synthetic_workload(capsys):
-    argv = ["serve", "--requests", "6", "--prompt-median", "12", "--output-median", "10", "--max-batch", "4",
+def test_bench_runs_the_engine_on_a_synthetic_workload(capsys):
+    argv = ["bench", "--requests", "6", "--prompt-median", "12", "--output-median", "10", "--max-batch", "4",
             "--chunk-size", "64", "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -158,6 +158,6 @@ def test_serve_runs_the_engine_on_a_synthetic_workload(capsys):
 
 @pytest.mark.parametrize("argv,message", [(["--requests", "0"], "--requests must be positive"),
                                           (["--preset", "nope"], "nope")])
-def test_serve_bad_input_exits_nonzero_with_message(capsys, argv, message):
-    assert main(["serve", "--no-progress", *argv]) == 2
+def test_bench_bad_input_exits_nonzero_with_message(capsys, argv, message):
+    assert main(["bench", "--no-progress", *argv]) == 2
     assert message in capsys.readouterr().err

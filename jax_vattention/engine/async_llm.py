@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from ..errors import CacheClosedError
@@ -63,7 +63,8 @@ class AsyncLLM:
         self._thread.start()
 
     # -- callers (any thread, any event loop) -------------------------------------------
-    async def generate(self, prompt: Any, params: SamplingParams = SamplingParams()) -> AsyncIterator[StreamDelta]:
+    async def generate(self, prompt: Any,
+                       params: SamplingParams = SamplingParams()) -> AsyncGenerator[StreamDelta, None]:
         """Queue ``prompt`` (text or token ids) and yield its deltas until it finishes."""
         with self._cv:
             if self._stopped:

@@ -1,0 +1,187 @@
+"""The FastAPI app: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (streaming as server-sent events
+ending in ``data: [DONE]``), ``/health`` and ``/metrics`` (Prometheus text).
+
+Every request becomes ``AsyncLLM.generate`` streams (``n`` of them, seeds ``seed + i``); a client that goes away
+mid-stream aborts its requests, which frees their slots. Bad requests get OpenAI-style JSON errors with a 4xx
+status and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..engine.async_llm import AsyncLLM
+from ..sampling import SamplingParams
+from ..text import encode
+from .metrics import ServerMetrics
+from .protocol import ChatRequest, CompletionRequest, OpenAIError, new_id, now
+
+MAX_N = 8  # completions per request
+
+
+def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
+    """The OpenAI-compatible app serving ``engine`` (whose LLM needs a tokenizer) as model ``model_name``."""
+    llm = engine.llm
+    tokenizer = llm.tokenizer
+    if tokenizer is None:
+        raise ValueError("the server needs an LLM with a tokenizer (LLM(model, tokenizer=...))")
+    app = FastAPI(title="jax_vattention", version="0.1.0")
+    metrics = ServerMetrics(engine)
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, e: OpenAIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = f"{where}: {first.get('msg', 'invalid request')}" if where else str(first.get("msg", e))
+        return JSONResponse(OpenAIError(msg, param=where or None).body(), status_code=400)
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise OpenAIError(f"the model {name!r} does not exist; this server serves {model_name!r}", status=404,
+                              type="not_found_error", param="model")
+
+    def sampling(body, prompt_tokens: int) -> list[SamplingParams]:
+        if body.n > MAX_N:
+            raise OpenAIError(f"n={body.n} is more than this server allows ({MAX_N})", param="n")
+        room = llm.config.max_seq - prompt_tokens + 1
+        if room < 1:
+            raise OpenAIError(f"the prompt has {prompt_tokens} tokens, more than max_seq={llm.config.max_seq}",
+                              param="prompt")
+        max_tokens = body.max_tokens if body.max_tokens is not None else room
+        if max_tokens > room:
+            raise OpenAIError(f"max_tokens={max_tokens} plus the prompt's {prompt_tokens} tokens exceeds the "
+                              f"context of {llm.config.max_seq} tokens", param="max_tokens")
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        try:
+            return [SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                   top_k=body.top_k, stop=stop, ignore_eos=body.ignore_eos,
+                                   seed=None if body.seed is None else body.seed + i) for i in range(body.n)]
+        except ValueError as e:
+            raise OpenAIError(str(e)) from None
+
+    def tokens_of(prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = encode(tokenizer, prompt)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise OpenAIError("the prompt is empty", param="prompt")
+        vocab = llm.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise OpenAIError(f"the prompt has token ids outside [0, {vocab})", param="prompt")
+        return ids
+
+    async def run(ids: list[int], params: list[SamplingParams], raw: Request, chunk) -> AsyncIterator[str]:
+        """Server-sent events of ``n`` merged streams, then ``[DONE]``; the client leaving aborts them all."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, sp: SamplingParams):
+            async with contextlib.aclosing(engine.generate(ids, sp)) as stream:
+                async for delta in stream:
+                    await queue.put((i, delta))
+            await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, sp)) for i, sp in enumerate(params)]
+        try:
+            done = 0
+            while done < len(tasks):
+                i, delta = await queue.get()
+                if delta is None:
+                    done += 1
+                    continue
+                metrics.observe(delta)
+                yield f"data: {json.dumps(chunk(i, delta))}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def collect(ids: list[int], params: list[SamplingParams]):
+        async def one(sp):
+            last = None
+            async with contextlib.aclosing(engine.generate(ids, sp)) as stream:
+                async for delta in stream:
+                    metrics.observe(delta)
+                    last = delta
+            assert last is not None and last.output is not None  # a stream always ends with its output
+            return last.output
+
+        return await asyncio.gather(*(one(sp) for sp in params))
+
+    @app.get("/health")
+    async def health():
+        if engine.error is not None:
+            return JSONResponse({"status": "error", "error": repr(engine.error)}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": now(),
+                                            "owned_by": "jax_vattention", "max_model_len": llm.config.max_seq}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request):
+        check_model(body.model)
+        ids = tokens_of(body.prompt)
+        params = sampling(body, len(ids))
+        rid, created = new_id("cmpl"), now()
+        if body.stream:
+            def chunk(i, d):
+                return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                        "choices": [{"index": i, "text": d.text or "", "finish_reason": d.finish_reason}]}
+            return StreamingResponse(run(ids, params, raw, chunk), media_type="text/event-stream")
+        outs = await collect(ids, params)
+        return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [{"index": i, "text": o.text, "finish_reason": o.finish_reason, "logprobs": None}
+                            for i, o in enumerate(outs)],
+                "usage": usage(len(ids), outs)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, raw: Request):
+        check_model(body.model)
+        if llm.chat_template is None:
+            raise OpenAIError("this model has no chat template; use /v1/completions", param="messages")
+        try:
+            text = llm.chat_template.render([m.model_dump() for m in body.messages])
+        except ValueError as e:
+            raise OpenAIError(str(e), param="messages") from None
+        ids = tokens_of(text)
+        params = sampling(body, len(ids))
+        rid, created = new_id("chatcmpl"), now()
+        if body.stream:
+            def chunk(i, d):
+                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                        "choices": [{"index": i, "delta": {"role": "assistant", "content": d.text or ""},
+                                     "finish_reason": d.finish_reason}]}
+            return StreamingResponse(run(ids, params, raw, chunk), media_type="text/event-stream")
+        outs = await collect(ids, params)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},
+                             "finish_reason": o.finish_reason, "logprobs": None} for i, o in enumerate(outs)],
+                "usage": usage(len(ids), outs)}
+
+    app.state.metrics = metrics
+    return app
+
+
+def usage(prompt_tokens: int, outs: Any) -> dict[str, int]:
+    completion = sum(len(o.tokens) for o in outs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}

@@ -1,0 +1,149 @@
+"""The OpenAI-compatible server on 127.0.0.1, driven by the official ``openai`` client (started and stopped here)."""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import jax.numpy as jnp
+import pytest
+
+pytest.importorskip("flax")
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+pytest.importorskip("jinja2")
+import models  # noqa: E402
+from jax_vattention.attention import AttentionSpec  # noqa: E402
+from jax_vattention.engine import LLM, AsyncLLM, SamplingParams  # noqa: E402
+from jax_vattention.server import build_app  # noqa: E402
+
+CFG = models.get_preset("tiny").replace(vocab_size=258)  # every id is a byte or a special token: real text
+TOK = models.byte_level_tokenizer(258)
+NAME = "tiny-bytes"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    model = models.random_model(CFG, seed=7, dtype=jnp.float32, init_std=0.5)
+    llm = LLM(model, tokenizer=TOK, chat_template=models.chat_template_for(CFG), max_batch=4, max_seq=128,
+              page_bytes=4096, attn=AttentionSpec(impl="reference"))
+    engine = AsyncLLM(llm)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(build_app(engine, NAME), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    yield base, openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120), llm
+    srv.should_exit = True
+    thread.join(timeout=60)
+    engine.close()
+    manager = llm.manager
+    llm.close()
+    assert manager.stats().reserved_bytes == 0 and manager.stats().pages_mapped == 0  # nothing left mapped
+
+
+def http(url, body: bytes | None = None, *, raw: bool = False):
+    """``(status, parsed JSON or text)`` of a GET (no body) or a JSON POST, 4xx included."""
+    req = urllib.request.Request(url, data=body, headers={"content-type": "application/json"} if body else {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    return status, (text if raw else json.loads(text))
+
+
+def offline(llm, prompt, **kw):
+    return llm.generate([prompt], SamplingParams(**kw))[0]
+
+
+def test_models_health_and_completions_equal_the_offline_api(server):
+    base, client, llm = server
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert http(base + "/health") == (200, {"status": "ok"})
+    r = client.completions.create(model=NAME, prompt="Hello, server", max_tokens=8, temperature=0.7, seed=3,
+                                  extra_body={"ignore_eos": True})
+    want = offline(llm, "Hello, server", max_tokens=8, temperature=0.7, seed=3, ignore_eos=True)
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens == len(TOK.encode("Hello, server").ids)
+    n = client.completions.create(model=NAME, prompt="n>1", max_tokens=5, n=3, seed=10, temperature=1.0,
+                                  extra_body={"ignore_eos": True})
+    assert [c.index for c in n.choices] == [0, 1, 2]
+    assert [c.text for c in n.choices] == [offline(llm, "n>1", max_tokens=5, seed=10 + i, temperature=1.0,
+                                                   ignore_eos=True).text for i in range(3)]
+
+
+def test_streaming_chat_and_stop_strings(server):
+    _, client, llm = server
+    msgs = [{"role": "user", "content": "Say something ✓"}]
+    full = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=12, temperature=0.0,
+                                          extra_body={"ignore_eos": True})
+    text = full.choices[0].message.content
+    stream = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=12, temperature=0.0, stream=True,
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    if len(text) >= 3:
+        stop = text[1:3]
+        cut = client.completions.create(model=NAME, prompt=llm.chat_template.render(msgs), max_tokens=12,
+                                        temperature=0.0, stop=[stop], extra_body={"ignore_eos": True})
+        assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("body,status,match", [
+    ({"model": "other", "prompt": "x"}, 404, "does not exist"),
+    ({"model": NAME, "prompt": "x", "max_tokens": 10_000}, 400, "exceeds the context"),
+    ({"model": NAME, "prompt": "x" * 200}, 400, "more than max_seq"),
+    ({"model": NAME, "prompt": "x", "n": 99}, 400, "n=99"),
+    ({"model": NAME, "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": NAME, "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"model": NAME, "prompt": [1, 999]}, 400, "outside"),
+    ({"model": NAME, "prompt": ""}, 400, "empty"),
+    ({"model": NAME}, 400, "prompt"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, match):
+    base, client, _ = server
+    code, r = http(base + "/v1/completions", json.dumps(body).encode())
+    assert code == status and match in r["error"]["message"], r
+    code, r = http(base + "/v1/completions", b"{not json")
+    assert code == 400 and "error" in r
+    assert client.completions.create(model=NAME, prompt="still up", max_tokens=2).choices[0].text is not None
+
+
+def test_many_concurrent_streams_all_terminate(server):
+    base, _, llm = server
+    aclient = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+    async def one(i):
+        stream = await aclient.completions.create(model=NAME, prompt=f"request {i}", max_tokens=4 + i % 5,
+                                                  stream=True, extra_body={"ignore_eos": True})
+        parts = [c async for c in stream]
+        assert parts[-1].choices[0].finish_reason == "length"
+        return i
+
+    async def main():
+        try:
+            return await asyncio.gather(*(one(i) for i in range(64)))
+        finally:
+            await aclient.close()
+
+    assert sorted(asyncio.run(main())) == list(range(64))
+    assert not llm.scheduler.has_unfinished() and llm.manager.stats().live_slots == 0
+    _, metrics = http(base + "/metrics", raw=True)
+    assert "vattn_time_to_first_token_seconds_bucket" in metrics and "vattn_requests_running 0.0" in metrics
+    assert http(base + "/health") == (200, {"status": "ok"})
