@@ -115,6 +115,8 @@ def test_streaming_chat_and_stop_strings(server):
     ({"model": NAME, "prompt": [1, 999]}, 400, "outside"),
     ({"model": NAME, "prompt": ""}, 400, "empty"),
     ({"model": NAME}, 400, "prompt"),
+    ({"model": NAME, "prompt": "x", "logprobs": 2}, 400, "logprobs is not supported"),
+    ({"model": NAME, "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, match):
     base, client, _ = server

@@ -22,7 +22,7 @@ from ..engine.async_llm import AsyncLLM
 from ..sampling import SamplingParams
 from ..text import encode
 from .metrics import ServerMetrics
-from .protocol import ChatRequest, CompletionRequest, OpenAIError, new_id, now
+from .protocol import ChatRequest, CompletionRequest, OpenAIError, check_supported, new_id, now
 
 MAX_N = 8  # completions per request
 
@@ -139,6 +139,7 @@ def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):
         check_model(body.model)
+        check_supported(await raw.json())
         ids = tokens_of(body.prompt)
         params = sampling(body, len(ids))
         rid, created = new_id("cmpl"), now()
@@ -156,6 +157,7 @@ def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, raw: Request):
         check_model(body.model)
+        check_supported(await raw.json())
         if llm.chat_template is None:
             raise OpenAIError("this model has no chat template; use /v1/completions", param="messages")
         try:

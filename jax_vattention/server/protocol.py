@@ -37,6 +37,18 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
 
 
+# OpenAI / vLLM fields this server does not implement yet: refused when set, never silently ignored.
+UNSUPPORTED = {"logprobs": None, "top_logprobs": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+               "repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0, "best_of": None, "echo": False,
+               "suffix": None, "logit_bias": None, "tools": None, "response_format": None}
+
+
+def check_supported(raw: dict[str, Any]) -> None:
+    for name, default in UNSUPPORTED.items():
+        if raw.get(name, default) not in (None, default):
+            raise OpenAIError(f"{name} is not supported by this server yet", param=name)
+
+
 class CompletionRequest(_Sampling):
     prompt: str | list[int]
     max_tokens: int | None = Field(default=16, ge=1)
