@@ -11,7 +11,9 @@ loop stops and the cache is closed (nothing stays mapped).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 
 
 def add_serve_parser(sub) -> None:
@@ -64,10 +66,23 @@ def run_serve(args) -> int:
     from jax_vattention.engine import AsyncLLM
     from jax_vattention.server import build_app
 
+    class Server(uvicorn.Server):
+        """uvicorn re-raises a captured SIGTERM after its shutdown, which would kill the process before the cache
+        is closed; here the signal only asks the server to exit, and the cleanup below runs."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
     llm, name = build_engine(args)
     with llm, AsyncLLM(llm) as engine:
         app = build_app(engine, name)
         print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({llm.manager!r})", flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")  # returns on SIGTERM / SIGINT
-    print("shut down: the cache is closed" + ("" if llm.manager.closed else " (NOT closed)"))
+        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
+    print("shut down: the cache is closed" + ("" if llm.manager.closed else " (NOT closed)"), flush=True)
     return 0

@@ -149,3 +149,38 @@ def test_many_concurrent_streams_all_terminate(server):
     _, metrics = http(base + "/metrics", raw=True)
     assert "vattn_time_to_first_token_seconds_bucket" in metrics and "vattn_requests_running 0.0" in metrics
     assert http(base + "/health") == (200, {"status": "ok"})
+
+
+def test_serve_command_shuts_down_gracefully_on_sigterm():
+    """The real ``jax-vattention serve`` process: it answers, then SIGTERM stops it cleanly with the cache closed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "jax_vattention_cli", "serve", "--preset", "tiny", "--port",
+                             str(port), "--max-batch", "2", "--max-seq", "256"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            try:
+                if http(f"http://127.0.0.1:{port}/health") == (200, {"status": "ok"}):
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 3}).encode()
+        code, r = http(f"http://127.0.0.1:{port}/v1/completions", body)
+        assert code == 200 and r["usage"]["completion_tokens"] == 3
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "serving 'tiny'" in out and "shut down: the cache is closed" in out, out
