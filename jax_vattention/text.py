@@ -50,6 +50,12 @@ class Detokenizer:
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def _undecided(self) -> str:
+        """The text the tokens after ``read`` add to the window's decode (empty when they add none)."""
+        before = self._decode(self._ids[self._prefix:self._read])
+        after = self._decode(self._ids[self._prefix:])
+        return after[len(before):] if len(after) > len(before) else ""
+
     def add(self, token: int) -> str:
         """Append one token; returns the text that became final and safe to stream (maybe empty).
 
@@ -57,11 +63,9 @@ class Detokenizer:
         (``flush`` returns it at the end). A stop string cuts ``text`` where it starts and sets ``stopped_by``.
         """
         self._ids.append(int(token))
-        before = self._decode(self._ids[self._prefix:self._read])
-        after = self._decode(self._ids[self._prefix:])
-        if len(after) <= len(before) or after.endswith(REPLACEMENT):
+        delta = self._undecided()
+        if not delta or delta.endswith(REPLACEMENT):
             return ""  # nothing final yet (an incomplete character, or a token with no text)
-        delta = after[len(before):]
         self._prefix, self._read = self._read, len(self._ids)
         longest = max((len(s) for s in self.stop), default=0)
         start = max(0, len(self.text) - longest + 1)  # a stop string may begin in the held-back tail
@@ -79,10 +83,7 @@ class Detokenizer:
         """No more tokens: take the undecided tail as a full decode would (an incomplete character becomes U+FFFD)
         unless a stop string ended the text, and return what was not yet streamed."""
         if self.stopped_by is None:
-            before = self._decode(self._ids[self._prefix:self._read])
-            after = self._decode(self._ids[self._prefix:])
-            if len(after) > len(before):
-                self.text += after[len(before):]
+            self.text += self._undecided()
             self._prefix = self._read = len(self._ids)
         return self.flush()
 

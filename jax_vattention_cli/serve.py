@@ -39,6 +39,8 @@ def build_engine(args):
     import models
     from jax_vattention.engine import LLM
 
+    from .generate import _int_arg
+
     platform = jv.default_device().platform
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if platform == "gpu" else "float32")
     if args.model:
@@ -53,7 +55,7 @@ def build_engine(args):
         if tokenizer is None:
             raise ValueError(f"preset {args.preset!r} has a vocabulary too small for the byte-level tokenizer")
         name = args.served_model_name or args.preset
-    group = "all" if args.layers_per_group == "all" else int(args.layers_per_group)
+    group = "all" if args.layers_per_group == "all" else _int_arg(args.layers_per_group, "--layers-per-group")
     page_bytes = None if platform == "gpu" else 64 << 10
     llm = LLM(model, tokenizer=tokenizer, chat_template=chat, max_batch=args.max_batch, max_seq=args.max_seq,
               layers_per_group=group, page_bytes=page_bytes)

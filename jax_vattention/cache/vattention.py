@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import ops
-from ..attention import common
 from ..attention.dispatch import AttentionSpec, cache_attention
 from ..errors import CacheValueError, SlotStateError
 from .protocol import CacheRows
@@ -151,15 +150,11 @@ class KVCache(CacheRows):
             spec = spec.resolve(self.dtype, q.shape[-1], self.manager.device.platform)
         if spec.impl == "kernel" and spec.interpret and not spec.block_k:
             # Unmasked tile reads (interpret mode) reach the length rounded up to the tile: keep tiles within a page.
-            spec = dataclasses.replace(spec, block_k=self._page_block(q.shape[-1]))
+            c = self.manager.config
+            spec = dataclasses.replace(spec, block_k=spec.kernel_block_k(q.shape[-1], self.manager.max_seq,
+                                                                         c.tokens_per_page))
         k, k_entry, v, v_entry = self.layer_kv(layer)
         return cache_attention(q, k, v, self.slots, lengths, self.num_new, spec, k_entry=k_entry, v_entry=v_entry)
-
-    def _page_block(self, head_dim: int) -> int | None:
-        """The kernels' default tile, halved until it divides the tokens per page (``None``: the default fits)."""
-        default = common.default_block_k(head_dim, self.manager.max_seq)
-        block = common.default_block_k(head_dim, self.manager.max_seq, self.manager.config.tokens_per_page)
-        return None if block == default else block
 
     def export(self) -> CacheState:
         """What a top-level jit returns: the per-row state only (returning a view would copy the cache)."""

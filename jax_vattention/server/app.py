@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.async_llm import AsyncLLM
+from ..inputs import PromptError, check_prompt
 from ..sampling import SamplingParams
 from ..text import encode
 from .metrics import ServerMetrics
@@ -72,18 +73,13 @@ def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
             raise OpenAIError(str(e)) from None
 
     def tokens_of(prompt) -> list[int]:
-        if isinstance(prompt, str):
-            ids = encode(tokenizer, prompt)
-        else:
-            ids = list(prompt)
-        if not ids:
-            raise OpenAIError("the prompt is empty", param="prompt")
-        vocab = llm.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise OpenAIError(f"the prompt has token ids outside [0, {vocab})", param="prompt")
-        return ids
+        ids = encode(tokenizer, prompt) if isinstance(prompt, str) else prompt
+        try:
+            return check_prompt(ids, llm.model.config.vocab_size).tolist()
+        except PromptError as e:
+            raise OpenAIError(str(e), param="prompt") from None
 
-    async def run(ids: list[int], params: list[SamplingParams], raw: Request, chunk) -> AsyncIterator[str]:
+    async def run(ids: list[int], params: list[SamplingParams], chunk) -> AsyncIterator[str]:
         """Server-sent events of ``n`` merged streams, then ``[DONE]``; the client leaving aborts them all."""
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -137,9 +133,9 @@ def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
                                             "owned_by": "jax_vattention", "max_model_len": llm.config.max_seq}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, raw: Request):
+    async def completions(body: CompletionRequest):
         check_model(body.model)
-        check_supported(await raw.json())
+        check_supported(body)
         ids = tokens_of(body.prompt)
         params = sampling(body, len(ids))
         rid, created = new_id("cmpl"), now()
@@ -147,7 +143,7 @@ def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
             def chunk(i, d):
                 return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                         "choices": [{"index": i, "text": d.text or "", "finish_reason": d.finish_reason}]}
-            return StreamingResponse(run(ids, params, raw, chunk), media_type="text/event-stream")
+            return StreamingResponse(run(ids, params, chunk), media_type="text/event-stream")
         outs = await collect(ids, params)
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                 "choices": [{"index": i, "text": o.text, "finish_reason": o.finish_reason, "logprobs": None}
@@ -155,9 +151,9 @@ def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
                 "usage": usage(len(ids), outs)}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, raw: Request):
+    async def chat(body: ChatRequest):
         check_model(body.model)
-        check_supported(await raw.json())
+        check_supported(body)
         if llm.chat_template is None:
             raise OpenAIError("this model has no chat template; use /v1/completions", param="messages")
         try:
@@ -172,7 +168,7 @@ def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
                 return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                         "choices": [{"index": i, "delta": {"role": "assistant", "content": d.text or ""},
                                      "finish_reason": d.finish_reason}]}
-            return StreamingResponse(run(ids, params, raw, chunk), media_type="text/event-stream")
+            return StreamingResponse(run(ids, params, chunk), media_type="text/event-stream")
         outs = await collect(ids, params)
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},

@@ -22,7 +22,7 @@ class OpenAIError(Exception):
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept in ``model_extra``, where ``check_supported`` looks
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -43,9 +43,10 @@ UNSUPPORTED = {"logprobs": None, "top_logprobs": None, "presence_penalty": 0.0, 
                "suffix": None, "logit_bias": None, "tools": None, "response_format": None}
 
 
-def check_supported(raw: dict[str, Any]) -> None:
+def check_supported(body: BaseModel) -> None:
+    extra = body.model_extra or {}
     for name, default in UNSUPPORTED.items():
-        if raw.get(name, default) not in (None, default):
+        if extra.get(name, default) not in (None, default):
             raise OpenAIError(f"{name} is not supported by this server yet", param=name)
 
 
