@@ -33,6 +33,19 @@ MODES = ("greedy", "sample", "filter")
 
 
 @dataclasses.dataclass(frozen=True)
+class Logprob:
+    """One token's log-probability under the model (vLLM's ``Logprob``): ``rank`` 1 is the most likely token."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+# One generated token's logprobs: the sampled token and the top-N alternatives, by token id (vLLM's shape).
+TokenLogprobs = dict[int, Logprob]
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to sample one request (vLLM's names).
 

@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import time
 
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, TokenLogprobs
 from ..text import Detokenizer
 
 
@@ -42,6 +42,7 @@ class Request:
     token_times: list[float] = dataclasses.field(default_factory=list)
     finish_time: float | None = None
     detokenizer: Detokenizer | None = None  # the output's text and stop strings (engines with a tokenizer)
+    logprobs: list[TokenLogprobs] | None = None  # one entry per output token when params.logprobs is set
 
     def __post_init__(self):
         self.params = self.params.seeded()  # seed=None: an independent random seed, fixed for the request's life
