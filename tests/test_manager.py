@@ -439,7 +439,11 @@ def test_page_accounting_matches_a_reference_model(deferred, unbacked_reads, ops
                     continue
                 assert m.allocate(op[1]) == want
                 allocated.add(want)
-                mapped[want] = max(mapped[want], pages_for(cfg, op[1]))
+                need, T = pages_for(cfg, op[1]), num_tensors(m)
+                available = m.stats().pages_budget - T * sum(mapped)
+                if mapped[want] - need > 0 and available < (mapped[want] - need) * T:
+                    mapped[want] = need  # under pressure the slot's excess pages go back to the pool
+                mapped[want] = max(mapped[want], need)
             elif op[0] == "grow":
                 slot, tokens = pick_slot(op[1], allocated), op[2]
                 if slot not in allocated:
@@ -743,6 +747,31 @@ def test_trim_with_a_page_limit(manager):
     assert_consistent(manager, {a: 3}, set())
     assert manager.trim(max_pages=0) == 0
     assert_consistent(manager, {a: 3}, set())
+
+
+def test_allocate_under_pool_pressure_returns_a_reused_slots_excess_pages():
+    T = make_config().num_tensors
+    cfg = make_config(pool_bytes=5 * T * make_config().page_bytes)  # 5 page indices x T tensors
+    with jv.KVCacheManager(cfg) as m:
+        big = m.allocate(128)  # 4 pages: the pool has 1 page index left
+        m.free(big)
+        unmaps = m.stats().unmaps
+        assert m.allocate(10) == big  # best fit: the only slot that covers 1 page, with 3 pages to spare
+        # 3T spare pages, only T could be mapped afresh: the spare ones go back to the pool
+        s = m.stats()
+        assert s.unmaps == unmaps + 3 * T and s.pages_free == 3 * T
+        assert_consistent(m, {big: 1}, {big})
+        other = m.allocate(128)  # the returned pages back another request at once
+        assert_consistent(m, {big: 1, other: 4}, {big, other})
+
+
+def test_allocate_keeps_a_reused_slots_excess_pages_while_the_pool_has_room(manager):
+    big = manager.allocate(128)
+    manager.free(big)
+    unmaps = manager.stats().unmaps
+    assert manager.allocate(10) == big
+    assert manager.stats().unmaps == unmaps  # deferred reclamation: nothing unmapped, nothing mapped
+    assert_consistent(manager, {big: 4}, {big})
 
 
 def test_grow_reclaims_deferred_pages_under_pool_pressure():

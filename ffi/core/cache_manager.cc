@@ -169,6 +169,14 @@ int64_t CacheManager::allocate(int64_t min_tokens) {
     throw Error(ErrorKind::kSlotState, "allocate: all " + std::to_string(layout_.max_batch) + " slots are in use");
   slots_[best].allocated = true;
   ++capacity_version_;
+  // A fitting slot's pages beyond `need` are kept only while the pool could
+  // map that many afresh: under pressure they would sit idle in a live slot
+  // (counted against admission) while other requests wait for pages.
+  const int64_t excess = slots_[best].mapped_pages - need;
+  if (excess > 0 && available_pages() < excess * layout_.num_tensors()) {
+    backend_->synchronize();
+    unmap_pages(best, need);
+  }
   if (min_tokens > 0) {
     const int32_t s32 = static_cast<int32_t>(best), l32 = static_cast<int32_t>(min_tokens);
     try {
