@@ -145,23 +145,28 @@ def load_tokenizer(directory: str | Path):
 
 
 def load_chat_template(directory: str | Path):
-    """The ``jax_vattention.chat.ChatTemplate`` of ``directory/tokenizer_config.json``, or None without one.
+    """The ``jax_vattention.chat.ChatTemplate`` of a checkpoint directory, or None without one.
 
-    ``chat_template`` is a string, or (newer checkpoints) a list of ``{"name", "template"}`` whose ``default``
-    entry is taken; ``bos_token`` / ``eos_token`` may be strings or ``{"content": ...}`` dicts.
+    Read as ``transformers`` does: the template is ``chat_template.jinja`` when there is one (newer
+    ``transformers`` save it there), else ``tokenizer_config.json``'s ``chat_template``: a string, or a list of
+    ``{"name", "template"}`` whose ``default`` entry is taken. ``bos_token`` / ``eos_token`` come from
+    ``tokenizer_config.json``, else ``special_tokens_map.json`` (older checkpoints keep them only there), and may
+    be strings, ``{"content": ...}`` dicts or null.
     """
-    import json
-
     from jax_vattention.chat import ChatTemplate
 
-    path = Path(directory) / "tokenizer_config.json"
-    if not path.is_file():
-        return None
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
-    template = cfg.get("chat_template")
+    directory = Path(directory)
+    cfg = _read_json(directory / "tokenizer_config.json")
+    special = _read_json(directory / "special_tokens_map.json")
+    template: Any = cfg.get("chat_template")
+    path = directory / "chat_template.jinja"
+    if path.is_file():
+        try:
+            template = path.read_text(encoding="utf-8")
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    else:
+        path = directory / "tokenizer_config.json"
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
@@ -171,7 +176,24 @@ def load_chat_template(directory: str | Path):
         raise CheckpointError(f"{path}: chat_template must be a string or a list of named templates")
 
     def token(name: str) -> str:
-        value = cfg.get(name) or ""
-        return value.get("content", "") if isinstance(value, dict) else str(value)
+        value = cfg[name] if name in cfg else special.get(name)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if value is not None and not isinstance(value, str):
+            raise CheckpointError(f"{directory}: {name} must be a string or {{'content': ...}}, got {value!r:.40}")
+        return value or ""
 
     return ChatTemplate(template, token("bos_token"), token("eos_token"))
+
+
+def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``, or {} if there is no such file."""
+    if not path.is_file():
+        return {}
+    try:
+        out = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    if not isinstance(out, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(out).__name__}")
+    return out

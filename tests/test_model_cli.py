@@ -116,6 +116,13 @@ def _corrupt_dir(tmp_path):
     return d
 
 
+def _no_tokenizer_dir(tmp_path):
+    d = tmp_path / "no_tokenizer"
+    shutil.copytree(DATA / "hf_llama", d)
+    (d / "tokenizer.json").unlink()
+    return d
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--preset", "llama-5"], "unknown preset 'llama-5'"),
     (["--model", "/nonexistent/model"], "model directory '/nonexistent/model' does not exist"),
@@ -127,7 +134,8 @@ def _corrupt_dir(tmp_path):
     (["--top-p", "0"], "top_p must be in"),
 ])
 def test_bad_input_exits_nonzero_with_message(tmp_path, capsys, argv, message):
-    places = {"CORRUPT": lambda: str(_corrupt_dir(tmp_path)), "HF_NO_TOKENIZER": lambda: str(DATA / "hf_llama")}
+    places = {"CORRUPT": lambda: str(_corrupt_dir(tmp_path)),
+              "HF_NO_TOKENIZER": lambda: str(_no_tokenizer_dir(tmp_path))}
     argv = [places[a]() if a in places else a for a in argv]
     rc, out, err = run(capsys, *argv)
     assert rc == 2
