@@ -232,8 +232,8 @@ def main():
         t0 = time.perf_counter()
         outs = llm.generate(wl.prompts, wl.params, progress=True)
         wall = time.perf_counter() - t0
-        short = [(o.request_id, len(o.tokens), p.max_tokens, o.finish_reason) for o, p in zip(outs, wl.params)
-                 if len(o.tokens) != p.max_tokens]
+        short = [(o.request_id, len(c.token_ids), p.max_tokens, c.finish_reason)
+                 for o, p in zip(outs, wl.params) if len((c := o.outputs[0]).token_ids) != p.max_tokens]
         assert not short, f"{name}: incomplete outputs (request, tokens, max_tokens, finish reason): {short[:8]}"
         r = summarize(name, outs, wall, llm.stats, llm)
         r["time_avg_batch"] = occupancy(r["timeline"], budget, max_batch, 0).get("batch_avg")
@@ -255,7 +255,7 @@ def main():
     def prepare(name, llm):
         outs = llm.generate(check_prompts, check_params)
         tol = 0.15
-        frac, worst = check_near_greedy(model, check_prompts, [o.tokens for o in outs], tol)
+        frac, worst = check_near_greedy(model, check_prompts, [o.outputs[0].token_ids for o in outs], tol)
         checks[name] = dict(frac_tokens_off=frac, worst_deficit=worst, tol=tol)
         print(f"  check {name}: {frac:.1%} of tokens more than {tol} below the top logit (worst {worst:.3f})",
               flush=True)

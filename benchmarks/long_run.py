@@ -218,18 +218,19 @@ def main(argv=None) -> dict:
             prompts, params = work.prompts[lo:lo + args.chunk], work.params[lo:lo + args.chunk]
             outs = llm.generate(prompts, params)
             for o, p in zip(outs, params):
-                if o.finish_reason == "length" and len(o.tokens) == p.max_tokens:
+                c = o.outputs[0]
+                if c.finish_reason == "length" and len(c.token_ids) == p.max_tokens:
                     completed += 1
                 else:
                     incomplete += 1
                     if len(problems) < 20:
-                        problems.append(f"request {o.request_id}: {o.finish_reason} after {len(o.tokens)} of "
+                        problems.append(f"request {o.request_id}: {c.finish_reason} after {len(c.token_ids)} of "
                                         f"{p.max_tokens} tokens ({o.error})")
-                errors += o.finish_reason == "error"
-                output_tokens += len(o.tokens)
-                preemptions += o.num_preemptions
+                errors += c.finish_reason == "error"
+                output_tokens += len(c.token_ids)
+                preemptions += o.metrics.num_preemptions
             if lo == 0:
-                first_outputs = [o.tokens for o in outs[:args.recheck]]
+                first_outputs = [o.outputs[0].token_ids for o in outs[:args.recheck]]
             if (bad := books_balance(manager)) is not None:
                 problems.append(f"after requests {lo}..{lo + len(outs) - 1}: {bad}")
             s = manager.stats()
@@ -238,7 +239,7 @@ def main(argv=None) -> dict:
     run_s = time.perf_counter() - t0
 
     n_re = min(args.recheck, args.chunk, len(work))
-    again = [o.tokens for o in llm.generate(work.prompts[:n_re], work.params[:n_re])]
+    again = [o.outputs[0].token_ids for o in llm.generate(work.prompts[:n_re], work.params[:n_re])]
     recheck_same = sum(a == b for a, b in zip(again, first_outputs))
     if recheck_same != n_re:
         problems.append(f"recheck: {n_re - recheck_same} of the first {n_re} requests regenerated different tokens")

@@ -30,6 +30,7 @@ from .text import check_stop
 from .validation import check_int
 
 MODES = ("greedy", "sample", "filter")
+MAX_N = 128  # SamplingParams.n: sequences per prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,7 @@ class SamplingParams:
     one; the stop string is not part of the output text.
     """
 
+    n: int = 1  # sequences per prompt (LLM.generate runs n requests: seeds seed + i, or independent ones)
     max_tokens: int = 16
     temperature: float = 0.0
     top_k: int = 0
@@ -69,6 +71,7 @@ class SamplingParams:
 
     def __post_init__(self):
         object.__setattr__(self, "max_tokens", check_int("SamplingParams.max_tokens", self.max_tokens, low=1))
+        object.__setattr__(self, "n", check_int("SamplingParams.n", self.n, low=1, high=MAX_N))
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):

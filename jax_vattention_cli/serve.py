@@ -36,29 +36,24 @@ def build_engine(args):
     """``(LLM, model name)`` for the arguments (used by the command and by tests)."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to the page pool
     import jax_vattention as jv
-    import models
-    from jax_vattention.engine import LLM
+    from jax_vattention.engine import LLM, load_model_source
 
     from .generate import _int_arg
 
     platform = jv.default_device().platform
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if platform == "gpu" else "float32")
-    if args.model:
-        model = models.load_model(args.model, dtype=dtype)
-        tokenizer, chat = models.load_tokenizer(args.model), models.load_chat_template(args.model)
-        if tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer.json; the server takes and returns text")
-        name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    else:
-        model = models.random_model(models.get_preset(args.preset), seed=args.seed, dtype=dtype)
-        tokenizer, chat = models.tokenizer_for(model.config), models.chat_template_for(model.config)
-        if tokenizer is None:
-            raise ValueError(f"preset {args.preset!r} has a vocabulary too small for the byte-level tokenizer")
-        name = args.served_model_name or args.preset
+    if args.model and not os.path.isdir(args.model):
+        raise ValueError(f"model directory {args.model!r} does not exist")
+    # what LLM("dir or preset") loads: a checkpoint with its tokenizer.json and chat template, or a preset
+    loaded = load_model_source(args.model or args.preset, dtype=dtype, seed=args.seed)
+    if loaded.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer.json; the server takes and returns text" if args.model else
+                         f"preset {args.preset!r} has a vocabulary too small for the byte-level tokenizer")
+    name = args.served_model_name or loaded.name or args.model or args.preset
     group = "all" if args.layers_per_group == "all" else _int_arg(args.layers_per_group, "--layers-per-group")
     page_bytes = None if platform == "gpu" else 64 << 10
-    llm = LLM(model, tokenizer=tokenizer, chat_template=chat, max_batch=args.max_batch, max_seq=args.max_seq,
-              layers_per_group=group, page_bytes=page_bytes)
+    llm = LLM(loaded.model, tokenizer=loaded.tokenizer, chat_template=loaded.chat_template, max_batch=args.max_batch,
+              max_seq=args.max_seq, layers_per_group=group, page_bytes=page_bytes)
     return llm, name
 
 

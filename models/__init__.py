@@ -13,7 +13,8 @@ cache the same way); nothing in ``jax_vattention`` imports this package.
 Modules: ``config`` (ModelConfig, presets), ``layers`` (norms, projections,
 RoPE) and ``llama`` (the decoder), ``loading`` (HF safetensors), ``decode``
 (jit programs), ``generate`` (the host loop), ``tokenizer`` (a byte-level tokenizer for random-weight
-presets), ``testing`` (comparison helpers).
+presets), ``source`` (the model source behind ``jax_vattention.engine.LLM("tiny")`` and
+``LLM("/path/to/hf-dir")``, declared as an entry point), ``testing`` (comparison helpers).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .errors import CheckpointError, GenerationInputError, ModelError, UnknownPr
 from .generate import GenerationResult, Generator, check_requests, generate
 from .llama import LlamaForCausalLM, abstract_model, random_model
 from .loading import load_chat_template, load_model, load_tokenizer
+from .source import SOURCE, ModelsSource
 from .tokenizer import byte_level_tokenizer, chat_template_for, tokenizer_for
 
 
@@ -44,6 +46,7 @@ def static_cache_for(cfg: ModelConfig, *, max_batch: int, max_seq: int, dtype="b
 
 __all__ = [
     "PRESETS",
+    "SOURCE",
     "CheckpointError",
     "GenerationInputError",
     "GenerationResult",
@@ -51,6 +54,7 @@ __all__ = [
     "LlamaForCausalLM",
     "ModelConfig",
     "ModelError",
+    "ModelsSource",
     "RopeScaling",
     "UnknownPresetError",
     "UnsupportedModelError",

@@ -28,7 +28,7 @@ def one_at_a_time(model, ps, params):
     outs = []
     with LLM(model, max_batch=1, max_seq=256, attn=REF, page_bytes=4096) as llm:
         for p, sp in zip(ps, params):
-            outs.append(llm.generate([p], sp)[0].tokens)
+            outs.append(llm.generate([p], sp)[0].outputs[0].token_ids)
     return outs
 
 
@@ -48,11 +48,12 @@ def test_continuous_batching_matches_sequential(model, pool_pages, budget, chunk
              chunk_size=chunk, layers_per_group=group) as llm:
         outs = llm.generate(ps, params)
         assert [o.request_id for o in outs] == sorted(o.request_id for o in outs)  # request order
-        assert all(o.finish_reason == "length" and len(o.tokens) == sp.max_tokens for o, sp in zip(outs, params))
-        assert_same_greedy([o.tokens for o in outs], want, ps, model, what="engine vs sequential")
+        assert all(c.finish_reason == "length" and len(c.token_ids) == sp.max_tokens
+                   for c, sp in zip((o.outputs[0] for o in outs), params))
+        assert_same_greedy([o.outputs[0].token_ids for o in outs], want, ps, model, what="engine vs sequential")
         assert llm.num_compiled <= 3 * 6  # bucketed shapes: powers of two in B and T
         if pool_pages is not None:
-            assert sum(o.num_preemptions for o in outs) > 0, "the tiny pool should force preemption"
+            assert sum(o.metrics.num_preemptions for o in outs) > 0, "the tiny pool should force preemption"
         assert llm.manager.stats().live_slots == 0
 
 
@@ -60,8 +61,8 @@ def test_sampling_is_reproducible_per_request(model):
     ps = prompts(3, 4, model.config.vocab_size)
     sp = SamplingParams(max_tokens=12, temperature=1.0, top_k=20, seed=7)
     with LLM(model, max_batch=4, max_seq=256, attn=REF, page_bytes=4096) as llm:
-        batched = [o.tokens for o in llm.generate(ps, sp)]
-        alone = [llm.generate([p], sp)[0].tokens for p in ps]
+        batched = [o.outputs[0].token_ids for o in llm.generate(ps, sp)]
+        alone = [llm.generate([p], sp)[0].outputs[0].token_ids for p in ps]
     assert batched == alone
     assert len({tuple(t) for t in batched}) > 1
 
@@ -74,7 +75,7 @@ def test_bad_requests(model):
             llm.generate([[model.config.vocab_size]], SamplingParams())
         with pytest.raises(ValueError, match="SamplingParams"):
             llm.generate([[1], [2]], [SamplingParams()])
-        assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3))[0].tokens  # still works
+        assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3))[0].outputs[0].token_ids  # still works
 
 
 def test_overlapped_allocation_maps_the_next_decode_during_the_step(model):
@@ -95,7 +96,7 @@ def test_overlapped_allocation_maps_the_next_decode_during_the_step(model):
                 return out
 
             sched.schedule = counted_schedule
-            results[overlap] = ([o.tokens for o in llm.generate(ps, sp)], sum(maps_in_schedule))
+            results[overlap] = ([o.outputs[0].token_ids for o in llm.generate(ps, sp)], sum(maps_in_schedule))
     assert results[True][0] == results[False][0]
     assert results[False][1] > 0  # without overlap, decode iterations map pages on the critical path
     assert results[True][1] == 0  # with it, never
@@ -118,7 +119,7 @@ def test_engine_matches_full_forward(model, kv_cache):
              chunk_size=16) as llm:
         outs = llm.generate(ps, sp)
         assert llm.stats.peak_batch > 1 and llm.stats.steps > 0
-    deficit = greedy_deficits(model, ps, [o.tokens for o in outs])
+    deficit = greedy_deficits(model, ps, [o.outputs[0].token_ids for o in outs])
     assert deficit.shape == (5, 9) and deficit.max() <= 1e-4, f"{kv_cache}: worst deficit {deficit.max()}"
 
 
@@ -129,7 +130,7 @@ def test_static_pool_budget_limits_the_batch(model):
     with LLM(model, kv_cache="static", max_batch=8, max_seq=128, attn=REF, pool_bytes=3 * slot_bytes) as llm:
         assert llm.pool.max_batch == 3 and llm.scheduler.config.max_batch == 3
         outs = llm.generate(prompts(5, 6, c.vocab_size), SamplingParams(max_tokens=4))
-        assert all(len(o.tokens) == 4 for o in outs) and llm.stats.peak_batch <= 3
+        assert all(len(o.outputs[0].token_ids) == 4 for o in outs) and llm.stats.peak_batch <= 3
         assert llm.pool.pages_live() == 0
 
 
@@ -142,7 +143,7 @@ def switch_workload(model):
     ps = prompts(31, 5, model.config.vocab_size)
     sp = SamplingParams(max_tokens=20)
     with LLM(model, **SWITCH_ENGINE) as llm:
-        return ps, sp, [o.tokens for o in llm.generate(ps, sp)]
+        return ps, sp, [o.outputs[0].token_ids for o in llm.generate(ps, sp)]
 
 
 @pytest.mark.parametrize("overlap,lookahead,reclaim", [("off", 0, True), ("inline", 0, True), ("thread", 8, True),
@@ -150,7 +151,7 @@ def switch_workload(model):
 def test_allocation_switches_keep_outputs(model, switch_workload, overlap, lookahead, reclaim):
     ps, sp, want = switch_workload
     with LLM(model, overlap_allocation=overlap, lookahead=lookahead, deferred_reclaim=reclaim, **SWITCH_ENGINE) as llm:
-        assert [o.tokens for o in llm.generate(ps, sp)] == want
+        assert [o.outputs[0].token_ids for o in llm.generate(ps, sp)] == want
         s = llm.manager.stats()
         assert s.live_slots == 0
         if not reclaim:

@@ -11,7 +11,8 @@ pytest.importorskip("flax")
 import models  # noqa: E402
 from jax_vattention.attention import AttentionSpec  # noqa: E402
 from jax_vattention.engine import LLM, EngineConfig, SamplingParams  # noqa: E402
-from jax_vattention.engine.stats import EngineStats, RequestOutput  # noqa: E402
+from jax_vattention.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput  # noqa: E402
+from jax_vattention.engine.stats import EngineStats  # noqa: E402
 from jax_vattention.errors import CacheValueError  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
@@ -30,13 +31,13 @@ def test_two_threads_calling_generate_never_interleave(llm):
     rng = np.random.default_rng(0)
     work = [[rng.integers(0, 500, size=int(n)).tolist() for n in rng.integers(3, 40, size=3)] for _ in range(2)]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
-    alone = [[o.tokens for o in llm.generate(w, params)] for w in work]
+    alone = [[o.outputs[0].token_ids for o in llm.generate(w, params)] for w in work]
     got: dict[int, list] = {}
     errors: list[BaseException] = []
 
     def run(i):
         try:
-            got[i] = [o.tokens for o in llm.generate(work[i], params)]
+            got[i] = [o.outputs[0].token_ids for o in llm.generate(work[i], params)]
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -54,26 +55,25 @@ def test_two_threads_calling_generate_never_interleave(llm):
     ([[1.7, 2.2]], "integer token ids"),
     ([[True, False]], "integer token ids"),
     (["12"], "text prompts? needs? a tokenizer"),
-    ([1, 2, 3], "for one prompt pass \\[ids\\]"),
     ([[]], "non-empty"),
     ([[1, 10**6]], "vocab_size"),
 ])
 def test_prompts_are_checked_not_coerced(llm, prompts, match):
     with pytest.raises(ValueError, match=match):
         llm.generate(prompts, SamplingParams(max_tokens=2))
-    if not isinstance(prompts[0], int):  # a flat list of ints is one valid prompt for add_request
-        with pytest.raises(ValueError, match=match):
-            llm.add_request(prompts[0], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match=match):
+        llm.add_request(prompts[0], SamplingParams(max_tokens=2))
     assert not llm.scheduler.has_unfinished()
 
 
 def test_seed_none_is_independent_and_a_seed_reproduces(llm):
     p = [[5, 6, 7, 8]] * 4
-    free = [o.tokens for o in llm.generate(p, SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True))]
+    free = [o.outputs[0].token_ids for o in llm.generate(p, SamplingParams(max_tokens=8, temperature=1.0,
+                                                                            ignore_eos=True))]
     assert len({tuple(t) for t in free}) > 1, "identical prompts with seed=None sampled identically"
     seeded = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True, seed=11)
-    a = [o.tokens for o in llm.generate(p, seeded)]
-    assert len({tuple(t) for t in a}) == 1 and a == [o.tokens for o in llm.generate(p, seeded)]
+    a = [o.outputs[0].token_ids for o in llm.generate(p, seeded)]
+    assert len({tuple(t) for t in a}) == 1 and a == [o.outputs[0].token_ids for o in llm.generate(p, seeded)]
 
 
 def test_step_with_nothing_queued_returns_nothing(llm):
@@ -86,20 +86,30 @@ def test_engine_stops_at_the_model_eos_unless_ignore_eos():
     assert eos, "the checked-in Llama test checkpoint declares an EOS id"
     with LLM(model, **KW) as llm:
         prompt = [1, 5, 9]
-        free = llm.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0]
-        forced = free.tokens[3]  # make a token the model emits the EOS: patch the config, not the weights
+        free = llm.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0].outputs[0]
+        forced = free.token_ids[3]  # make a token the model emits the EOS: patch the config, not the weights
         llm.model.config = llm.model.config.replace(eos_token_ids=(forced,))
-        stopped = llm.generate([prompt], SamplingParams(max_tokens=24))[0]
-        assert stopped.finish_reason == "stop" and stopped.tokens == free.tokens[: free.tokens.index(forced) + 1]
-        again = llm.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0]
-        assert again.finish_reason == "length" and again.tokens == free.tokens
+        stopped = llm.generate([prompt], SamplingParams(max_tokens=24))[0].outputs[0]
+        assert stopped.finish_reason == "stop"
+        assert stopped.token_ids == free.token_ids[: free.token_ids.index(forced) + 1]
+        assert stopped.stop_reason is None  # the model's EOS (vLLM: stop_reason names only stop strings and ids)
+        again = llm.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0].outputs[0]
+        assert again.finish_reason == "length" and again.token_ids == free.token_ids
+        by_id = llm.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True, stop_token_ids=[forced]))
+        assert by_id[0].outputs[0].token_ids == stopped.token_ids and by_id[0].outputs[0].stop_reason == forced
 
 
 def test_summary_counts_stopped_requests_as_complete():
-    outs = [RequestOutput(0, [1], [2], "stop", 0.1, [], 0), RequestOutput(1, [1], [2, 3], "length", 0.1, [0.01], 0),
-            RequestOutput(2, [1], [], "cancelled", None, [], 0), RequestOutput(3, [1], [], "error", None, [], 0)]
+    def out(i, reasons, ttft=None, gaps=()):
+        seqs = [CompletionOutput(j, None, [2] * (j + 1), finish_reason=r) for j, r in enumerate(reasons)]
+        return RequestOutput(i, None, [1], seqs, True, RequestMetrics(0.0, ttft, ttft, list(gaps), 1.0, i))
+
+    outs = [out(0, ["stop"], 0.1), out(1, ["length"], 0.1, [0.01]), out(2, ["cancelled"]), out(3, ["error"]),
+            out(4, ["length", "stop"], 0.2, [0.03]), out(5, ["length", "error"])]
     s = EngineStats().summary(outs, 1.0)
-    assert s["completed"] == 2 and s["failed"] == 1 and s["requests"] == 4
+    assert s["completed"] == 3 and s["failed"] == 2 and s["requests"] == 6 and s["preemptions"] == 15
+    assert s["output_tokens_per_s"] == 1 + 1 + 1 + 1 + 3 + 3  # every sequence's tokens
+    assert s["ttft_p50_s"] == 0.1 and s["tbt_p99_s"] <= 0.03
 
 
 def test_engine_construction_errors_name_the_problem():

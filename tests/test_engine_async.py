@@ -46,8 +46,8 @@ def test_concurrent_streams_equal_offline_generation(model):
             assert engine.num_streams == 0
         assert llm.manager.stats().live_slots == 0
     for deltas, w in zip(got, want):
-        out = deltas[-1].output
-        assert out.tokens == w.tokens and [t for d in deltas for t in d.token_ids] == w.tokens
+        out, w = deltas[-1].output.outputs[0], w.outputs[0]
+        assert out.token_ids == w.token_ids and [t for d in deltas for t in d.token_ids] == w.token_ids
         assert "".join(d.text for d in deltas) == out.text == w.text  # streamed text adds up to the final text
         assert deltas[-1].finish_reason == "length"
 
@@ -84,7 +84,7 @@ def test_leaving_a_stream_early_aborts_and_frees_the_slot(model):
             return await collect(engine, [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
 
         deltas = asyncio.run(main())
-        assert deltas[-1].output.tokens and len(deltas[-1].output.tokens) == 4
+        assert len(deltas[-1].output.outputs[0].token_ids) == 4 and deltas[-1].output.prompt is None
 
 
 def test_requests_from_another_thread_and_after_close(model):
@@ -100,7 +100,9 @@ def test_requests_from_another_thread_and_after_close(model):
             t.start()
         for t in threads:
             t.join(timeout=120)
-        assert sorted(results) == [0, 1, 2] and all(len(d[-1].output.tokens) == 5 for d in results.values())
+        assert sorted(results) == [0, 1, 2]
+        assert all(len(d[-1].output.outputs[0].token_ids) == 5 for d in results.values())
+        assert [results[i][-1].output.prompt for i in range(3)] == [*PROMPTS[:2], None]  # the text, if given
         with pytest.raises(ValueError, match="tokenizer|vocab_size|non-empty"):  # bad input: before any stream
             asyncio.run(collect(engine, [], SamplingParams(max_tokens=2)))
         engine.close()

@@ -31,8 +31,9 @@ def requests(seed, n, prompt_len, vocab):
     return [rng.integers(0, vocab, size=prompt_len).tolist() for _ in range(n)]
 
 
-def assert_near_greedy(model, ps, outs, what):
-    deficit = greedy_deficits(model, ps, [o.tokens for o in outs])
+def assert_near_greedy(model, ps, outputs, what):
+    """``outputs``: each prompt's generated ids."""
+    deficit = greedy_deficits(model, ps, outputs)
     frac = float((deficit > TOL).mean())
     assert frac <= 0.03 and deficit.max() < 1.0, f"{what}: {frac:.1%} tokens off, worst deficit {deficit.max():.3f}"
 
@@ -52,7 +53,8 @@ def test_engine_pools_generate_greedy_tokens_on_gpu(model, kv_cache):
         kv_cache=kv_cache)
     with LLM(model, **kind, pool_bytes=budget, **KW) as llm:
         outs = llm.generate(ps, sp)
-        assert all(o.finish_reason == "length" and len(o.tokens) == 12 and o.ttft_s > 0 for o in outs)
+        assert all(o.outputs[0].finish_reason == "length" and len(o.outputs[0].token_ids) == 12
+                   and o.metrics.ttft_s > 0 for o in outs)
         assert llm.stats.peak_batch <= llm.pool.max_batch and llm.stats.peak_used_bytes <= budget
         if kv_cache == "static":
             assert llm.pool.max_batch == 12
@@ -62,7 +64,7 @@ def test_engine_pools_generate_greedy_tokens_on_gpu(model, kv_cache):
             tpp = m.tokens_per_page  # of every layer of a group in the interleaved layout
             need = m.config.num_tensors * min(16, len(ps)) * -(-(333 + 12) // tpp) * m.config.page_bytes
             assert llm.stats.peak_used_bytes <= need  # mapped memory follows the real context
-    assert_near_greedy(model, ps, outs, kv_cache)
+    assert_near_greedy(model, ps, [o.outputs[0].token_ids for o in outs], kv_cache)
 
 
 def test_preemption_and_cancel_on_gpu(model):
@@ -88,8 +90,7 @@ def test_preemption_and_cancel_on_gpu(model):
         assert llm.scheduler.num_preemptions > 0, "the pool should force preemption"
         assert llm.manager.stats().live_slots == 0
         assert llm.stats.peak_used_bytes <= 3 * per_request
-    outs = [type("Out", (), {"tokens": r.output}) for r in done]
-    assert_near_greedy(model, [r.prompt for r in done], outs, "preempted run")
+    assert_near_greedy(model, [r.prompt for r in done], [r.output for r in done], "preempted run")
 
 
 def small_page_model():
@@ -117,7 +118,7 @@ def test_small_engine_crossing_pages_for_memcheck(group):
     with LLM(model, pool_bytes=budget, layers_per_group=group, max_batch=4, max_seq=2048, token_budget=512,
              chunk_size=256, max_prefill_rows=2, min_decode_bucket=4, min_prefill_bucket=64) as llm:
         outs = llm.generate(ps, sp)
-        assert all(len(o.tokens) == 40 and o.finish_reason == "length" for o in outs)
+        assert all(len(o.outputs[0].token_ids) == 40 and o.outputs[0].finish_reason == "length" for o in outs)
         assert llm.stats.peak_used_bytes <= budget
         assert llm.manager.stats().live_slots == 0
-    assert_near_greedy(model, ps, outs, "small engine")
+    assert_near_greedy(model, ps, [o.outputs[0].token_ids for o in outs], "small engine")

@@ -111,11 +111,12 @@ class EngineMachine(RuleBasedStateMachine):
     def generate(self, batch):
         self._op()
         outs = self.llm.generate([p for p, _ in batch], [sp for _, sp in batch])
-        assert [o.prompt for o in outs] == [p for p, _ in batch]
-        assert all(o.finish_reason in ("length", "stop") for o in outs)
+        assert [o.prompt_token_ids for o in outs] == [p for p, _ in batch]
+        assert all(o.outputs[0].finish_reason in ("length", "stop") for o in outs)
         for o, (p, sp) in zip(outs, batch):
-            assert len(o.tokens) == sp.max_tokens or o.finish_reason == "stop"
-            EngineMachine.finished[o.request_id] = (tuple(p), sp, list(o.tokens), o.finish_reason)
+            assert len(o.outputs[0].token_ids) == sp.max_tokens or o.outputs[0].finish_reason == "stop"
+            c = o.outputs[0]
+            EngineMachine.finished[o.request_id] = (tuple(p), sp, list(c.token_ids), c.finish_reason)
         assert not self.llm.scheduler.has_unfinished()  # generate drains the queue too
         STATS["generate_calls"] += 1
         STATS["requests"] += len(batch)
@@ -169,7 +170,8 @@ def test_engine_api_state_machine(rng):
     ended = list(EngineMachine.finished.values())
     sample = random.Random(int(rng.integers(2**31))).sample(ended, min(CHECKED, len(ended)))
     with LLM(model, **{**ENGINE, "max_batch": 1}) as solo:
-        want = {k: solo.generate([list(k[0])], k[1])[0].tokens for k in {(p, sp) for p, sp, _, _ in sample}}
+        want = {k: solo.generate([list(k[0])], k[1])[0].outputs[0].token_ids
+                for k in {(p, sp) for p, sp, _, _ in sample}}
     greedy = [(p, got, want[(p, sp)]) for p, sp, got, reason in sample if sp.greedy and reason != "cancelled"]
     sampled = [(got, want[(p, sp)]) for p, sp, got, reason in sample if not sp.greedy and reason != "cancelled"]
     cancelled = [(got, want[(p, sp)]) for p, sp, got, reason in sample if reason == "cancelled"]

@@ -190,9 +190,10 @@ def engine(model):
 def baseline(engine):
     """Fault-free greedy tokens of the shared workload."""
     outs = engine.llm.generate(PROMPTS, PARAMS)
-    assert all(o.finish_reason == "length" and len(o.tokens) == s.max_tokens for o, s in zip(outs, PARAMS))
+    assert all(o.outputs[0].finish_reason == "length" and len(o.outputs[0].token_ids) == s.max_tokens
+               for o, s in zip(outs, PARAMS))
     assert_consistent(engine.m)
-    return [o.tokens for o in outs]
+    return [o.outputs[0].token_ids for o in outs]
 
 
 @pytest.fixture
@@ -325,7 +326,7 @@ def test_device_wide_persistent_faults_end_the_run_cleanly(harness, baseline):
 def test_faults_cleared_the_engine_runs_as_before(harness, baseline):
     """After all the faults above, a plain generate() gives the fault-free tokens and balanced books."""
     outs = harness.llm.generate(PROMPTS, PARAMS)
-    assert [o.tokens for o in outs] == baseline and all(o.error is None for o in outs)
+    assert [o.outputs[0].token_ids for o in outs] == baseline and all(o.error is None for o in outs)
     assert_consistent(harness.m)
 
 
@@ -335,7 +336,7 @@ def test_fault_at_admission_with_nothing_running_is_retried(harness, baseline):
     h.m.trim()  # the admission has to map
     h.m._inject_failures(maps=1)
     out = h.llm.generate(PROMPTS[:1], PARAMS[:1])[0]
-    assert out.finish_reason == "length" and out.tokens == baseline[0]
+    assert out.outputs[0].finish_reason == "length" and out.outputs[0].token_ids == baseline[0]
 
 
 def test_persistent_fault_on_a_long_request_terminates(harness):
@@ -438,7 +439,7 @@ llm = LLM(model, max_batch=8, max_seq=256, attn=AttentionSpec(impl="reference"),
 # The cache has 8 slots; the engine schedules at most 4, so the stress threads own up to 4 (2 each).
 llm.scheduler = Scheduler(llm.pool, dataclasses.replace(llm.scheduler.config, max_batch=4))
 m = llm.manager
-want = [o.tokens for o in llm.generate(ps, sp)]
+want = [o.outputs[0].token_ids for o in llm.generate(ps, sp)]
 assert any(t.name.startswith("vattn-map-ahead") for t in threading.enumerate()), "no map-ahead thread"
 
 stop, errors = threading.Event(), []
@@ -524,7 +525,7 @@ for t in threads:
     t.start()
 maps0, t0, runs = m.stats().maps, time.perf_counter(), []
 for _ in range(2):
-    runs.append([o.tokens for o in llm.generate(ps, sp)])
+    runs.append([o.outputs[0].token_ids for o in llm.generate(ps, sp)])
 stressed_s = time.perf_counter() - t0
 stop.set()
 for t in threads:
@@ -545,7 +546,7 @@ EXIT_CHILD = CHILD_PRELUDE + """
 llm = LLM(model, max_batch=4, max_seq=256, attn=AttentionSpec(impl="reference"), page_bytes=4096,
           token_budget=64, chunk_size=32, max_prefill_rows=2, min_decode_bucket=4, overlap_allocation="thread")
 outs = llm.generate(ps, sp)
-assert all(o.finish_reason == "length" for o in outs)
+assert all(o.outputs[0].finish_reason == "length" for o in outs)
 assert llm.manager.stats().pages_mapped > 0
 assert any(t.name.startswith("vattn-map-ahead") for t in threading.enumerate())
 print("EXITING", time.time(), flush=True)

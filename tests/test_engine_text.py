@@ -50,19 +50,22 @@ def test_text_prompts_and_outputs(llm):
     outs = llm.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
     by_ids = llm.generate([TOK.encode(p).ids for p in prompts], SamplingParams(max_tokens=12, ignore_eos=True))
     for o, ids_out, p in zip(outs, by_ids, prompts):
-        assert o.prompt == TOK.encode(p).ids and o.tokens == ids_out.tokens  # text is only encoded ids
-        assert o.text == TOK.decode(o.tokens) == ids_out.text and len(o.tokens) == 12
+        c, want = o.outputs[0], ids_out.outputs[0]
+        assert o.prompt == p and ids_out.prompt is None  # the prompt's text, when it was given as text
+        assert o.prompt_token_ids == TOK.encode(p).ids and c.token_ids == want.token_ids  # text is only encoded ids
+        assert c.text == TOK.decode(c.token_ids) == want.text and len(c.token_ids) == 12
 
 
 def test_stop_string_ends_the_request_and_is_excluded(llm):
     prompt = "The cache maps pages"
-    free = llm.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0]
-    assert len(free.text) >= 4, f"the model should emit some text: {free.tokens}"
+    free = llm.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True))[0].outputs[0]
+    assert len(free.text) >= 4, f"the model should emit some text: {free.token_ids}"
+    assert free.finish_reason == "length" and free.stop_reason is None
     stop = free.text[2:4]  # appears in the text: generation must end there, without it
-    out = llm.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True, stop=[stop]))[0]
-    assert out.finish_reason == "stop" and stop not in out.text
+    out = llm.generate([prompt], SamplingParams(max_tokens=24, ignore_eos=True, stop=[stop]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop and stop not in out.text
     assert out.text == free.text[:free.text.index(stop)]
-    assert out.tokens == free.tokens[:len(out.tokens)] and len(out.tokens) < len(free.tokens)
+    assert out.token_ids == free.token_ids[:len(out.token_ids)] and len(out.token_ids) < len(free.token_ids)
     assert not llm.scheduler.has_unfinished() and llm.manager.stats().live_slots == 0
 
 
@@ -73,7 +76,7 @@ def test_text_needs_a_tokenizer():
             bare.generate(["hello"], SamplingParams(max_tokens=2))
         with pytest.raises(ValueError, match="stop strings need a tokenizer"):
             bare.generate([[1, 2]], SamplingParams(max_tokens=2, stop=["x"]))
-        assert bare.generate([[1, 2]], SamplingParams(max_tokens=2))[0].text is None
+        assert bare.generate([[1, 2]], SamplingParams(max_tokens=2))[0].outputs[0].text is None
         assert not bare.scheduler.has_unfinished()
     with pytest.raises(TypeError, match="encode and decode"):
         LLM(model, tokenizer=object(), **KW)
@@ -95,9 +98,9 @@ def test_chat_renders_the_template_and_generates():
     with LLM(model, tokenizer=TOK, chat_template=template, **KW) as llm:
         sp = SamplingParams(max_tokens=6, ignore_eos=True)
         (one,) = llm.chat(conv, sp)
-        assert one.prompt == TOK.encode(text).ids and len(one.tokens) == 6
+        assert one.prompt_token_ids == TOK.encode(text).ids and len(one.outputs[0].token_ids) == 6
         two = llm.chat([conv, conv[1:]], sp)
-        assert two[0].tokens == one.tokens and len(two) == 2
+        assert two[0].outputs[0].token_ids == one.outputs[0].token_ids and len(two) == 2
         for bad, match in (([{"role": "user"}], "string 'role' and 'content'"),
                            ([{"role": "wizard", "content": "x"}], "role 'wizard'"), ([], "non-empty")):
             with pytest.raises(ChatTemplateError, match=match):

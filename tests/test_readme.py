@@ -18,5 +18,5 @@ def test_serving_snippet_runs(capsys):
     pytest.importorskip("flax")
     exec(compile(snippet("serving-snippet"), "README.md:serving-snippet", "exec"), {})
     out = capsys.readouterr().out
-    tokens = eval(out.strip().splitlines()[-1])  # the printed [o.tokens for o in outputs]
+    tokens = eval(out.strip().splitlines()[-1])  # the printed [o.outputs[0].token_ids for o in outputs]
     assert len(tokens) == 2 and all(len(t) == 16 for t in tokens)

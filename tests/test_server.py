@@ -68,7 +68,8 @@ def http(url, body: bytes | None = None, *, raw: bool = False):
 
 
 def offline(llm, prompt, **kw):
-    return llm.generate([prompt], SamplingParams(**kw))[0]
+    """The offline API's completions of ``prompt`` (``n`` of them) for the same sampling settings."""
+    return llm.generate([prompt], SamplingParams(**kw))[0].outputs
 
 
 def test_models_health_and_completions_equal_the_offline_api(server):
@@ -77,14 +78,16 @@ def test_models_health_and_completions_equal_the_offline_api(server):
     assert http(base + "/health") == (200, {"status": "ok"})
     r = client.completions.create(model=NAME, prompt="Hello, server", max_tokens=8, temperature=0.7, seed=3,
                                   extra_body={"ignore_eos": True})
-    want = offline(llm, "Hello, server", max_tokens=8, temperature=0.7, seed=3, ignore_eos=True)
+    (want,) = offline(llm, "Hello, server", max_tokens=8, temperature=0.7, seed=3, ignore_eos=True)
     assert r.choices[0].text == want.text and r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens == len(TOK.encode("Hello, server").ids)
     n = client.completions.create(model=NAME, prompt="n>1", max_tokens=5, n=3, seed=10, temperature=1.0,
                                   extra_body={"ignore_eos": True})
     assert [c.index for c in n.choices] == [0, 1, 2]
+    assert [c.text for c in n.choices] == [c.text for c in offline(llm, "n>1", n=3, max_tokens=5, seed=10,
+                                                                   temperature=1.0, ignore_eos=True)]
     assert [c.text for c in n.choices] == [offline(llm, "n>1", max_tokens=5, seed=10 + i, temperature=1.0,
-                                                   ignore_eos=True).text for i in range(3)]
+                                                   ignore_eos=True)[0].text for i in range(3)]  # seeds seed + i
 
 
 def test_streaming_chat_and_stop_strings(server):

@@ -23,8 +23,8 @@ from typing import Any
 from ..errors import CacheClosedError
 from ..sampling import SamplingParams
 from .llm import LLM
+from .outputs import RequestOutput
 from .request import Request
-from .stats import RequestOutput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +36,7 @@ class StreamDelta:
     text: str | None  # None without a tokenizer
     finished: bool = False
     finish_reason: str | None = None
-    output: RequestOutput | None = None  # the whole request, on the last delta
+    output: RequestOutput | None = None  # the whole request (one CompletionOutput), on the last delta
 
 
 @dataclasses.dataclass(eq=False)
@@ -44,6 +44,7 @@ class _Stream:
     request: Request
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    prompt_text: str | None = None  # the prompt, when it was given as text
     tokens_sent: int = 0
     text_sent: int = 0
 
@@ -65,13 +66,18 @@ class AsyncLLM:
     # -- callers (any thread, any event loop) -------------------------------------------
     async def generate(self, prompt: Any,
                        params: SamplingParams = SamplingParams()) -> AsyncGenerator[StreamDelta, None]:
-        """Queue ``prompt`` (text or token ids) and yield its deltas until it finishes."""
+        """Queue ``prompt`` (text or token ids) and yield its deltas until it finishes.
+
+        One sequence per stream (``params.n == 1``): for ``n`` of them, stream each of
+        ``outputs.child_params(params)`` (the server does), which sample what ``LLM.generate`` would.
+        """
         with self._cv:
             if self._stopped:
                 raise CacheClosedError("AsyncLLM: the engine loop has stopped" +
                                        (f" ({self.error!r})" if self.error else ""))
             request = self.llm.add_request(prompt, params)  # bad input raises here, before anything streams
-            stream = _Stream(request, asyncio.get_running_loop(), asyncio.Queue())
+            stream = _Stream(request, asyncio.get_running_loop(), asyncio.Queue(),
+                             prompt if isinstance(prompt, str) else None)
             self._streams[request.request_id] = stream
             self._cv.notify()
         finished = False
@@ -134,7 +140,7 @@ class AsyncLLM:
             final_text = r.detokenizer.streamable
             text, s.text_sent = final_text[s.text_sent:], len(final_text)
         return StreamDelta(r.request_id, list(tokens), text, final, r.finish_reason if final else None,
-                           RequestOutput.of(r) if final else None)
+                           RequestOutput.of(r, s.prompt_text) if final else None)
 
     @staticmethod
     def _push(s: _Stream, item) -> None:

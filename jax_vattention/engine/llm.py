@@ -20,6 +20,7 @@ it was preempted and recomputed.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -38,13 +39,16 @@ from ..inputs import PromptError, check_prompt, check_prompts
 from ..manager import KVCacheManager, default_device
 from ..sampling import SamplingParams
 from ..text import Detokenizer, TextTokenizer, encode
+from ..validation import is_int
 from .config import EngineConfig
+from .loaders import load_model_source, load_tokenizer_file
 from .map_ahead import MapAhead
 from .model_runner import ModelRunner
+from .outputs import RequestOutput, child_params
 from .protocol import CausalLM, check_model
 from .request import Request
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from .stats import EngineStats, RequestOutput
+from .stats import EngineStats
 
 
 def make_pool(model_config, c: EngineConfig, dtype: str) -> KVPool:
@@ -86,8 +90,27 @@ class LLM:
     ``generate`` run one after the other (each gets its own outputs), never interleaved.
     """
 
-    def __init__(self, model: CausalLM, config: EngineConfig | None = None, *, tokenizer: TextTokenizer | None = None,
-                 chat_template: ChatTemplate | str | None = None, **overrides: Any):
+    def __init__(self, model: CausalLM | str | os.PathLike, config: EngineConfig | None = None, *,
+                 tokenizer: TextTokenizer | str | os.PathLike | None = None,
+                 chat_template: ChatTemplate | str | None = None, seed: int = 0, **overrides: Any):
+        """``model``: a ``CausalLM``, or a string a model source resolves (``engine.loaders``: with ``models``
+        installed, a Hugging Face directory or a preset name such as ``"tiny"``), which also brings its tokenizer
+        and chat template; ``dtype`` then also sets the weights' dtype (default bf16 on a GPU, else fp32) and
+        ``seed`` a preset's random weights. ``tokenizer`` (an object with ``encode``/``decode``, or a path to a
+        ``tokenizer.json`` or a directory with one) and ``chat_template`` override the source's, each on its own.
+        """
+        if config is None:
+            config = EngineConfig(**overrides)
+        elif overrides:
+            raise TypeError("pass either an EngineConfig or keyword settings, not both")
+        self.model_name: str | None = None  # the source's name when ``model`` was a string
+        if isinstance(model, (str, os.PathLike)):
+            loaded = load_model_source(model, dtype=config.dtype, seed=seed)
+            model, self.model_name = loaded.model, loaded.name
+            if tokenizer is None:
+                tokenizer = loaded.tokenizer
+            if chat_template is None and tokenizer is not None:
+                chat_template = loaded.chat_template
         check_model(model)
         if isinstance(chat_template, str):
             chat_template = ChatTemplate(chat_template)
@@ -97,15 +120,11 @@ class LLM:
         if chat_template is not None and tokenizer is None:
             raise TypeError("a chat_template needs a tokenizer (LLM(model, tokenizer=..., chat_template=...))")
         self.chat_template = chat_template
-        if tokenizer is not None and not (callable(getattr(tokenizer, "encode", None))
-                                          and callable(getattr(tokenizer, "decode", None))):
+        tok = load_tokenizer_file(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        if tok is not None and not (callable(getattr(tok, "encode", None)) and callable(getattr(tok, "decode", None))):
             raise TypeError(f"tokenizer must have encode and decode (e.g. a tokenizers.Tokenizer), "
-                            f"got {type(tokenizer).__name__}")
-        self.tokenizer = tokenizer
-        if config is None:
-            config = EngineConfig(**overrides)
-        elif overrides:
-            raise TypeError("pass either an EngineConfig or keyword settings, not both")
+                            f"got {type(tok).__name__}")
+        self.tokenizer: TextTokenizer | None = tok
         self.model, self.config = model, config
         cfg = model.config
         dtype = config.dtype or jnp.dtype(jax.tree.leaves(model)[0].dtype).name
@@ -142,6 +161,9 @@ class LLM:
         """Queue one prompt (token ids, or text with a tokenizer); it runs on the next ``step``."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.n != 1:
+            raise ValueError(f"add_request queues one sequence, got SamplingParams.n={params.n} "
+                             "(LLM.generate runs n; or queue each of outputs.child_params(params))")
         if params.stop and self.tokenizer is None:
             raise ValueError("SamplingParams.stop strings need a tokenizer: LLM(model, tokenizer=...)")
         cfg = self.model.config
@@ -204,38 +226,67 @@ class LLM:
         self.stats.record_step(now, len(out.decodes) + len(out.prefills), *self.pool.memory())
         return finished
 
+    def _prompt_inputs(self, prompts) -> tuple[list[str | None], list[np.ndarray]]:
+        """``(text or None, token ids)`` of every prompt. ``prompts`` is one prompt or a list of them; a prompt is
+        text, token ids, or vLLM's ``{"prompt": text}`` / ``{"prompt_token_ids": ids}``."""
+        one = (isinstance(prompts, (str, Mapping)) or (isinstance(prompts, (list, tuple)) and len(prompts) > 0
+                                                       and all(is_int(t) for t in prompts)))
+        if one:
+            prompts = [prompts]
+        texts: list[str | None] | None = None
+        if isinstance(prompts, (list, tuple)):
+            texts, items = [], []
+            for i, p in enumerate(prompts):
+                if isinstance(p, Mapping):
+                    if "prompt_token_ids" not in p and not isinstance(p.get("prompt"), str):
+                        raise PromptError(f"prompt {i}: a dict prompt needs 'prompt' (text) or 'prompt_token_ids', "
+                                          f"got keys {sorted(p)}")
+                    text = p.get("prompt") if isinstance(p.get("prompt"), str) else None
+                    p = p["prompt_token_ids"] if "prompt_token_ids" in p else text
+                else:
+                    text = p if isinstance(p, str) else None
+                if isinstance(p, str):
+                    if self.tokenizer is None:
+                        raise PromptError("text prompts need a tokenizer: LLM(model, tokenizer=...), "
+                                          "or pass token ids")
+                    p = encode(self.tokenizer, p)
+                texts.append(text)
+                items.append(p)
+            prompts = items
+        ids = check_prompts(prompts, self.model.config.vocab_size)
+        return (texts if texts is not None else [None] * len(ids)), ids
+
     @_serialized
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
                  progress: bool = False) -> list[RequestOutput]:
-        """Run every prompt (token ids, or text with a tokenizer) to completion; outputs in request order.
+        """Run every prompt to completion; one ``RequestOutput`` per prompt, in order (vLLM's ``LLM.generate``).
 
-        ``progress`` shows a tqdm bar.
+        ``prompts``: one prompt or a list; a prompt is text (with a tokenizer), token ids, or vLLM's
+        ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}``. ``params``: one ``SamplingParams`` for all, or one per
+        prompt; ``n > 1`` runs ``n`` requests (``outputs.child_params``: seeds ``seed + i``, or independent ones
+        without a seed) gathered into the prompt's ``RequestOutput``. ``progress`` shows a tqdm bar.
         """
-        texts = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and any(isinstance(p, str)
-                                                                                       for p in prompts))
-        if texts:
-            if self.tokenizer is None:
-                raise PromptError("text prompts need a tokenizer: LLM(model, tokenizer=...), or pass token ids")
-            prompts = [encode(self.tokenizer, p) if isinstance(p, str) else p
-                       for p in ([prompts] if isinstance(prompts, str) else prompts)]
-        prompts = check_prompts(prompts, self.model.config.vocab_size)
+        texts, prompts = self._prompt_inputs(prompts)
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        requests: list[Request] = []
+        groups: list[list[Request]] = []
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
+                groups.append([])
                 try:
-                    requests.append(self.add_request(prompt, p))
+                    for child in child_params(p):
+                        groups[-1].append(self.add_request(prompt, child))
                 except (ValueError, TypeError) as e:
                     raise type(e)(f"prompt {i}: {e}") from None
         except BaseException:
-            for r in requests:
+            for r in (r for g in groups for r in g):
                 self.scheduler.cancel(r.request_id)
             raise
         from tqdm.auto import tqdm
 
+        requests = [r for g in groups for r in g]
         try:
             with tqdm(total=len(requests), disable=not progress, desc="requests", unit="req",
                       mininterval=2.0) as bar:
@@ -246,12 +297,16 @@ class LLM:
                 if not r.finished:
                     self.scheduler.cancel(r.request_id)
             raise
-        return [RequestOutput.of(r) for r in requests]
+        return [RequestOutput.of(g, text) for g, text in zip(groups, texts)]
 
     def chat(self, messages, params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
              add_generation_prompt: bool = True, progress: bool = False) -> list[RequestOutput]:
         """Generate replies: ``messages`` is one conversation (a list of ``{"role", "content"}``) or a list of them,
-        rendered with the chat template (``LLM(..., chat_template=...)``, e.g. ``models.load_chat_template``)."""
+        rendered with the chat template (``LLM(..., chat_template=...)``, e.g. ``models.load_chat_template``).
+
+        One ``RequestOutput`` per conversation (its ``prompt`` is the rendered text; ``SamplingParams(n=k)`` gives
+        ``k`` replies), as ``generate``.
+        """
         if self.chat_template is None:
             raise ValueError("LLM.chat needs a chat template: LLM(model, tokenizer=..., chat_template=...)")
         one = isinstance(messages, Sequence) and bool(messages) and isinstance(messages[0], Mapping)

@@ -1,4 +1,4 @@
-"""What the engine reports: ``RequestOutput`` per request and ``EngineStats`` over a run."""
+"""``EngineStats``: what the engine reports over a run (each request's ``RequestOutput`` is in ``outputs``)."""
 
 from __future__ import annotations
 
@@ -6,29 +6,9 @@ import dataclasses
 
 import numpy as np
 
-from .request import Request
+from .outputs import RequestOutput
 
 FINISHED_OK = ("length", "stop")  # a request that ended on its own (not cancelled, not failed)
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestOutput:
-    request_id: int
-    prompt: list[int]
-    tokens: list[int]
-    finish_reason: str | None
-    ttft_s: float | None
-    inter_token_s: list[float]
-    num_preemptions: int
-    latency_s: float | None = None
-    error: str | None = None  # why a request finished with "error"
-    text: str | None = None  # the output's text, when the engine has a tokenizer (a stop string excluded)
-
-    @classmethod
-    def of(cls, r: Request) -> RequestOutput:
-        return cls(r.request_id, r.prompt, r.output, r.finish_reason, r.ttft, r.inter_token_times,
-                   r.num_preemptions, None if r.finish_time is None else r.finish_time - r.arrival_time,
-                   r.error if r.finish_reason == "error" else None, r.text)
 
 
 @dataclasses.dataclass
@@ -51,21 +31,26 @@ class EngineStats:
         self.timeline.append((now, batch, used, physical))
 
     def summary(self, outputs: list[RequestOutput], wall_s: float) -> dict:
-        """A run's figures: throughput, TTFT and time-between-tokens percentiles, batch, KV memory, counters."""
-        ttft = [o.ttft_s for o in outputs if o.ttft_s is not None]
-        tbt = [x for o in outputs for x in o.inter_token_s]
-        n_out = sum(len(o.tokens) for o in outputs)
+        """A run's figures: throughput, TTFT and time-between-tokens percentiles, batch, KV memory, counters.
+
+        ``requests``/``completed``/``failed`` count prompts (a prompt with ``n > 1`` is completed when all its
+        sequences are, failed when one is); output tokens and time between tokens cover every sequence.
+        """
+        ttft = [o.metrics.ttft_s for o in outputs if o.metrics.ttft_s is not None]
+        tbt = [x for o in outputs for x in o.metrics.inter_token_s]
+        n_out = sum(len(c.token_ids) for o in outputs for c in o.outputs)
 
         def pct(xs: list[float], q: float) -> float:
             return float(np.percentile(xs, q)) if xs else float("nan")
 
         steps = max(self.steps, 1)
         return dict(
-            requests=len(outputs), completed=sum(o.finish_reason in FINISHED_OK for o in outputs), wall_s=wall_s,
+            requests=len(outputs),
+            completed=sum(all(c.finish_reason in FINISHED_OK for c in o.outputs) for o in outputs), wall_s=wall_s,
             requests_per_s=len(outputs) / wall_s, output_tokens_per_s=n_out / wall_s,
             ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), tbt_p50_s=pct(tbt, 50), tbt_p99_s=pct(tbt, 99),
             peak_batch=self.peak_batch, peak_used_kv_bytes=self.peak_used_bytes,
             peak_physical_kv_bytes=self.peak_physical_bytes, steps=self.steps,
             schedule_ms_per_step=self.schedule_s / steps * 1e3, map_ahead_ms_per_step=self.map_ahead_s / steps * 1e3,
-            preemptions=sum(o.num_preemptions for o in outputs),
-            failed=sum(o.finish_reason == "error" for o in outputs))
+            preemptions=sum(o.metrics.num_preemptions for o in outputs),
+            failed=sum(any(c.finish_reason == "error" for c in o.outputs) for o in outputs))

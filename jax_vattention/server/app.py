@@ -1,7 +1,8 @@
 """The FastAPI app: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (streaming as server-sent events
 ending in ``data: [DONE]``), ``/health`` and ``/metrics`` (Prometheus text).
 
-Every request becomes ``AsyncLLM.generate`` streams (``n`` of them, seeds ``seed + i``); a client that goes away
+Every request becomes ``AsyncLLM.generate`` streams, one per ``outputs.child_params`` of its ``SamplingParams``
+(``n`` of them, seeds ``seed + i``: the tokens ``LLM.generate`` gives offline); a client that goes away
 mid-stream aborts its requests, which frees their slots. Bad requests get OpenAI-style JSON errors with a 4xx
 status and the server keeps serving.
 """
@@ -12,13 +13,13 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.async_llm import AsyncLLM
+from ..engine.outputs import CompletionOutput, child_params
 from ..inputs import PromptError, check_prompt
 from ..sampling import SamplingParams
 from ..text import encode
@@ -66,11 +67,11 @@ def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
                               f"context of {llm.config.max_seq} tokens", param="max_tokens")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         try:
-            return [SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                   top_k=body.top_k, stop=stop, ignore_eos=body.ignore_eos,
-                                   seed=None if body.seed is None else body.seed + i) for i in range(body.n)]
+            params = SamplingParams(n=body.n, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                    top_k=body.top_k, stop=stop, ignore_eos=body.ignore_eos, seed=body.seed)
         except ValueError as e:
             raise OpenAIError(str(e)) from None
+        return child_params(params)  # what LLM.generate runs for the same params
 
     def tokens_of(prompt) -> list[int]:
         ids = encode(tokenizer, prompt) if isinstance(prompt, str) else prompt
@@ -105,15 +106,15 @@ def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def collect(ids: list[int], params: list[SamplingParams]):
-        async def one(sp):
+    async def collect(ids: list[int], params: list[SamplingParams]) -> list[CompletionOutput]:
+        async def one(sp) -> CompletionOutput:
             last = None
             async with contextlib.aclosing(engine.generate(ids, sp)) as stream:
                 async for delta in stream:
                     metrics.observe(delta)
                     last = delta
             assert last is not None and last.output is not None  # a stream always ends with its output
-            return last.output
+            return last.output.outputs[0]
 
         return await asyncio.gather(*(one(sp) for sp in params))
 
@@ -146,8 +147,8 @@ def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
             return StreamingResponse(run(ids, params, chunk), media_type="text/event-stream")
         outs = await collect(ids, params)
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": i, "text": o.text, "finish_reason": o.finish_reason, "logprobs": None}
-                            for i, o in enumerate(outs)],
+                "choices": [{"index": i, "text": o.text, "finish_reason": o.finish_reason, "logprobs": None,
+                             "stop_reason": o.stop_reason} for i, o in enumerate(outs)],
                 "usage": usage(len(ids), outs)}
 
     @app.post("/v1/chat/completions")
@@ -172,14 +173,15 @@ def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
         outs = await collect(ids, params)
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},
-                             "finish_reason": o.finish_reason, "logprobs": None} for i, o in enumerate(outs)],
+                             "finish_reason": o.finish_reason, "logprobs": None, "stop_reason": o.stop_reason}
+                            for i, o in enumerate(outs)],
                 "usage": usage(len(ids), outs)}
 
     app.state.metrics = metrics
     return app
 
 
-def usage(prompt_tokens: int, outs: Any) -> dict[str, int]:
-    completion = sum(len(o.tokens) for o in outs)
+def usage(prompt_tokens: int, outs: list[CompletionOutput]) -> dict[str, int]:
+    completion = sum(len(o.token_ids) for o in outs)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion}

@@ -31,11 +31,11 @@ class ServerMetrics:
     def observe(self, delta: StreamDelta) -> None:
         self.tokens.inc(len(delta.token_ids))
         if delta.finished and delta.output is not None:
-            out = delta.output
-            self.finished.labels(out.finish_reason or "unknown").inc()
-            if out.ttft_s is not None:
-                self.ttft.observe(out.ttft_s)
-            for gap in out.inter_token_s:
+            metrics = delta.output.metrics
+            self.finished.labels(delta.finish_reason or "unknown").inc()
+            if metrics.ttft_s is not None:
+                self.ttft.observe(metrics.ttft_s)
+            for gap in metrics.inter_token_s:
                 self.tbt.observe(gap)
 
     def render(self) -> bytes:
