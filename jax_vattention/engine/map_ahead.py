@@ -16,7 +16,9 @@ class MapAhead:
     runs on the device; ``"inline"`` maps on the calling thread after dispatch
     (jax dispatch is asynchronous, so this also overlaps); ``"off"`` leaves all
     mapping to the scheduler, between steps. ``lookahead`` maps that many
-    tokens beyond the next step (eager allocation).
+    tokens beyond the next step (eager allocation), while the pool has spare
+    pages for every row's lookahead: under pressure the lookahead would hold
+    pages that admission needs, so only the next step's tokens are mapped.
     """
 
     def __init__(self, pool: KVPool, mode: str, lookahead: int, chunk_size: int):
@@ -53,19 +55,28 @@ class MapAhead:
         reclamation) or unmapped by ``free``.
         """
         t0 = time.perf_counter()
+        lookahead = self.lookahead_now(len(chunks))
         for _, c in chunks:
             r = c.request
             done = c.start + c.num_tokens
             if c.samples:
                 if len(r.output) + 1 >= r.params.max_tokens:
                     continue  # finishes with this step's sample
-                target = min(done + 1 + self.lookahead, len(r.prompt) + r.params.max_tokens - 1)
+                target = min(done + 1 + lookahead, len(r.prompt) + r.params.max_tokens - 1)
             else:  # the next prefill chunk
-                target = min(r.num_tokens, done + self.chunk_size + self.lookahead)
+                target = min(r.num_tokens, done + self.chunk_size + lookahead)
             assert r.slot is not None
             if not self.pool.grow(r.slot, min(target, self.pool.max_seq)).ok:
                 break
         self.seconds += time.perf_counter() - t0
+
+    def lookahead_now(self, rows: int) -> int:
+        """The lookahead for a step of ``rows``: ``lookahead`` if the pool's spare pages cover it for every row,
+        else 0."""
+        if self.lookahead <= 0:
+            return 0
+        spare = self.pool.pages_total() - self.pool.pages_live()
+        return self.lookahead if spare >= rows * self.pool.pages_needed(self.lookahead) else 0
 
     def close(self) -> None:
         if self._executor is not None:
