@@ -1,35 +1,50 @@
 """Sampling, once for everything that generates: ``SamplingParams`` and on-device per-row sampling.
 
-``SamplingParams`` uses vLLM's names (``max_tokens``, ``stop_token_ids``,
-``ignore_eos``). ``sample_rows`` draws the next token of every row on the
-device, so a step returns token ids, not logits: both ``models.Generator``'s
-decode loop and the serving engine call it.
+``SamplingParams`` uses vLLM's names and semantics (``max_tokens``,
+``stop_token_ids``, ``ignore_eos``, ``min_tokens``, ``min_p``, the three
+penalties, ``logprobs``). ``sample`` draws the next token of every row on the
+device, so a step returns token ids (and, when asked, their logprobs), not
+logits: both ``models.Generator``'s decode loop and the serving engine call it.
 
 Copying ``[B, V]`` fp32 logits to the host every step would cost more than a
 small model's forward (16 MiB per step at B=32, V=128K). Each row has its own
-temperature, top-k, top-p and seed; row b's key is
-``fold_in(PRNGKey(seed[b]), n[b])`` with ``n[b]`` the tokens it has generated,
-so a request samples the same tokens in any batch. Top-k is applied first,
-then top-p over what is left.
+settings and seed; row b's key is ``fold_in(PRNGKey(seed[b]), n[b])`` with
+``n[b]`` the tokens it has generated, so a request samples the same tokens in
+any batch. The device side (``SamplingMode``, ``SamplingRows``, ``sample``)
+lives in ``jax_vattention.sampler``, the logits processors and their plain-jnp
+references in ``jax_vattention.logits_processors``; both are re-exported here.
 
-``mode`` is static, so a batch that is all greedy compiles no sort and no
-categorical draw.
+The mode is static, so a batch that is all greedy, without penalties, min_p,
+min_tokens or logprobs, compiles one argmax: no sort, no scatter, no draw.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from .logits_processors import PAD_ID, filter_logits_reference
+from .sampler import (
+    MAX_LOGPROBS,
+    MODES,
+    SampleOutput,
+    SamplingMode,
+    SamplingRows,
+    logprobs_bucket,
+    sample,
+    sample_rows,
+    sampling_mode,
+)
 from .text import check_stop
 from .validation import check_int
 
-MODES = ("greedy", "sample", "filter")
+__all__ = ["MAX_LOGPROBS", "MODES", "PAD_ID", "Logprob", "SampleOutput", "SamplingMode", "SamplingParams",
+           "SamplingRows", "TokenLogprobs", "filter_logits_reference", "logprobs_bucket", "sample", "sample_rows",
+           "sampling_mode", "token_logprobs"]
+
 MAX_N = 128  # SamplingParams.n: sequences per prompt
 
 
@@ -57,6 +72,19 @@ class SamplingParams:
     reproduces the same tokens in any batch. ``stop`` strings (they need a
     tokenizer: ``LLM(..., tokenizer=...)``) end a request when its text contains
     one; the stop string is not part of the output text.
+
+    ``min_tokens``: before that many output tokens the stop ids (``stop_token_ids``, and EOS unless
+    ``ignore_eos``) cannot be sampled (their logits are -inf) and stop strings do not end the request; it must
+    be <= ``max_tokens``. ``min_p`` in [0, 1] drops the tokens whose probability (after temperature) is below
+    ``min_p`` x the most likely token's. ``presence_penalty`` and ``frequency_penalty`` in [-2, 2] subtract
+    ``presence * (count > 0) + frequency * count`` over the tokens generated so far; ``repetition_penalty > 0``
+    divides the positive logits (multiplies the others) of every token seen in the prompt or the output
+    (vLLM's definitions, applied before temperature; greedy requests see them too). ``logprobs`` (0..20, or
+    None) returns, for every output token, the sampled token's logprob and rank plus the ``logprobs`` most
+    likely tokens' (log-softmax of the model's raw fp32 logits, vLLM v1's default), in ``Request.logprobs``.
+    ``prompt_logprobs`` is not supported. Order on the device: min_tokens ban -> penalties -> (greedy argmax)
+    -> temperature -> min_p -> top_k -> top_p -> draw. A batch pays for a feature only when one of its
+    requests uses it (``SamplingMode``); penalties also send each such request's token history every step.
     """
 
     n: int = 1  # sequences per prompt (LLM.generate runs n requests: seeds seed + i, or independent ones)
@@ -68,11 +96,17 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_tokens: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "max_tokens", check_int("SamplingParams.max_tokens", self.max_tokens, low=1))
         object.__setattr__(self, "n", check_int("SamplingParams.n", self.n, low=1, high=MAX_N))
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
                 raise ValueError(f"SamplingParams.{name} must be a number, got {value!r}")
@@ -91,8 +125,22 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids",
                            tuple(check_int("SamplingParams.stop_token_ids", t, low=0) for t in self.stop_token_ids))
         object.__setattr__(self, "stop", check_stop(self.stop))
-        object.__setattr__(self, "temperature", float(self.temperature))
-        object.__setattr__(self, "top_p", float(self.top_p))
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"SamplingParams.{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"SamplingParams.repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        object.__setattr__(self, "min_tokens", check_int("SamplingParams.min_tokens", self.min_tokens, low=0))
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"SamplingParams.min_tokens must be <= max_tokens={self.max_tokens}, "
+                             f"got {self.min_tokens!r}")
+        if self.logprobs is not None:
+            object.__setattr__(self, "logprobs", check_int("SamplingParams.logprobs", self.logprobs, low=0,
+                                                           high=MAX_LOGPROBS, hint="(or None)"))
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     def seeded(self) -> SamplingParams:
         """These params with a seed: ``self`` if it has one, else a copy with a fresh random seed."""
@@ -104,103 +152,29 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def has_penalties(self) -> bool:
+        """Whether any of the three penalties is not neutral (the step then needs the request's history)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
     def stop_ids(self, eos_token_ids: Sequence[int] = ()) -> tuple[int, ...]:
         """The ids that end this request: its own, plus the model's EOS unless ``ignore_eos``."""
         extra = () if self.ignore_eos else tuple(int(t) for t in eos_token_ids if t not in self.stop_token_ids)
         return self.stop_token_ids + extra
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SamplingRows:
-    """Per-row sampling inputs of one device step (every leaf ``[R]``)."""
+def token_logprobs(out: SampleOutput, b: int, n: int, decode: Callable[[int], str] | None = None) -> TokenLogprobs:
+    """Row ``b`` of a host ``SampleOutput`` as vLLM's per-token dict: the sampled token, then the top ``n``.
 
-    temperature: jax.Array | np.ndarray  # [R] float32
-    top_k: jax.Array | np.ndarray  # [R] int32
-    top_p: jax.Array | np.ndarray  # [R] float32
-    seeds: jax.Array | np.ndarray  # [R] int32
-    counts: jax.Array | np.ndarray  # [R] int32, tokens the row's request has generated (the key's fold-in)
-
-    @classmethod
-    def padding(cls, rows: int) -> SamplingRows:
-        """Greedy rows that sample nothing of interest (padding, warmup)."""
-        return cls(np.zeros(rows, np.float32), np.zeros(rows, np.int32), np.ones(rows, np.float32),
-                   np.zeros(rows, np.int32), np.zeros(rows, np.int32))  # separate arrays: set_row fills them
-
-    @classmethod
-    def of(cls, params: Sequence[SamplingParams], counts: Sequence[int], rows: int | None = None) -> SamplingRows:
-        """Rows for ``params`` (padded with greedy rows up to ``rows``)."""
-        out = cls.padding(len(params) if rows is None else rows)
-        for b, (p, n) in enumerate(zip(params, counts)):
-            out.set_row(b, p, n)
-        return out
-
-    def set_row(self, b: int, p: SamplingParams, count: int) -> None:
-        """Fill host row ``b`` in place (only on host arrays, while laying a step out); ``p`` must be ``seeded()``."""
-        if p.seed is None:
-            raise ValueError("SamplingParams.seed is None: call seeded() when the request is created")
-        self.temperature[b], self.top_k[b], self.top_p[b] = p.temperature, p.top_k, p.top_p
-        self.seeds[b], self.counts[b] = p.seed, count
-
-
-def sampling_mode(params) -> str:
-    """The cheapest static mode covering every ``SamplingParams`` in a step."""
-    random = [p for p in params if not p.greedy]
-    if not random:
-        return "greedy"
-    if any(p.top_k > 0 or p.top_p < 1 for p in random):
-        return "filter"
-    return "sample"
-
-
-def _filter(logits, top_k, top_p):
-    """Per-row top-k / top-p cut of temperature-scaled ``logits [R, V]`` (-inf outside)."""
-    vocab = logits.shape[-1]
-    ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # [R, V] descending
-    k = jnp.clip(top_k, 1, vocab)
-    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)  # [R, 1]
-    use_k = (top_k > 0)[:, None]
-    logits = jnp.where(use_k & (logits < kth), -jnp.inf, logits)
-    ordered = jnp.where(use_k & (ordered < kth), -jnp.inf, ordered)  # still descending
-    probs = jax.nn.softmax(ordered, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
-    keep = before < top_p[:, None]
-    cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)  # [R, 1]
-    return jnp.where((top_p < 1)[:, None] & (logits < cutoff), -jnp.inf, logits)
-
-
-def sample_rows(logits, rows: SamplingRows, mode: str):
-    """Next token per row of fp32 ``logits [R, V]``. Returns ``[R] int32``."""
-    temperature, top_k, top_p, seeds, counts = rows.temperature, rows.top_k, rows.top_p, rows.seeds, rows.counts
-    if mode not in MODES:
-        raise ValueError(f"sampling mode must be one of {MODES}, got {mode!r}")
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if mode == "greedy":
-        return greedy
-    is_greedy = (temperature == 0) | (top_k == 1)
-    scaled = logits / jnp.where(is_greedy, 1.0, temperature)[:, None]
-    if mode == "filter":
-        scaled = _filter(scaled, top_k, top_p)
-    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.PRNGKey(s), n))(seeds, counts)
-    drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-    return jnp.where(is_greedy, greedy, drawn)
-
-
-def filter_logits_reference(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-    """Plain-jnp reference of one request's filters: temperature-scaled fp32 ``logits [B, V]``, -inf outside.
-
-    Written independently of ``sample_rows``'s per-row vectorised filters (scalar settings,
-    ``lax.top_k``), so the tests can compare the two.
+    ``decode(id)`` fills ``Logprob.decoded_token`` (None without it). A sampled token among the top ``n`` appears
+    once, with its top-n rank, as in vLLM.
     """
-    logits = logits.astype(jnp.float32) / jnp.float32(temperature)
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
-        probs = jax.nn.softmax(ordered, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
-        keep = before < top_p  # the smallest prefix reaching top_p (first token always kept)
-        cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return logits
+    if out.logprob is None or out.rank is None or out.top_ids is None or out.top_logprobs is None:
+        raise ValueError("this step computed no logprobs (its SamplingMode.logprobs is None)")
+    if n > out.top_ids.shape[1]:
+        raise ValueError(f"{n} top logprobs asked, the step computed {out.top_ids.shape[1]}")
+    token = int(out.tokens[b])
+    entries = [(token, float(out.logprob[b]), int(out.rank[b]))]
+    top = zip(out.top_ids[b, :n], out.top_logprobs[b, :n])
+    entries += [(int(t), float(lp), i + 1) for i, (t, lp) in enumerate(top)]
+    return {t: Logprob(lp, rank, None if decode is None else decode(t)) for t, lp, rank in entries}

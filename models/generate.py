@@ -42,6 +42,10 @@ from . import decode as dec
 from .errors import GenerationInputError
 from .requests import GenerationResult, check_requests, stop_matrix
 
+# SamplingParams fields (with their off value) that need the host between tokens: the engine has them.
+_HOST_FEATURES = (("min_tokens", 0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                  ("repetition_penalty", 1.0), ("logprobs", None))
+
 
 class Generator:
     """Compiles and runs generation for one model; reuse it across calls to reuse compilations."""
@@ -98,8 +102,10 @@ class Generator:
           cache: ``KVCacheManager`` or ``StaticKVCache``.
           params: one ``SamplingParams`` for all prompts or one per prompt: ``max_tokens``,
             ``stop_token_ids`` (plus the model's EOS unless ``ignore_eos``; the stop token is
-            returned), greedy / temperature / top-k / top-p, and ``seed``: a request samples
-            the same tokens alone or batched, and as in the serving engine.
+            returned), greedy / temperature / top-k / top-p / min-p, and ``seed``: a request samples
+            the same tokens alone or batched, and as in the serving engine. ``min_tokens``, the
+            penalties and ``logprobs`` need the host between tokens (the whole decode loop runs on
+            the device): they raise ``GenerationInputError`` (a ``ValueError``); use the engine.
           prefill_chunk: prefill at most this many tokens per row per program call.
           decode_chunk: decode steps per program call (default: all in one call);
             the host checks progress between calls, never per token.
@@ -144,6 +150,11 @@ class Generator:
         width = bucket(int(lens.max()), max_seq, 8)
         if prefill_chunk is not None:
             width = min(width, int(prefill_chunk))
+        for i, p in enumerate(params):
+            host = [f"{k}={getattr(p, k)!r}" for k, off in _HOST_FEATURES if getattr(p, k) != off]
+            if host:
+                raise GenerationInputError(f"params[{i}]: the Generator's on-device decode loop does not support "
+                                           f"{', '.join(host)}; use the serving engine (jax_vattention.engine.LLM)")
         sampling = SamplingRows.of(params, [0] * n)
         mode = sampling_mode(params)
         self._compile_seconds = 0.0

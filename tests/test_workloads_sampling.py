@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jax_vattention.engine.workloads import long_context, sharegpt_like
+from jax_vattention.sampler import SamplingMode
 from jax_vattention.sampling import SamplingParams, SamplingRows, filter_logits_reference, sample_rows, sampling_mode
 
 
@@ -29,9 +30,10 @@ def test_workloads_are_seeded_and_shaped_like_their_traffic():
 
 
 def test_sampling_mode_is_the_cheapest_that_covers_the_batch():
-    assert sampling_mode([SamplingParams(), SamplingParams(temperature=1.0, top_k=1)]) == "greedy"
-    assert sampling_mode([SamplingParams(), SamplingParams(temperature=0.7)]) == "sample"
-    assert sampling_mode([SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_p=0.9)]) == "filter"
+    assert sampling_mode([SamplingParams(), SamplingParams(temperature=1.0, top_k=1)]) == SamplingMode("greedy")
+    assert sampling_mode([SamplingParams(), SamplingParams(temperature=0.7)]) == SamplingMode("sample")
+    filtered = sampling_mode([SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_p=0.9)])
+    assert filtered == SamplingMode("filter")
 
 
 def test_sample_rows_matches_the_per_request_reference():

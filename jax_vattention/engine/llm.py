@@ -37,7 +37,7 @@ from ..config import CacheConfig
 from ..errors import CacheClosedError
 from ..inputs import PromptError, check_prompt, check_prompts
 from ..manager import KVCacheManager, default_device
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, TokenLogprobs, token_logprobs
 from ..text import Detokenizer, TextTokenizer, encode
 from ..validation import is_int
 from .config import EngineConfig
@@ -193,20 +193,29 @@ class LLM:
         return self.scheduler.cancel(request_id)
 
     # -- one step: schedule -> run -> postprocess -------------------------------------
-    def _run(self, out: SchedulerOutput) -> dict[int, int]:
+    def _run(self, out: SchedulerOutput) -> dict[int, int | tuple[int, TokenLogprobs]]:
+        """Run the step; each sampled request's token, with its logprobs when it asked for them."""
         step = self.runner.layout(out)
-        next_tokens = self.runner.dispatch(step)
+        sampled = self.runner.dispatch(step)
         mapped_before = self.map_ahead.seconds
         future = self.map_ahead.start(step.chunks)
         try:
-            tokens = np.asarray(next_tokens)  # waits for the device
+            host = jax.device_get(sampled)  # waits for the device (tokens [R]; logprobs when the mode has them)
         except BaseException:
             MapAhead.finish(future, raise_errors=False)  # keep the step's error
             raise
         MapAhead.finish(future)
         self.stats.map_ahead_s += self.map_ahead.seconds - mapped_before
         self.pool.check_errors()  # a write refused on the GPU never passes silently
-        return {c.request.request_id: int(tokens[b]) for b, c in step.chunks if c.samples}
+        tok = self.tokenizer
+        decode = None if tok is None else (lambda t: tok.decode([t], skip_special_tokens=False))
+        result: dict[int, int | tuple[int, TokenLogprobs]] = {}
+        for b, c in step.chunks:
+            if c.samples:
+                n = c.request.params.logprobs
+                token = int(host.tokens[b])
+                result[c.request.request_id] = token if n is None else (token, token_logprobs(host, b, n, decode))
+        return result
 
     @_serialized
     def step(self) -> list[Request]:

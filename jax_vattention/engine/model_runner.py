@@ -3,7 +3,9 @@
 A step is flat tokens in row groups (``segments``): decodes ``[Bd] x 1`` and
 prefill chunks ``[Bp] x T``. The projections and MLP run once over all tokens
 (one pass over the weights), and each group gets its own attention kernel.
-Sampling runs on the device, so a step returns ``[R]`` token ids, not logits.
+Sampling runs on the device, so a step returns ``[R]`` token ids (a ``SampleOutput``, with their logprobs when
+a request asks for them), not logits. The static ``SamplingMode`` is part of the jit key: a batch pays for
+penalties, min_p, min_tokens or logprobs only when one of its sampled rows uses them.
 ``Bd``, ``Bp`` and ``T`` are bucketed to powers of two (``inputs.bucket``), so a
 long run compiles few shapes (``num_compiled``).
 """
@@ -22,9 +24,10 @@ import numpy as np
 from ..attention.dispatch import AttentionSpec
 from ..cache import KVPool
 from ..inputs import bucket
-from ..sampling import SamplingRows, sample_rows, sampling_mode
+from ..sampling import SampleOutput, SamplingMode, SamplingRows, sample, sampling_mode
 from .config import EngineConfig
 from .protocol import CausalLM, Segment
+from .request import Request
 from .scheduler import Chunk, SchedulerOutput
 
 
@@ -36,14 +39,14 @@ class StepInputs:
     tokens: Any  # [N] int32, flat tokens of every row group
     positions: Any  # [N] int32
     logit_index: Any  # [R] int32, flat index of each row's last token
-    sampling: SamplingRows  # [R] each
+    sampling: SamplingRows  # [R] each (and [R, H] token ids when the mode needs them)
 
     @classmethod
-    def padding(cls, segments: tuple[Segment, ...]) -> StepInputs:
-        """Inputs of ``segments`` whose rows all hold padding (warmup)."""
+    def padding(cls, segments: tuple[Segment, ...], mode: SamplingMode | str = "greedy") -> StepInputs:
+        """Inputs of ``segments`` whose rows all hold padding (warmup), with the sampling leaves ``mode`` needs."""
         rows, n_tok = segments[-1][1], sum((r1 - r0) * t for r0, r1, t in segments)
         zeros = np.zeros(n_tok, np.int32)
-        return cls(zeros, zeros.copy(), np.zeros(rows, np.int32), SamplingRows.padding(rows))
+        return cls(zeros, zeros.copy(), np.zeros(rows, np.int32), SamplingRows.padding(rows, mode))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,18 +58,18 @@ class StepLayout:
     starts: np.ndarray  # [R] int32, tokens cached before the step
     counts: np.ndarray  # [R] int32, tokens the step writes
     inputs: StepInputs
-    mode: str  # static sampling mode (``sampling.MODES``)
+    mode: SamplingMode  # static: what the sampler computes
     chunks: list[tuple[int, Chunk]]  # (row, chunk) of every real row
 
 
 def _forward(graphdef, params, cache, inputs: StepInputs, *, segments, mode, attn):
-    """One step on the device: the model over the flat tokens, then sampling; returns ``(tokens [R], exported)``."""
+    """One step on the device: the model over the flat tokens, then sampling; returns ``(SampleOutput, exported)``."""
     from flax import nnx
 
     model = nnx.merge(graphdef, params)
     logits, cache = model.forward_segments(inputs.tokens, inputs.positions, cache, segments, attn=attn,
                                            logit_index=inputs.logit_index)  # [R, V]
-    return sample_rows(logits.astype(jnp.float32), inputs.sampling, mode), cache.export()
+    return sample(logits.astype(jnp.float32), inputs.sampling, mode), cache.export()
 
 
 # Module-level, so every engine in the process shares the compiled steps of equal models and shapes.
@@ -114,25 +117,41 @@ class ModelRunner:
                 inputs.positions[o:o + ch.num_tokens] = np.arange(ch.start, ch.start + ch.num_tokens)
                 slots[b], starts[b], counts[b] = r.slot, ch.start, ch.num_tokens
                 inputs.logit_index[b] = o + ch.num_tokens - 1
-                inputs.sampling.set_row(b, r.params, len(r.output))
                 chunks.append((b, ch))
-        mode = sampling_mode([ch.request.params for _, ch in chunks])
+        mode, sampling = self._sampling([(b, ch.request) for b, ch in chunks if ch.samples], row)
+        inputs = dataclasses.replace(inputs, sampling=sampling)
         return StepLayout(tuple(segments), slots, starts, counts, inputs, mode, chunks)
+
+    @staticmethod
+    def _sampling(rows: list[tuple[int, Request]], num_rows: int) -> tuple[SamplingMode, SamplingRows]:
+        """The mode and sampling rows of the rows that sample (the others are greedy padding: their token is
+        dropped). Histories are sent only for the requests that need them: generated tokens with a penalty, the
+        prompt's distinct ids with a repetition penalty, stop ids while under ``min_tokens``."""
+        params = [r.params for _, r in rows]
+        counts = [len(r.output) for _, r in rows]
+        mode = sampling_mode(params, counts)
+        pen = mode.penalties
+        return mode, SamplingRows.of(
+            params, counts, num_rows, index=[b for b, _ in rows], mode=mode,
+            outputs=[r.output_array() if pen and r.params.has_penalties else () for _, r in rows],
+            prompts=[r.distinct_prompt_ids if pen and r.params.repetition_penalty != 1 else () for _, r in rows],
+            stop_ids=[r.stop_ids or () for _, r in rows])
 
     # -- device ------------------------------------------------------------------
     def _jit(self, donates: bool):
         return _STEP_DONATING if donates else _STEP
 
-    def _call(self, segments, mode, cache, inputs: StepInputs):
+    def _call(self, segments, mode: SamplingMode, cache, inputs: StepInputs) -> SampleOutput:
         # host arrays go straight in: jit's C++ fast path transfers them (the step has no effects)
-        next_tokens, exported = self._jit(cache.donates)(self.graphdef, self.params, cache, inputs,
-                                                         segments=segments, mode=mode, attn=self.attn)
+        sampled, exported = self._jit(cache.donates)(self.graphdef, self.params, cache, inputs,
+                                                     segments=segments, mode=mode, attn=self.attn)
         self.pool.adopt(exported)
-        self._shapes.add((segments, mode))
-        return next_tokens
+        widths = tuple(np.shape(x) for x in jax.tree.leaves(inputs.sampling) if np.ndim(x) == 2)
+        self._shapes.add((segments, mode, widths))
+        return sampled
 
-    def dispatch(self, step: StepLayout) -> jax.Array:
-        """Run the step asynchronously; returns the sampled ``next_tokens [R]`` (a device array)."""
+    def dispatch(self, step: StepLayout) -> SampleOutput:
+        """Run the step asynchronously; returns the sampled ``SampleOutput`` (device arrays: ``tokens [R]``...)."""
         cache = self.pool.cache(step.slots, step.starts, step.counts)
         return self._call(step.segments, step.mode, cache, step.inputs)
 
@@ -150,11 +169,15 @@ class ModelRunner:
 
     @property
     def num_compiled(self) -> int:
-        """Distinct step shapes (row groups, sampling mode) compiled so far."""
+        """Distinct step shapes (row groups, sampling mode, token-history widths) compiled so far."""
         return len(self._shapes)
 
     def warmup(self, modes=("greedy",), *, compile_threads: int = 1) -> float:
         """Compile every step shape (``step_shapes`` x ``modes``) now, so timed runs never compile; returns seconds.
+
+        ``modes`` are ``SamplingMode``s or kind names (``"greedy"``, ``"sample"``, ``"filter"``). A mode with
+        penalties or a ban is compiled at the narrowest token-history width (``sampler.ID_FLOOR``); longer
+        histories compile their power-of-two width when first met.
 
         Shapes are lowered one by one, compiled on ``compile_threads`` threads
         (XLA compiles outside the GIL), then run once each with padding rows
@@ -166,7 +189,7 @@ class ModelRunner:
             raise RuntimeError(f"warmup could not take a slot: {alloc.result}")
         slot = alloc.slot
         try:
-            jobs = [(segments, mode) for segments in self.step_shapes() for mode in modes]
+            jobs = [(segments, SamplingMode.of(mode)) for segments in self.step_shapes() for mode in modes]
 
             def cache_for(segments):
                 zeros = np.zeros(segments[-1][1], np.int32)
@@ -177,12 +200,13 @@ class ModelRunner:
                 for sg, m in jobs:
                     cache = cache_for(sg)
                     lowered.append(self._jit(cache.donates).lower(self.graphdef, self.params, cache,
-                                                                  StepInputs.padding(sg), segments=sg, mode=m,
+                                                                  StepInputs.padding(sg, m), segments=sg, mode=m,
                                                                   attn=self.attn))
                 with concurrent.futures.ThreadPoolExecutor(compile_threads) as ex:
                     list(ex.map(lambda low: low.compile(), lowered))
             for segments, mode in jobs:
-                self._call(segments, mode, cache_for(segments), StepInputs.padding(segments)).block_until_ready()
+                jax.block_until_ready(self._call(segments, mode, cache_for(segments),
+                                                 StepInputs.padding(segments, mode)))
         finally:
             self.pool.free(slot)
         return time.perf_counter() - t0

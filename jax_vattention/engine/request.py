@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import time
+
+import numpy as np
 
 from ..sampling import SamplingParams, TokenLogprobs
 from ..text import Detokenizer
@@ -43,11 +46,15 @@ class Request:
     finish_time: float | None = None
     detokenizer: Detokenizer | None = None  # the output's text and stop strings (engines with a tokenizer)
     logprobs: list[TokenLogprobs] | None = None  # one entry per output token when params.logprobs is set
+    _history: np.ndarray = dataclasses.field(init=False, repr=False, default_factory=lambda: np.zeros(0, np.int32))
+    _history_len: int = dataclasses.field(init=False, repr=False, default=0)  # output tokens copied to _history
 
     def __post_init__(self):
         self.params = self.params.seeded()  # seed=None: an independent random seed, fixed for the request's life
         if self.stop_ids is None:
             self.stop_ids = self.params.stop_ids()
+        if self.logprobs is None and self.params.logprobs is not None:
+            self.logprobs = []
 
     @property
     def text(self) -> str | None:
@@ -65,6 +72,23 @@ class Request:
             return self.output[start - p:start - p + n]
         return self.prompt[start:start + n] + self.output[:max(0, start + n - p)]
 
+    @functools.cached_property
+    def distinct_prompt_ids(self) -> np.ndarray:
+        """The prompt's distinct ids ``[U] int32`` (the repetition penalty's prompt history), computed once."""
+        return np.unique(np.asarray(self.prompt, np.int32))
+
+    def output_array(self) -> np.ndarray:
+        """``output`` as ``[n] int32`` (the penalties' history): a view of a buffer that is only appended to,
+        so a step copies just the tokens generated since the last call, not the whole output."""
+        n, have = len(self.output), min(self._history_len, len(self.output))
+        if n > len(self._history):
+            grown = np.zeros(max(16, 2 * n), np.int32)
+            grown[:have] = self._history[:have]
+            self._history = grown
+        self._history[have:n] = self.output[have:n]
+        self._history_len = n
+        return self._history[:n]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt) + len(self.output)
@@ -78,14 +102,17 @@ class Request:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def append_token(self, token: int, now: float) -> None:
+    def append_token(self, token: int, now: float, logprobs: TokenLogprobs | None = None) -> None:
+        """Record a sampled token (and its logprobs, when the request asked for them); finish on a stop."""
         self.output.append(int(token))
+        if self.logprobs is not None:
+            self.logprobs.append({} if logprobs is None else logprobs)
         if self.first_token_time is None:
             self.first_token_time = now
         self.token_times.append(now)
         assert self.stop_ids is not None  # set by __post_init__
         if self.detokenizer is not None:
-            self.detokenizer.add(token)
+            self._add_text(token)
             if self.detokenizer.stopped_by is not None:  # a stop string: its text is cut, the request ends
                 self.finish("stop", now)
                 return
@@ -93,6 +120,20 @@ class Request:
             self.finish("stop", now)
         elif len(self.output) >= self.params.max_tokens:
             self.finish("length", now)
+
+    def _add_text(self, token: int) -> None:
+        """Detokenize ``token``; up to ``min_tokens`` output tokens stop strings are not looked for (vLLM v1: a
+        stop string counts once the output is longer than ``min_tokens``, as the earliest stop token would)."""
+        d = self.detokenizer
+        assert d is not None
+        if not d.stop or len(self.output) > self.params.min_tokens:
+            d.add(token)
+            return
+        stop, d.stop = d.stop, ()
+        try:
+            d.add(token)
+        finally:
+            d.stop = stop
 
     def finish(self, reason: str, now: float) -> None:
         if self.detokenizer is not None:

@@ -23,9 +23,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
+from collections.abc import Mapping
 
 from ..cache import GrowResult, KVPool
 from ..errors import PoolExhaustedError
+from ..sampling import TokenLogprobs
 from .request import Request, Status
 
 
@@ -187,8 +189,12 @@ class Scheduler:
             budget -= n
         return budget
 
-    def update(self, out: SchedulerOutput, sampled: dict[int, int], now: float | None = None) -> list[Request]:
-        """Record a finished step: advance caches, append sampled tokens. Returns requests that finished."""
+    def update(self, out: SchedulerOutput, sampled: Mapping[int, int | tuple[int, TokenLogprobs]],
+               now: float | None = None) -> list[Request]:
+        """Record a finished step: advance caches, append sampled tokens. Returns requests that finished.
+
+        ``sampled`` maps a request id to its token, or to ``(token, logprobs)`` when the request asked for logprobs.
+        """
         now = time.perf_counter() if now is None else now
         finished = []
         for chunk in out.decodes + out.prefills:
@@ -198,7 +204,9 @@ class Scheduler:
             r.num_cached = chunk.start + chunk.num_tokens
             if chunk.samples:
                 r.num_faults = 0  # real progress: faults count again from zero
-                r.append_token(sampled[r.request_id], now)
+                value = sampled[r.request_id]
+                token, logprobs = value if isinstance(value, tuple) else (value, None)
+                r.append_token(token, now, logprobs)
                 if r.finished:
                     self._release(r)
                     finished.append(r)
