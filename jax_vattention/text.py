@@ -15,6 +15,7 @@ are not part of the output.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -28,10 +29,27 @@ class TextTokenizer(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 
-def encode(tokenizer: TextTokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` (``tokenizers`` returns an ``Encoding``; a plain list is taken as it is)."""
-    out = tokenizer.encode(text)
+def encode(tokenizer: TextTokenizer, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of ``text`` (``tokenizers`` returns an ``Encoding``; a plain list is taken as it is).
+
+    ``add_special_tokens=False`` leaves out what the tokenizer adds around a text (Llama's and Mistral's BOS):
+    a rendered chat template already holds them as text (transformers' ``apply_chat_template`` and vLLM encode
+    it so). Special tokens written in the text are still matched. A tokenizer whose ``encode`` takes no
+    ``add_special_tokens`` adds nothing, so it is called plainly.
+    """
+    if add_special_tokens or not _takes_add_special_tokens(tokenizer.encode):
+        out = tokenizer.encode(text)
+    else:
+        out = tokenizer.encode(text, add_special_tokens=False)  # type: ignore[call-arg]
     return list(getattr(out, "ids", out))
+
+
+def _takes_add_special_tokens(method: Any) -> bool:
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: assume the usual (tokenizers, transformers) one
+        return True
+    return any(p.name == "add_special_tokens" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 class Detokenizer:

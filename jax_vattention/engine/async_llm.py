@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from ..errors import CacheClosedError
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, TokenLogprobs
 from .llm import LLM
 from .outputs import RequestOutput
 from .request import Request
@@ -29,7 +29,8 @@ from .request import Request
 
 @dataclasses.dataclass(frozen=True)
 class StreamDelta:
-    """What one engine step added to a request: new token ids, new final text, and the end of the stream."""
+    """What one engine step added to a request: new token ids (with their logprobs when the request asked for
+    them), new final text, and the end of the stream."""
 
     request_id: int
     token_ids: list[int]
@@ -37,6 +38,7 @@ class StreamDelta:
     finished: bool = False
     finish_reason: str | None = None
     output: RequestOutput | None = None  # the whole request (one CompletionOutput), on the last delta
+    logprobs: list[TokenLogprobs] | None = None  # one per token of ``token_ids`` (SamplingParams.logprobs set)
 
 
 @dataclasses.dataclass(eq=False)
@@ -133,14 +135,15 @@ class AsyncLLM:
 
     def _delta(self, s: _Stream, *, final: bool) -> StreamDelta:
         r = s.request
-        tokens = r.output[s.tokens_sent:]
-        s.tokens_sent = len(r.output)
+        start, s.tokens_sent = s.tokens_sent, len(r.output)
+        tokens = r.output[start:s.tokens_sent]
+        logprobs = None if r.logprobs is None else r.logprobs[start:s.tokens_sent]
         text = None
         if r.detokenizer is not None:
             final_text = r.detokenizer.streamable
             text, s.text_sent = final_text[s.text_sent:], len(final_text)
         return StreamDelta(r.request_id, list(tokens), text, final, r.finish_reason if final else None,
-                           RequestOutput.of(r, s.prompt_text) if final else None)
+                           RequestOutput.of(r, s.prompt_text) if final else None, logprobs)
 
     @staticmethod
     def _push(s: _Stream, item) -> None:

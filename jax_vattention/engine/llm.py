@@ -237,7 +237,8 @@ class LLM:
 
     def _prompt_inputs(self, prompts) -> tuple[list[str | None], list[np.ndarray]]:
         """``(text or None, token ids)`` of every prompt. ``prompts`` is one prompt or a list of them; a prompt is
-        text, token ids, or vLLM's ``{"prompt": text}`` / ``{"prompt_token_ids": ids}``."""
+        text, token ids, or vLLM's ``{"prompt": text}`` / ``{"prompt_token_ids": ids}`` (with both, the ids run and
+        the text is the output's ``prompt``, as ``chat`` passes them)."""
         one = (isinstance(prompts, (str, Mapping)) or (isinstance(prompts, (list, tuple)) and len(prompts) > 0
                                                        and all(is_int(t) for t in prompts)))
         if one:
@@ -314,7 +315,8 @@ class LLM:
         rendered with the chat template (``LLM(..., chat_template=...)``, e.g. ``models.load_chat_template``).
 
         One ``RequestOutput`` per conversation (its ``prompt`` is the rendered text; ``SamplingParams(n=k)`` gives
-        ``k`` replies), as ``generate``.
+        ``k`` replies), as ``generate``. The rendered text is encoded without the tokenizer's special tokens: the
+        template writes the BOS itself (transformers' ``apply_chat_template`` and vLLM do the same).
         """
         if self.chat_template is None:
             raise ValueError("LLM.chat needs a chat template: LLM(model, tokenizer=..., chat_template=...)")
@@ -323,12 +325,15 @@ class LLM:
         if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence) or not conversations:
             raise ChatTemplateError(f"messages must be a conversation or a non-empty list of them, "
                                     f"got {messages!r:.80}")
+        assert self.tokenizer is not None  # a chat template needs one (checked in __init__)
         prompts = []
         for i, conv in enumerate(conversations):
             try:
-                prompts.append(self.chat_template.render(conv, add_generation_prompt=add_generation_prompt))
+                text = self.chat_template.render(conv, add_generation_prompt=add_generation_prompt)
             except ValueError as e:
                 raise type(e)(f"conversation {i}: {e}") from None
+            prompts.append({"prompt": text,
+                            "prompt_token_ids": encode(self.tokenizer, text, add_special_tokens=False)})
         return self.generate(prompts, params, progress=progress)
 
     # -- compilation -------------------------------------------------------------------

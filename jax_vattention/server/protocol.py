@@ -32,27 +32,43 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    # Ranges are SamplingParams' to check (its ValueError becomes the 400); None is the neutral value.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     # vLLM's extensions to the OpenAI API
     top_k: int = 0
     ignore_eos: bool = False
+    min_p: float | None = None
+    min_tokens: int | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    best_of: int | None = None  # only best_of == n (what it means when nothing is ranked)
 
 
-# OpenAI / vLLM fields this server does not implement yet: refused when set, never silently ignored.
-UNSUPPORTED = {"logprobs": None, "top_logprobs": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-               "repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0, "best_of": None, "echo": False,
-               "suffix": None, "logit_bias": None, "tools": None, "response_format": None}
+# OpenAI / vLLM fields this server does not implement: refused when set to anything but their neutral value,
+# never silently ignored.
+UNSUPPORTED: dict[str, Any] = {
+    "echo": False, "suffix": None, "logit_bias": None, "prompt_logprobs": None, "top_logprobs": None,
+    "tools": None, "tool_choice": "none", "functions": None, "function_call": None, "response_format": None,
+    "use_beam_search": False, "include_stop_str_in_output": False, "allowed_token_ids": None, "bad_words": None,
+    "truncate_prompt_tokens": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
+    "guided_grammar": None, "structured_outputs": None}
 
 
-def check_supported(body: BaseModel) -> None:
+def check_supported(body: _Sampling) -> None:
     extra = body.model_extra or {}
     for name, default in UNSUPPORTED.items():
-        if extra.get(name, default) not in (None, default):
-            raise OpenAIError(f"{name} is not supported by this server yet", param=name)
+        if extra.get(name, default) not in (None, default, {}, []):
+            raise OpenAIError(f"{name} is not supported by this server", param=name)
+    if body.best_of is not None and body.best_of != body.n:
+        raise OpenAIError(f"best_of={body.best_of} is not supported by this server (only best_of == n)",
+                          param="best_of")
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int]
     max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = None  # the legacy format: the sampled token's logprob plus the top ``logprobs``
 
 
 class ChatMessage(BaseModel):
@@ -62,6 +78,8 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
 
 
 def new_id(prefix: str) -> str:
