@@ -38,7 +38,7 @@ CFG = models.get_preset("tiny").replace(vocab_size=256)
 ENGINE = dict(max_batch=4, max_seq=64, page_bytes=4096, pool_bytes=40 * 4096, token_budget=24, chunk_size=16,
               max_prefill_rows=2, min_decode_bucket=4, min_prefill_bucket=16,
               attn=AttentionSpec(impl="reference"))
-STEPS, EXAMPLES = 50, 48  # about 2,300 operations (hypothesis ends some examples early)
+STEPS, EXAMPLES = 50, 44  # about 2,100 operations; hypothesis ends some examples early, so the test repeats
 CHECKED = 40  # requests compared with their one-at-a-time run
 STATS = {"operations": 0, "requests": 0, "cancels": 0, "generate_calls": 0, "bad_inputs": 0, "steps": 0,
          "preemptions": 0}
@@ -151,7 +151,10 @@ def test_engine_api_state_machine(rng):
         llm.warmup(("greedy", "filter"))
         EngineMachine.llm = llm
         try:
-            EngineMachine.TestCase().runTest()
+            for _ in range(3):  # hypothesis ends some examples early: run again until 2,000 operations ran
+                EngineMachine.TestCase().runTest()
+                if STATS["operations"] >= 2000:
+                    break
         finally:
             del EngineMachine.llm  # a class attribute would keep the engine (and its manager) alive to exit
         manager = llm.manager

@@ -171,9 +171,12 @@ int64_t CacheManager::allocate(int64_t min_tokens) {
   ++capacity_version_;
   // A fitting slot's pages beyond `need` are kept only while the pool could
   // map that many afresh: under pressure they would sit idle in a live slot
-  // (counted against admission) while other requests wait for pages.
-  const int64_t excess = slots_[best].mapped_pages - need;
-  if (excess > 0 && available_pages() < excess * layout_.num_tensors()) {
+  // (counted against admission) while other requests wait for pages. A pool
+  // that backs every slot to max_seq (the premapped control) is never under
+  // pressure.
+  const int64_t T = layout_.num_tensors(), excess = slots_[best].mapped_pages - need;
+  const bool can_back_all = pages_budget_ >= layout_.max_batch * layout_.pages_per_slot * T;
+  if (excess > 0 && !can_back_all && available_pages() < excess * T) {
     backend_->synchronize();
     unmap_pages(best, need);
   }
