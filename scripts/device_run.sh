@@ -12,7 +12,14 @@
 #        bench-zero-mapping (what a read-only zero mapping of a whole reservation costs on CUDA),
 #        bench-serving-layouts (ShareGPT-like, 256 requests, B <= 128: both vAttention layouts, the interleaved one
 #        without deferred reclamation, paged16, static),
-#        bench-serving-tight (the same at an 8 GiB KV budget, B <= 256)
+#        bench-serving-tight (the same at an 8 GiB KV budget, B <= 256),
+#        bench-server (issue 18: `jax-vattention serve` with the Llama-3-8B shape, 32 layers, --warmup, 8 GiB KV,
+#        B <= 128: 128 ShareGPT-like streamed requests at Poisson 4 and 8 req/s, vattention then paged, side by
+#        side: TTFT, time between tokens, E2E, tokens/s; about 6 minutes on an H200),
+#        bench-server-quick (the same path on the tiny preset, seconds).
+#        The bench-server steps need FastAPI/uvicorn, which the device image lacks: run
+#        scripts/fetch_device_wheels.sh here first and carry .whl/server (the device tool's carry: [".whl/server"]);
+#        the step installs those wheels into /tmp/server-wheels (no index) and puts it on PYTHONPATH.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/vattn-out}
@@ -23,6 +30,14 @@ if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.lo
   exit 1
 fi
 summary() { grep -v -E "^E[0-9]{4}|Source Location|cuda_status.cc|^$" "$1" | tail -"${2:-25}"; }
+server_wheels() {  # the carried wheels of scripts/fetch_device_wheels.sh -> /tmp/server-wheels
+  if [ ! -f .whl/server/requirements.txt ]; then
+    echo "no .whl/server: run scripts/fetch_device_wheels.sh and carry .whl/server" | tee "$OUT/bench_server_pip.log"
+    return 1
+  fi
+  python3 -m pip install -q --upgrade --no-deps --no-index --find-links .whl/server --target /tmp/server-wheels \
+    -r .whl/server/requirements.txt > "$OUT/bench_server_pip.log" 2>&1 || { tail -20 "$OUT/bench_server_pip.log"; return 1; }
+}
 status=0
 for step in "$@"; do
   echo "=== $step"
@@ -44,6 +59,8 @@ for step in "$@"; do
     bench-serving-long) python3 benchmarks/bench_serving.py --workload long > "$OUT/bench_serving_long.log" 2>&1 || status=1; summary "$OUT/bench_serving_long.log" 30 ;;
     bench-serving-layouts) python3 benchmarks/bench_serving.py --requests 256 --max-batch 128 --budget-tokens 196608 --configs vattention,vattention-no-reclaim,vattention-per-layer,paged16,static > "$OUT/bench_serving_layouts.log" 2>&1 || status=1; summary "$OUT/bench_serving_layouts.log" 30 ;;
     bench-serving-tight) python3 benchmarks/bench_serving.py --requests 256 --max-batch 256 --budget-gib 8 --configs vattention,vattention-no-reclaim,vattention-per-layer,paged16 > "$OUT/bench_serving_tight.log" 2>&1 || status=1; summary "$OUT/bench_serving_tight.log" 30 ;;
+    bench-server) { server_wheels && PYTHONPATH=/tmp/server-wheels${PYTHONPATH:+:$PYTHONPATH} python3 benchmarks/bench_server.py --preset llama-3-8b --request-rate 4,8 --requests 128 --kv-cache vattention,paged --kv-budget-gib 8 --max-num-seqs 128 --max-model-len 4096; } > "$OUT/bench_server.log" 2>&1 || status=1; summary "$OUT/bench_server.log" 30 ;;
+    bench-server-quick) { server_wheels && PYTHONPATH=/tmp/server-wheels${PYTHONPATH:+:$PYTHONPATH} python3 benchmarks/bench_server.py --quick; } > "$OUT/bench_server_quick.log" 2>&1 || status=1; summary "$OUT/bench_server_quick.log" 20 ;;
     long-run) python3 benchmarks/long_run.py > "$OUT/long_run.log" 2>&1 || status=1; summary "$OUT/long_run.log" 20 ;;
     sanitize) bash scripts/gpu_sanitize.sh > "$OUT/sanitize_run.log" 2>&1 || status=1; summary "$OUT/sanitize_run.log" 20 ;;
     sanitize-kernels) SANITIZER_ARGS="--kernel-name kns=vattn" bash scripts/gpu_sanitize.sh tests/test_attention.py -m gpu > "$OUT/sanitize_kernels_run.log" 2>&1 || status=1; summary "$OUT/sanitize_kernels_run.log" 20 ;;

@@ -3,8 +3,9 @@ ending in ``data: [DONE]``), ``/health`` and ``/metrics`` (Prometheus text).
 
 Every request becomes ``AsyncLLM.generate`` streams, one per ``outputs.child_params`` of its ``SamplingParams``
 (``n`` of them, seeds ``seed + i``: the tokens ``LLM.generate`` gives offline); a client that goes away
-mid-stream aborts its requests, which frees their slots. Bad requests get OpenAI-style JSON errors with a 4xx
-status and the server keeps serving.
+mid-stream aborts its requests, which frees their slots. A stream's ``stream_options`` add token counts: OpenAI's
+``include_usage`` (a last chunk with the usage) and vLLM's ``continuous_usage_stats`` (every chunk's usage so
+far). Bad requests get OpenAI-style JSON errors with a 4xx status and the server keeps serving.
 
 Logprobs come from the engine (``SamplingParams.logprobs``: log-softmax of the raw logits, as vLLM v1), in
 OpenAI's two formats: ``/v1/completions``' legacy ``{tokens, token_logprobs, top_logprobs, text_offset}`` (the
@@ -142,8 +143,16 @@ def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
             content.append({**item(t, entry.get(t)), "top_logprobs": [item(k, v) for k, v in best]})
         return {"content": content}
 
-    async def run(ids: list[int], params: list[SamplingParams], chunk) -> AsyncIterator[str]:
-        """Server-sent events of ``n`` merged streams, then ``[DONE]``; the client leaving aborts them all."""
+    async def run(ids: list[int], params: list[SamplingParams], chunk, body,
+                  head: dict[str, Any]) -> AsyncIterator[str]:
+        """Server-sent events of ``n`` merged streams, then ``[DONE]``; the client leaving aborts them all.
+
+        ``body.stream_options``: ``continuous_usage_stats`` adds to every chunk the usage of its choice so far (vLLM),
+        ``include_usage`` a last chunk (``head`` plus ``choices: []``) with the usage of them all (OpenAI).
+        """
+        options = body.stream_options
+        continuous = options is not None and options.continuous_usage_stats
+        counts = [0] * len(params)  # tokens streamed per choice
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, sp: SamplingParams):
@@ -161,7 +170,13 @@ def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
                     done += 1
                     continue
                 metrics.observe(delta)
-                yield f"data: {json.dumps(chunk(i, delta))}\n\n"
+                counts[i] += len(delta.token_ids)
+                event = chunk(i, delta)
+                if continuous:
+                    event["usage"] = usage_of(len(ids), counts[i])
+                yield f"data: {json.dumps(event)}\n\n"
+            if options is not None and options.include_usage:
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage_of(len(ids), sum(counts))})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             for t in tasks:
@@ -214,7 +229,8 @@ def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
                 return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                         "choices": [{"index": i, "text": d.text or "", "logprobs": lps,
                                      "finish_reason": d.finish_reason}]}
-            return StreamingResponse(run(ids, params, chunk), media_type="text/event-stream")
+            head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
+            return StreamingResponse(run(ids, params, chunk, body, head), media_type="text/event-stream")
         outs = await collect(ids, params)
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                 "choices": [{"index": i, "text": o.text, "finish_reason": o.finish_reason,
@@ -244,7 +260,8 @@ def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
                         "choices": [{"index": i, "delta": {"role": "assistant", "content": d.text or ""},
                                      "logprobs": chat_logprobs(d.token_ids, d.logprobs, top) if body.logprobs
                                      else None, "finish_reason": d.finish_reason}]}
-            return StreamingResponse(run(ids, params, chunk), media_type="text/event-stream")
+            head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
+            return StreamingResponse(run(ids, params, chunk, body, head), media_type="text/event-stream")
         outs = await collect(ids, params)
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": o.text},
@@ -258,6 +275,9 @@ def build_app(engine: AsyncLLM, model_name: str) -> FastAPI:
 
 
 def usage(prompt_tokens: int, outs: list[CompletionOutput]) -> dict[str, int]:
-    completion = sum(len(o.token_ids) for o in outs)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}
+    return usage_of(prompt_tokens, sum(len(o.token_ids) for o in outs))
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -21,6 +21,17 @@ class OpenAIError(Exception):
         return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": None}}
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``: ``include_usage`` adds a last chunk (``choices: []``) with the request's usage;
+    vLLM's ``continuous_usage_stats`` puts the usage so far in every chunk too (a client counts each chunk's
+    tokens from it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")  # kept in ``model_extra``, where ``check_supported`` looks
 
@@ -32,6 +43,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     # Ranges are SamplingParams' to check (its ValueError becomes the 400); None is the neutral value.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -60,6 +72,8 @@ def check_supported(body: _Sampling) -> None:
     for name, default in UNSUPPORTED.items():
         if extra.get(name, default) not in (None, default, {}, []):
             raise OpenAIError(f"{name} is not supported by this server", param=name)
+    if body.stream_options is not None and not body.stream:
+        raise OpenAIError("stream_options is only allowed with stream: true", param="stream_options")
     if body.best_of is not None and body.best_of != body.n:
         raise OpenAIError(f"best_of={body.best_of} is not supported by this server (only best_of == n)",
                           param="best_of")
