@@ -23,6 +23,17 @@ all of its step shapes (``LLM.warmup``), so timed runs never compile.
     python benchmarks/bench_serving.py --workload long      # prompts of 8K-32K
     python benchmarks/bench_serving.py --quick              # 4 layers, few requests
     python benchmarks/bench_serving.py --budget-gib 8 --max-batch 256   # a tight KV budget
+    python benchmarks/bench_serving.py --request-rate 8     # online: Poisson arrivals at 8 requests/s
+
+Roofline (``roofline.py``): the run measures the device's GEMM peak (jitted bf16 matmuls, 8192^3 and the step-like
+512x4096x14336) and read bandwidth (a jitted ``jnp.sum`` over 1 GiB) first; every timed run records each dispatched
+step's real and padded tokens, rows and KV context read (wrapping ``llm.runner.dispatch``), and reports
+``roofline_fraction`` = sum of the steps' floors / wall, with the step-time breakdown (mean step, padding, device
+idle time between steps, batch).
+
+Online mode (``--request-rate R``): requests arrive as a seeded Poisson process at R per second and are queued when
+their arrival time has passed (``add_request`` + ``step``; TTFT counts from the arrival); time with nothing to run is
+slept through. The default (``inf``) queues every request at once through ``LLM.generate``, as before.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import sys
@@ -37,15 +49,17 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
+import roofline  # noqa: E402
 from common import RESULTS_DIR, device_name, device_slug, write_results  # noqa: E402
 
 import models  # noqa: E402
 from jax_vattention.attention import AttentionSpec  # noqa: E402
-from jax_vattention.engine import LLM, EngineStats, SamplingParams  # noqa: E402
+from jax_vattention.engine import LLM, EngineStats, RequestOutput, SamplingParams  # noqa: E402
 from jax_vattention.engine.workloads import long_context, sharegpt_like  # noqa: E402
 from models.testing import greedy_deficits  # noqa: E402
 
@@ -66,10 +80,68 @@ def check_near_greedy(model, prompts, outputs, tol):
     return float((deficit > tol).mean()), float(deficit.max())
 
 
-def summarize(name, outs, wall, stats: EngineStats, llm) -> dict:
+def summarize(name, outs, wall, stats: EngineStats, llm, steps=(), cost=None, peaks=None, since=None,
+              empty_s=0.0) -> dict:
+    """One timed run's figures; with ``steps`` (``roofline.StepWork``), ``cost`` and ``peaks`` also its roofline
+    (``roofline_fraction`` and the step-time breakdown in ``roofline``) and the per-step log ``step_log`` rows
+    ``(t, tokens, padded tokens, rows, padded rows, KV tokens read)``."""
     t0 = stats.timeline[0][0] if stats.timeline else 0.0
-    return dict(name=name, **stats.summary(outs, wall), num_compiled=llm.num_compiled,
-                timeline=[(round(t - t0, 4), b, u, p) for t, b, u, p in stats.timeline])
+    r = dict(name=name, **stats.summary(outs, wall), num_compiled=llm.num_compiled,
+             timeline=[(round(t - t0, 4), b, u, p) for t, b, u, p in stats.timeline])
+    if steps and cost is not None and peaks is not None:
+        idle = roofline.idle_seconds(getattr(stats, "device_steps", ()), since=since)
+        r["roofline"] = roofline.report(steps, wall, cost, peaks, idle_s=idle, empty_s=empty_s)
+        r["roofline_fraction"] = r["roofline"].get("roofline_fraction")
+        s0 = steps[0].t
+        r["step_log"] = [(round(s.t - s0, 4), s.tokens, s.padded_tokens, s.rows, s.padded_rows, s.kv_tokens)
+                         for s in steps]
+    return r
+
+
+def poisson_arrivals(n: int, rate: float, seed: int) -> np.ndarray:
+    """Arrival times (s) of ``n`` requests: a seeded Poisson process at ``rate`` per second, the first at 0;
+    all at 0 when ``rate`` is infinite (the offline run)."""
+    if not rate > 0:
+        raise ValueError(f"the request rate must be positive, got {rate}")
+    if math.isinf(rate):
+        return np.zeros(n)
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=n)
+    return np.concatenate([[0.0], np.cumsum(gaps[:-1])])[:n]
+
+
+def serve_online(llm, prompts, params, arrivals, *, progress: bool = False, clock=time.perf_counter,
+                 sleep=time.sleep):
+    """Run ``prompts`` arriving at ``arrivals`` (seconds after the start): each is queued (``llm.add_request``,
+    its ``arrival_time`` set to the scheduled arrival, so TTFT counts from there) once its time has passed, and
+    the engine steps while anything is queued or running; with nothing to run it sleeps until the next arrival.
+
+    Returns ``(outputs in prompt order, wall seconds from the first arrival to the last finish, seconds slept with
+    nothing to run, the start's clock time)``.
+    """
+    from tqdm.auto import tqdm
+
+    n = len(prompts)
+    requests = []
+    empty, i = 0.0, 0
+    t0 = clock()
+    with tqdm(total=n, disable=not progress, desc="requests", unit="req", mininterval=2.0) as bar:
+        while i < n or llm.scheduler.has_unfinished():
+            now = clock()
+            while i < n and t0 + arrivals[i] <= now:
+                r = llm.add_request(prompts[i], params[i])
+                r.arrival_time = t0 + float(arrivals[i])
+                requests.append(r)
+                i += 1
+            if llm.scheduler.has_unfinished():
+                bar.update(len(llm.step()))
+            elif i < n:
+                wait = t0 + float(arrivals[i]) - clock()
+                if wait > 0:
+                    before = clock()
+                    sleep(wait)
+                    empty += clock() - before
+    wall = clock() - t0
+    return [RequestOutput.of(r) for r in requests], wall, empty, t0
 
 
 def occupancy(timeline, budget_bytes: int, full_batch: int, slack_bytes: int) -> dict:
@@ -124,15 +196,52 @@ def markdown(payload: dict) -> str:
             at = "outside the budget" if outside else f"{o['at_budget']:.0%}"
             md.append(f"| {name} | {o['batch_avg']:.1f} | {o['full']:.0%} | {at} | "
                       f"{o['step_ms']:.2f} | {sf} |")
+    md += roofline_markdown(payload)
     layouts = {k: r["layout"] for k, r in results.items() if r.get("layout")}
     if layouts:
         md.append("\nvAttention layouts: " + "; ".join(f"{k}: {v}" for k, v in layouts.items()))
     md.append(f"\ncorrectness checks: {json.dumps(payload['checks'])}")
-    md.append(f"\nsetup: {cfg['workload']}; {cfg['layers']} layers of {cfg['preset']}; KV budget "
+    rate = cfg.get("request_rate")
+    arrivals = ("all requests at t=0 (offline)" if rate is None or math.isinf(rate)
+                else f"Poisson arrivals at {rate:g} requests/s (seed {cfg.get('arrival_seed')})")
+    md.append(f"\nsetup: {cfg['workload']}; {arrivals}; {cfg['layers']} layers of {cfg['preset']}; KV budget "
               f"{cfg['budget_bytes'] / GIB:.2f} GiB; max_batch {cfg['max_batch']}, max_seq {cfg['max_seq']}; token "
               f"budget {cfg['token_budget']}, chunk {cfg['chunk']}, lookahead {cfg['lookahead']}; compile s "
               f"{json.dumps({k: round(v, 1) for k, v in payload['compile_s'].items()})}")
     return "\n".join(md)
+
+
+def _fmt(x, spec: str, scale: float = 1.0) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x * scale, spec)
+
+
+def roofline_markdown(payload: dict) -> list[str]:
+    """The roofline section of the report (empty for a run without one)."""
+    peaks = payload.get("peaks")
+    rows = {k: r["roofline"] for k, r in payload["results"].items() if r.get("roofline")}
+    if not peaks or not rows:
+        return []
+    shapes = ", ".join(f"{s} {f / 1e12:.3g}" for s, f in peaks.get("gemm_flops_by_shape", {}).items())
+    md = ["", f"roofline (`roofline.py`; per step floor = max(FLOPs / GEMM peak, (weights + KV read) / read "
+          f"bandwidth); peaks measured in this run: GEMM {shapes} TFLOP/s (the floor uses "
+          f"{peaks['gemm_flops'] / 1e12:.3g}); read {peaks['read_bytes_per_s'] / 1e9:.0f} GB/s "
+          f"({peaks.get('read_method', '')}):", "",
+          "| config | roofline fraction (real / padded tokens) | Σ floor / wall (s) | mean step (ms) | floor per step "
+          "(ms) | compute-bound steps | tokens per step (real / padded) | padding | rows per step | device idle "
+          "| achieved TFLOP/s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, o in rows.items():
+        idle = ("n/a" if o.get("idle_fraction") is None
+                else f"{o['idle_fraction']:.1%} ({o['idle_ms_per_step']:.2f} ms/step)")
+        md.append(f"| {name} | **{o['roofline_fraction']:.3f}** / {o['roofline_fraction_padded']:.3f} | "
+                  f"{o['floor_s']:.2f} / {o['wall_s']:.2f} | {o['step_ms']:.2f} | {o['floor_ms']:.2f} | "
+                  f"{o['compute_bound_steps']:.0%} | {o['tokens_per_step']:.0f} / {o['padded_tokens_per_step']:.0f} | "
+                  f"{_fmt(o['padding_fraction'], '.1%')} | {o['rows_per_step']:.1f} | {idle} | "
+                  f"{_fmt(o['achieved_tflops'], '.3g')} |")
+    if any(o.get("empty_s") for o in rows.values()):
+        md.append("\n(online: mean step and device idle leave out the time with no request at all: "
+                  + ", ".join(f"{k} {o['empty_s']:.1f} s" for k, o in rows.items()) + ")")
+    return md
 
 
 def main():
@@ -152,6 +261,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per configuration (median reported)")
     ap.add_argument("--compile-threads", type=int, default=4, help="threads compiling step shapes in warmup")
+    ap.add_argument("--request-rate", type=float, default=math.inf,
+                    help="online mode: Poisson arrivals at this many requests/s (default inf: all at t=0, offline)")
     ap.add_argument("--quick", action="store_true", help="4 layers, 48 requests, batch 16")
     ap.add_argument("--report", metavar="JSON", help="print the report of an earlier run's JSON; runs nothing")
     args = ap.parse_args()
@@ -160,6 +271,9 @@ def main():
         return
 
     long = args.workload == "long"
+    online = not math.isinf(args.request_rate)
+    if not args.request_rate > 0:
+        raise SystemExit(f"--request-rate must be positive, got {args.request_rate}")
     cfg = models.get_preset(args.preset)
     if args.quick:
         args.layers = args.layers or 4
@@ -194,7 +308,17 @@ def main():
           f"bf16, random weights)\n{wl.describe()}\nKV budget {budget / GIB:.2f} GiB ({budget_tokens} tokens); "
           f"max_batch {max_batch}, max_seq {max_seq}, token budget {args.token_budget}, chunk {args.chunk}",
           flush=True)
+    arrival_seed = args.seed + 2
+    arrivals = poisson_arrivals(n_req, args.request_rate, arrival_seed)
+    if online:
+        print(f"online: Poisson arrivals at {args.request_rate:g} requests/s over {arrivals[-1]:.1f} s", flush=True)
     model = models.random_model(cfg, seed=0, dtype=jnp.bfloat16)
+    itemsize = jnp.dtype(jax.tree.leaves(model)[0].dtype).itemsize
+    cost = roofline.ModelCost.of(cfg, itemsize)
+    peaks = roofline.measure_peaks(jax.devices()[0].platform)
+    peak_rates = roofline.peaks_of(peaks)
+    print("peaks: GEMM " + ", ".join(f"{k} {v / 1e12:.1f}" for k, v in peaks["gemm_flops_by_shape"].items())
+          + f" TFLOP/s; read {peaks['read_bytes_per_s'] / 1e9:.0f} GB/s", flush=True)
     attn = AttentionSpec(max_len=max_seq)
     common = dict(max_batch=max_batch, max_seq=max_seq, attn=attn, token_budget=args.token_budget,
                   chunk_size=args.chunk, max_prefill_rows=1, min_decode_bucket=min(32, max_batch),
@@ -220,6 +344,8 @@ def main():
         result_name += f"_b{max_batch}"  # a non-default batch limit must not overwrite the default run
     if args.budget_gib:
         result_name += f"_{args.budget_gib:g}gib"
+    if online:
+        result_name += f"_rate{args.request_rate:g}"
 
     def run(name, llm, overrides):
         llm.map_ahead.mode = overrides.get("overlap_allocation", "thread")
@@ -229,13 +355,19 @@ def main():
             if name != "vattention-premapped":
                 llm.manager.trim()  # start with nothing mapped
         llm.stats = EngineStats()
-        t0 = time.perf_counter()
-        outs = llm.generate(wl.prompts, wl.params, progress=True)
-        wall = time.perf_counter() - t0
+        empty = 0.0
+        with roofline.StepRecorder(llm) as rec:
+            if online:
+                outs, wall, empty, t0 = serve_online(llm, wl.prompts, wl.params, arrivals, progress=True)
+            else:
+                t0 = time.perf_counter()
+                outs = llm.generate(wl.prompts, wl.params, progress=True)
+                wall = time.perf_counter() - t0
         short = [(o.request_id, len(c.token_ids), p.max_tokens, c.finish_reason)
                  for o, p in zip(outs, wl.params) if len((c := o.outputs[0]).token_ids) != p.max_tokens]
         assert not short, f"{name}: incomplete outputs (request, tokens, max_tokens, finish reason): {short[:8]}"
-        r = summarize(name, outs, wall, llm.stats, llm)
+        steps = rec.steps
+        r = summarize(name, outs, wall, llm.stats, llm, steps, cost, peak_rates, since=t0, empty_s=empty)
         r["time_avg_batch"] = occupancy(r["timeline"], budget, max_batch, 0).get("batch_avg")
         vattn = llm.config.kv_cache == "vattention"
         r["layout"] = (f"layers_per_group={llm.manager.config.layers_per_group}, "
@@ -249,8 +381,8 @@ def main():
         print(f"  {name:22s} {r['requests_per_s']:7.2f} req/s {r['output_tokens_per_s']:9.0f} out tok/s  "
               f"TTFT p50 {r['ttft_p50_s']:.2f}s  TBT p50 {r['tbt_p50_s'] * 1e3:.1f} ms "
               f"p99 {r['tbt_p99_s'] * 1e3:.1f} ms"
-              f"  batch<={r['peak_batch']}  KV {r['peak_used_kv_bytes'] / GIB:.2f} GiB  compiled {r['num_compiled']}",
-              flush=True)
+              f"  batch<={r['peak_batch']}  KV {r['peak_used_kv_bytes'] / GIB:.2f} GiB  compiled {r['num_compiled']}"
+              f"  roofline {_fmt(r.get('roofline_fraction'), '.3f')}", flush=True)
 
     def prepare(name, llm):
         outs = llm.generate(check_prompts, check_params)
@@ -305,10 +437,14 @@ def main():
         targets["a >= 2x static"] = ratios["vattention_vs_static"] >= 2.0
     if "vattention_vs_premapped" in ratios:
         targets["a within 2% of premapped"] = ratios["vattention_vs_premapped"] >= 0.98
+    if not long and not online and results.get("vattention", {}).get("roofline_fraction") is not None:
+        targets["roofline_fraction >= 0.6 (sharegpt)"] = results["vattention"]["roofline_fraction"] >= 0.6
 
     name = result_name
     payload = dict(results=results, ratios=ratios, targets=targets, checks=checks, compile_s=compile_s,
-                   config=dict(layers=layers, preset=args.preset, requests=n_req, max_batch=max_batch,
+                   peaks=peaks, model_cost=dataclasses.asdict(cost),
+                   config=dict(request_rate=None if not online else args.request_rate, arrival_seed=arrival_seed,
+                               layers=layers, preset=args.preset, requests=n_req, max_batch=max_batch,
                                max_seq=max_seq, budget_bytes=budget, budget_tokens=budget_tokens,
                                token_budget=args.token_budget, chunk=args.chunk, lookahead=args.lookahead,
                                repeats=args.repeats,

@@ -1,9 +1,11 @@
 """The benchmarks' report code (CPU): serving occupancy from a step timeline, the attention sweep merge."""
 
 import json
+import math
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
@@ -53,6 +55,112 @@ def test_serving_report_from_json():
     assert "| 64.0 | 100% | 100% |" in rows["vattention"]
     assert "outside the budget" in rows["vattention-premapped"]
     assert "| 32.0 | 0% | 0% |" in rows["paged16"] and "n/a" in rows["paged16"]
+
+
+def test_serving_report_shows_the_roofline_and_the_arrivals():
+    tl = [(0.0, 64, GIB, GIB), (1.0, 64, GIB, GIB), (2.0, 0, 0, 0)]
+    rf = dict(roofline_fraction=0.412, roofline_fraction_padded=0.655, floor_s=0.824, floor_padded_s=1.31,
+              wall_s=2.0, steps=100, step_ms=20.0, floor_ms=8.24, compute_bound_steps=0.25, tokens_per_step=130.0,
+              padded_tokens_per_step=180.0, padding_fraction=0.3846, rows_per_step=60.0, padded_rows_per_step=64.0,
+              kv_tokens_per_step=9000.0, achieved_tflops=149.0, achieved_read_GBps=900.0, idle_s=0.2,
+              idle_fraction=0.1, idle_ms_per_step=2.0, empty_s=0.0)
+    results = {"vattention": dict(serving_result("vattention", tl, 300.0), roofline=rf, roofline_fraction=0.412),
+               "paged16": dict(serving_result("paged16", tl, 200.0), roofline=dict(
+                   rf, idle_s=None, idle_fraction=None, idle_ms_per_step=None, padding_fraction=None))}
+    peaks = dict(gemm_flops=631e12, read_bytes_per_s=4.3e12, read_method="jitted jnp.sum",
+                 gemm_flops_by_shape={"8192x8192x8192": 631e12, "512x4096x14336": 366e12})
+    payload: dict = dict(results=results, ratios={}, targets={"roofline_fraction >= 0.6 (sharegpt)": False},
+                         checks={}, compile_s={}, peaks=peaks,
+                         config=dict(layers=2, preset="p", requests=3, max_batch=64, max_seq=4096, budget_bytes=GIB,
+                                     budget_tokens=1, token_budget=512, chunk=512, lookahead=64, workload="w",
+                                     seed=0, request_rate=8.0, arrival_seed=2))
+    md = bench_serving.markdown(json.loads(json.dumps(payload)))
+    assert "8192x8192x8192 631, 512x4096x14336 366 TFLOP/s (the floor uses 631); read 4300 GB/s" in md
+    rows = [line for line in md.splitlines() if line.startswith("| vattention | **0.412**")]
+    assert rows and "| 0.82 / 2.00 | 20.00 | 8.24 | 25% | 130 / 180 | 38.5% | 60.0 | 10.0% (2.00 ms/step) | 149 |" \
+        in rows[0]
+    assert any(line.startswith("| paged16 | **0.412**") and "| n/a | 60.0 | n/a |" in line for line in md.splitlines())
+    assert "Poisson arrivals at 8 requests/s (seed 2)" in md and "roofline_fraction >= 0.6 (sharegpt): FAIL" in md
+    offline = dict(payload, config=dict(payload["config"], request_rate=None))
+    assert "all requests at t=0 (offline)" in bench_serving.markdown(offline)
+    # a run from before the roofline (no peaks, no roofline per result) still reports
+    old = dict(payload, results={k: {x: y for x, y in r.items() if not x.startswith("roofline")}
+                                 for k, r in payload["results"].items()})
+    del old["peaks"]
+    assert "roofline (" not in bench_serving.markdown(old)
+
+
+def test_poisson_arrivals_are_seeded():
+    a = bench_serving.poisson_arrivals(4000, 8.0, seed=3)
+    assert a[0] == 0.0 and np.all(np.diff(a) > 0)
+    assert np.mean(np.diff(a)) == pytest.approx(1 / 8.0, rel=0.05)
+    assert np.array_equal(a, bench_serving.poisson_arrivals(4000, 8.0, seed=3))
+    assert not np.array_equal(a, bench_serving.poisson_arrivals(4000, 8.0, seed=4))
+    assert np.array_equal(bench_serving.poisson_arrivals(5, math.inf, seed=0), np.zeros(5))
+    with pytest.raises(ValueError):
+        bench_serving.poisson_arrivals(5, 0.0, seed=0)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+        self.slept = []
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, s):
+        self.slept.append(s)
+        self.now += s
+
+
+class FakeEngine:
+    """Each step takes 10 ms of the fake clock and gives every queued request one token."""
+
+    def __init__(self, clock):
+        self.clock, self.queue, self.steps, self._next = clock, [], 0, 0
+        self.scheduler = self
+
+    def has_unfinished(self):
+        return any(not r.finished for r in self.queue)
+
+    def add_request(self, prompt, params):
+        from jax_vattention.engine.request import Request
+
+        r = Request(self._next, prompt, params)
+        self._next += 1
+        self.queue.append(r)
+        return r
+
+    def step(self):
+        assert self.has_unfinished(), "stepped with nothing to run"
+        self.steps += 1
+        self.clock.now += 0.010
+        done = []
+        for r in self.queue:
+            if not r.finished:
+                r.append_token(1, self.clock.now)
+                done += [r] if r.finished else []
+        return done
+
+
+def test_serve_online_queues_on_arrival_and_sleeps_when_idle():
+    from jax_vattention.engine import SamplingParams
+
+    clock = FakeClock()
+    engine = FakeEngine(clock)
+    arrivals = np.array([0.0, 0.005, 1.0, 1.0])
+    params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (3, 2, 1, 2)]
+    outs, wall, empty, t0 = bench_serving.serve_online(engine, [[1, 2]] * 4, params, arrivals, clock=clock,
+                                                       sleep=clock.sleep)
+    assert t0 == 100.0
+    assert [o.metrics.arrival_time for o in outs] == [100.0, 100.005, 101.0, 101.0]
+    # request 1 arrives mid-step: queued after the first step, first token at 0.02, 15 ms after its arrival
+    assert [round(o.metrics.ttft_s, 6) for o in outs] == [0.01, 0.015, 0.01, 0.01]
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3, 2, 1, 2]
+    # the engine is idle from 0.03 until the arrivals at 1.0: one sleep, no stepping with nothing to run
+    assert clock.slept == [pytest.approx(0.97)] and empty == pytest.approx(0.97)
+    assert engine.steps == 5 and wall == pytest.approx(1.02)
 
 
 def attention_part(device, decode, peak):
