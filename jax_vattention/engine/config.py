@@ -34,6 +34,10 @@ class EngineConfig:
       deferred_reclaim, best_fit: finished requests keep their pages, new ones take the best fit;
       premap: every slot mapped beforehand (the control).
     Compilation: attn (kernels or jnp reference), min_decode_bucket, min_prefill_bucket (bucket floors).
+    Overlap of host and device:
+      async_scheduling: schedule and dispatch step t+1 while step t runs (vLLM's ``async_scheduling``); step t+1's
+        decode inputs are step t's sampled tokens, taken on the device, and step t's results are applied one step
+        late (``LLM`` documents it). Off by default: the engine then waits for each step's tokens before the next.
     """
 
     kv_cache: str = "vattention"
@@ -56,6 +60,7 @@ class EngineConfig:
     premap: bool = False
     min_decode_bucket: int = 1
     min_prefill_bucket: int = 1
+    async_scheduling: bool = False
 
     def __post_init__(self):
         if self.kv_cache not in KV_CACHES:
@@ -76,7 +81,7 @@ class EngineConfig:
         if self.layers_per_group != "all":
             object.__setattr__(self, "layers_per_group", check_int(
                 "EngineConfig.layers_per_group", self.layers_per_group, low=1, hint="or 'all'"))
-        for name in ("deferred_reclaim", "best_fit", "premap"):
+        for name in ("deferred_reclaim", "best_fit", "premap", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.attn is None:

@@ -36,6 +36,13 @@ class MapAhead:
             self._map(chunks)
         return None
 
+    def map_now(self, chunks: list[tuple[int, Chunk]]) -> None:
+        """Map for ``chunks`` on the calling thread, whatever the mode (async scheduling: the host schedules the
+        next step while this one runs, so the mapping overlaps the device without a thread racing the
+        scheduler for the pool)."""
+        if self.mode != "off":
+            self._map(chunks)
+
     @staticmethod
     def finish(future: concurrent.futures.Future | None, *, raise_errors: bool = True) -> None:
         """Wait for the mapping (the pool is the scheduler's again afterwards)."""
@@ -60,7 +67,7 @@ class MapAhead:
             r = c.request
             done = c.start + c.num_tokens
             if c.samples:
-                if len(r.output) + 1 >= r.params.max_tokens:
+                if r.num_generated + 1 >= r.params.max_tokens:
                     continue  # finishes with this step's sample
                 target = min(done + 1 + lookahead, len(r.prompt) + r.params.max_tokens - 1)
             else:  # the next prefill chunk

@@ -60,6 +60,9 @@ class StepLayout:
     inputs: StepInputs
     mode: SamplingMode  # static: what the sampler computes
     chunks: list[tuple[int, Chunk]]  # (row, chunk) of every real row
+    # [N] int32 or None (async scheduling): the row of the previous step's sampled tokens that is this token
+    # (a pending token, known only on the device), -1 where ``inputs.tokens`` holds it
+    from_prev: np.ndarray | None = None
 
 
 def _forward(graphdef, params, cache, inputs: StepInputs, *, segments, mode, attn):
@@ -78,6 +81,14 @@ _STEP = jax.jit(_forward, static_argnames=_STATIC)
 _STEP_DONATING = jax.jit(_forward, static_argnames=_STATIC, donate_argnames=("cache",))
 
 
+@jax.jit
+def _merge_tokens(prev_tokens, from_prev, tokens):
+    """Async scheduling: a step's flat tokens, each pending one taken from the previous step's sampled
+    ``prev_tokens [R']`` at row ``from_prev`` (>= 0), the rest from the host's ``tokens [N]``. The step then
+    also waits for the previous one on the device (a data dependency, whatever the backend's ordering)."""
+    return jnp.where(from_prev >= 0, prev_tokens[jnp.maximum(from_prev, 0)], tokens)
+
+
 class ModelRunner:
     """Runs a ``CausalLM`` on one pool's caches: layout, bucketing, jit, warmup."""
 
@@ -91,7 +102,9 @@ class ModelRunner:
         self._shapes: set[tuple] = set()
 
     # -- layout ------------------------------------------------------------------
-    def layout(self, out: SchedulerOutput) -> StepLayout:
+    def layout(self, out: SchedulerOutput, pending: dict[int, int] | None = None) -> StepLayout:
+        """Lay ``out`` out. ``pending`` (async scheduling): request id -> row of the step in flight whose sampled
+        token is the request's pending token; a decode of such a request takes its input from there."""
         c = self.config
         groups: list[tuple[list[Chunk], int, int]] = []  # (chunks, rows, T)
         if out.decodes:
@@ -108,19 +121,27 @@ class ModelRunner:
         slots = np.full(row, pad_slot, np.int32)
         starts, counts = np.zeros(row, np.int32), np.zeros(row, np.int32)
         chunks = []
+        from_prev = None if pending is None else np.full(n_tok, -1, np.int32)
         for (group, _, t), (r0, _, _) in zip(groups, segments):
             off = sum((s1 - s0) * st for s0, s1, st in segments if s0 < r0)
             for i, ch in enumerate(group):
                 r, b, o = ch.request, r0 + i, off + i * t
                 assert r.slot is not None  # scheduled requests hold a slot
-                inputs.tokens[o:o + ch.num_tokens] = r.token_slice(ch.start, ch.num_tokens)
+                known = r.token_slice(ch.start, ch.num_tokens)
+                inputs.tokens[o:o + len(known)] = known
+                if len(known) < ch.num_tokens:  # a decode of a pending token: the step in flight samples it
+                    if (from_prev is None or pending is None or len(known) != ch.num_tokens - 1
+                            or r.request_id not in pending):
+                        raise RuntimeError(f"request {r.request_id}: tokens {ch.start}..{ch.start + ch.num_tokens}"
+                                           f" are not known and no step in flight samples them")
+                    from_prev[o + ch.num_tokens - 1] = pending[r.request_id]
                 inputs.positions[o:o + ch.num_tokens] = np.arange(ch.start, ch.start + ch.num_tokens)
                 slots[b], starts[b], counts[b] = r.slot, ch.start, ch.num_tokens
                 inputs.logit_index[b] = o + ch.num_tokens - 1
                 chunks.append((b, ch))
         mode, sampling = self._sampling([(b, ch.request) for b, ch in chunks if ch.samples], row)
         inputs = dataclasses.replace(inputs, sampling=sampling)
-        return StepLayout(tuple(segments), slots, starts, counts, inputs, mode, chunks)
+        return StepLayout(tuple(segments), slots, starts, counts, inputs, mode, chunks, from_prev)
 
     @staticmethod
     def _sampling(rows: list[tuple[int, Request]], num_rows: int) -> tuple[SamplingMode, SamplingRows]:
@@ -128,9 +149,11 @@ class ModelRunner:
         dropped). Histories are sent only for the requests that need them: generated tokens with a penalty, the
         prompt's distinct ids with a repetition penalty, stop ids while under ``min_tokens``."""
         params = [r.params for _, r in rows]
-        counts = [len(r.output) for _, r in rows]
+        counts = [r.num_generated for _, r in rows]  # pending tokens count: the key is the same as in sync steps
         mode = sampling_mode(params, counts)
         pen = mode.penalties
+        if pen and any(r.num_pending and r.params.has_penalties for _, r in rows):
+            raise RuntimeError("penalties need every generated token on the host (the engine steps synchronously)")
         return mode, SamplingRows.of(
             params, counts, num_rows, index=[b for b, _ in rows], mode=mode,
             outputs=[r.output_array() if pen and r.params.has_penalties else () for _, r in rows],
@@ -150,10 +173,20 @@ class ModelRunner:
         self._shapes.add((segments, mode, widths))
         return sampled
 
-    def dispatch(self, step: StepLayout) -> SampleOutput:
-        """Run the step asynchronously; returns the sampled ``SampleOutput`` (device arrays: ``tokens [R]``...)."""
+    def dispatch(self, step: StepLayout, prev_tokens: Any = None) -> SampleOutput:
+        """Run the step asynchronously; returns the sampled ``SampleOutput`` (device arrays: ``tokens [R]``...).
+
+        ``prev_tokens`` (async scheduling): the sampled tokens ``[R']`` of the step still in flight; the tokens
+        ``step.from_prev`` points at are taken from it on the device.
+        """
         cache = self.pool.cache(step.slots, step.starts, step.counts)
-        return self._call(step.segments, step.mode, cache, step.inputs)
+        inputs = step.inputs
+        if prev_tokens is not None:
+            from_prev = np.full(len(inputs.tokens), -1, np.int32) if step.from_prev is None else step.from_prev
+            inputs = dataclasses.replace(inputs, tokens=_merge_tokens(prev_tokens, from_prev, inputs.tokens))
+        elif step.from_prev is not None and (step.from_prev >= 0).any():
+            raise ValueError("the step takes tokens from the previous step's: pass prev_tokens")
+        return self._call(step.segments, step.mode, cache, inputs)
 
     # -- shapes ------------------------------------------------------------------
     def step_shapes(self) -> list[tuple[Segment, ...]]:

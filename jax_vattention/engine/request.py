@@ -25,7 +25,10 @@ class Request:
 
     ``tokens`` (prompt + output) is everything known; ``num_cached`` of them have
     K/V in the cache. ``tokens[num_cached:]`` still has to be run: more than one
-    token means a prefill (chunked), exactly one means a decode.
+    token means a prefill (chunked), exactly one means a decode. With async
+    scheduling, ``num_pending`` more tokens were sampled by steps still in flight:
+    they count in ``num_tokens`` (a decode's input may be one of them, taken on
+    the device), not in ``tokens``/``output`` until their step is reconciled.
     """
 
     request_id: int
@@ -36,6 +39,7 @@ class Request:
     status: Status = Status.WAITING
     slot: int | None = None
     num_cached: int = 0
+    num_pending: int = 0  # tokens sampled by dispatched steps, not yet on the host (async scheduling only)
     finish_reason: str | None = None  # "length", "stop", "cancelled" or "error"
     num_preemptions: int = 0
     num_faults: int = 0  # consecutive backend faults while mapping its pages
@@ -91,7 +95,13 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt) + len(self.output)
+        """Known tokens plus the pending ones (``num_pending`` is 0 without async scheduling)."""
+        return len(self.prompt) + len(self.output) + self.num_pending
+
+    @property
+    def num_generated(self) -> int:
+        """Output tokens sampled so far, pending ones included (the sampling key's count)."""
+        return len(self.output) + self.num_pending
 
     @property
     def remaining(self) -> int:

@@ -52,16 +52,31 @@ class SchedulerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-    """``num_tokens`` tokens of ``request`` starting at position ``start``."""
+    """``num_tokens`` tokens of ``request`` starting at position ``start``.
+
+    ``samples``: whether the chunk reaches the end of the request's tokens when it is scheduled, so a token is
+    sampled (fixed then: with async scheduling the request's tokens grow while the chunk's step runs).
+    """
 
     request: Request
     start: int
     num_tokens: int
+    samples: bool = dataclasses.field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """Whether the chunk reaches the end of the known tokens, so a token is sampled."""
-        return self.start + self.num_tokens == self.request.num_tokens
+    def __post_init__(self):
+        object.__setattr__(self, "samples", self.start + self.num_tokens == self.request.num_tokens)
+
+
+class NeedsDrain(Exception):
+    """``schedule(in_flight=True)`` would preempt for memory: the frees it needs wait for the step in flight.
+
+    The engine reconciles that step (its slots are then free) and schedules again. ``failed``: requests the
+    abandoned schedule already finished with ``"error"`` (backend faults), still to report.
+    """
+
+    def __init__(self, failed: list[Request]):
+        super().__init__("the pool is full while a step is in flight")
+        self.failed = failed
 
 
 @dataclasses.dataclass
@@ -94,6 +109,10 @@ class Scheduler:
         self.running: list[Request] = []  # admission order
         self.num_preemptions = 0
         self.num_faults = 0
+        # Async scheduling: slots that dispatched steps still write (count of steps), and slots released while
+        # busy, freed once no step in flight writes them (the pool may unmap a freed slot's pages at once).
+        self._busy: collections.Counter[int] = collections.Counter()
+        self._deferred_frees: list[int] = []
 
     # -- queue -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -129,21 +148,26 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # -- one iteration -----------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, *, in_flight: bool = False) -> SchedulerOutput:
+        """The next step. ``in_flight`` (async scheduling): a dispatched step's results are not applied yet, so
+        requests may hold pending tokens (a decode of one takes it on the device), a request whose pending
+        tokens reach ``max_tokens`` is not scheduled again, and memory pressure raises ``NeedsDrain`` instead of
+        preempting (a slot a step in flight writes frees only after it)."""
         out = SchedulerOutput([], [], [])
         budget = self.config.token_budget
         # 1. Every running decode, never paused. Map its next token's page now.
         for r in list(self.running):
-            if r.status is not Status.RUNNING or r.remaining != 1:
-                continue
-            if self._reserve(r, r.num_cached + 1, out):
+            if r.status is not Status.RUNNING or r.remaining != 1 or r.num_generated >= r.params.max_tokens:
+                continue  # (the last: pending tokens reach max_tokens, it finishes when they arrive)
+            if self._reserve(r, r.num_cached + 1, out, in_flight):
                 out.decodes.append(Chunk(r, r.num_cached, 1))
         out.decodes = [c for c in out.decodes if c.request.status is Status.RUNNING]
         budget -= len(out.decodes)
         budget = self._fill(out, budget)
         # Only prefills hold the pool and none of them can take its next chunk (admission checks a request's
         # own tokens, not what the running prefills still need): preempt the newest until something runs.
-        while out.empty and self.running and not out.failed:
+        # (With a step in flight, applying its results makes progress first.)
+        while out.empty and self.running and not out.failed and not in_flight:
             self._preempt(self.running[-1], out)
             budget = self._fill(out, budget)
         return out
@@ -164,6 +188,8 @@ class Scheduler:
         while (budget > 0 and self.waiting and len(self.running) < self.config.max_batch
                and len(out.prefills) < self.config.max_prefill_rows):
             r = self.waiting[0]
+            if r.num_pending:  # preempted while its step ran: its tokens are known when that step is applied
+                break
             if not self._pool_can_hold(min(r.num_tokens + self.config.admission_headroom,
                                            len(r.prompt) + r.params.max_tokens)):
                 break
@@ -212,6 +238,61 @@ class Scheduler:
                     finished.append(r)
         return finished
 
+    def reconcile(self, out: SchedulerOutput, sampled: Mapping[int, int | tuple[int, TokenLogprobs]],
+                  now: float | None = None, *, start: int = 0, progress: list[int] | None = None) -> list[Request]:
+        """``update`` for async scheduling: apply a step whose caches were advanced when it was dispatched.
+
+        Each sampling row's pending token becomes its sampled token. A request that finished (or was cancelled)
+        since the step was dispatched drops it; one preempted since gets it (it was computed from its tokens),
+        and leaves the queue if it finishes with it. Chunks from index ``start`` on; ``progress[0]`` counts the
+        chunks applied (a failure part-way leaves the rest to the engine's rollback). Returns requests that
+        finished.
+        """
+        now = time.perf_counter() if now is None else now
+        finished = []
+        chunks = out.decodes + out.prefills
+        for i in range(start, len(chunks)):
+            chunk = chunks[i]
+            r = chunk.request
+            if chunk.samples and r.status is not Status.FINISHED:
+                r.num_faults = 0  # real progress: faults count again from zero
+                value = sampled[r.request_id]
+                token, logprobs = value if isinstance(value, tuple) else (value, None)
+                r.num_pending -= 1
+                r.append_token(token, now, logprobs)
+                if r.finished:
+                    if r in self.waiting:
+                        self.waiting.remove(r)
+                    self._release(r)
+                    finished.append(r)
+            elif chunk.samples:
+                r.num_pending = max(0, r.num_pending - 1)
+            if progress is not None:
+                progress[0] = i + 1
+        return finished
+
+    # -- slots that steps in flight write (async scheduling) ------------------
+    def mark_busy(self, slots) -> None:
+        """A dispatched step writes ``slots``: releasing one defers its ``free`` until ``mark_done``."""
+        self._busy.update(int(s) for s in slots)
+
+    def mark_done(self, slots) -> None:
+        """A step that wrote ``slots`` has finished on the device: free the deferred slots nothing writes now."""
+        self._busy.subtract(int(s) for s in slots)
+        self._busy = +self._busy  # drop zero counts
+        keep = []
+        for slot in self._deferred_frees:
+            if self._busy[slot] > 0:
+                keep.append(slot)
+            else:
+                self.pool.free(slot)
+        self._deferred_frees = keep
+
+    @property
+    def deferred_frees(self) -> tuple[int, ...]:
+        """Slots released while a step in flight writes them, not yet returned to the pool."""
+        return tuple(self._deferred_frees)
+
     # -- memory ------------------------------------------------------------
     def _pool_can_hold(self, tokens: int) -> bool:
         need = self.pool.pages_needed(min(tokens, self.pool.max_seq))
@@ -248,12 +329,15 @@ class Scheduler:
         r.finish("error", time.perf_counter())
         out.failed.append(r)
 
-    def _reserve(self, r: Request, tokens: int, out: SchedulerOutput) -> bool:
-        """Map pages for a decode, preempting the newest requests until they fit."""
+    def _reserve(self, r: Request, tokens: int, out: SchedulerOutput, in_flight: bool = False) -> bool:
+        """Map pages for a decode, preempting the newest requests until they fit (with a step in flight, raise
+        ``NeedsDrain`` instead: the victims' pages would free only after it)."""
         while True:
             ok = self._try_grow(r, tokens, out)
             if ok is not False:
                 return bool(ok)
+            if in_flight:
+                raise NeedsDrain(out.failed)
             victim = self.running[-1]
             self._preempt(victim, out)
             if victim is r:
@@ -269,7 +353,10 @@ class Scheduler:
 
     def _release(self, r: Request) -> None:
         if r.slot is not None:
-            self.pool.free(r.slot)
+            if self._busy[r.slot] > 0:
+                self._deferred_frees.append(r.slot)
+            else:
+                self.pool.free(r.slot)
         r.slot = None
         if r in self.running:
             self.running.remove(r)

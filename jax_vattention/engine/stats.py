@@ -22,6 +22,33 @@ class EngineStats:
     peak_used_bytes: int = 0
     peak_physical_bytes: int = 0
     timeline: list[tuple[float, int, int, int]] = dataclasses.field(default_factory=list)
+    # Per dispatched step, host ``perf_counter`` times: when it was handed to the device, and the earliest time
+    # the host saw its results ready (``device_idle_fraction``), in dispatch order.
+    device_steps: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    sync_fallback_steps: int = 0  # async scheduling: steps that waited for the step in flight first (penalties)
+    drains: int = 0  # async scheduling: schedules that waited for the step in flight to free memory
+
+    def record_device_step(self, dispatched: float, ready: float) -> None:
+        self.device_steps.append((dispatched, ready))
+
+    def device_idle_fraction(self, since: float | None = None) -> float:
+        """The fraction of wall time (first dispatch to last result) the device had nothing dispatched,
+        approximated on the host: step i+1 dispatched after step i's results were seen ready leaves the device
+        idle in between. A lower bound: a step's results may be ready before the host looks (with async
+        scheduling the host looks before each schedule and dispatch; synchronously it waits for them).
+        ``since``: only steps dispatched at or after that ``perf_counter`` time (a benchmark's timed part).
+        """
+        steps = sorted(s for s in self.device_steps if since is None or s[0] >= since)
+        if not steps:
+            return float("nan")
+        wall = max(r for _, r in steps) - steps[0][0]
+        if wall <= 0:
+            return 0.0
+        idle, ready = 0.0, steps[0][1]
+        for dispatched, r in steps[1:]:
+            idle += max(0.0, dispatched - ready)
+            ready = max(ready, r)
+        return idle / wall
 
     def record_step(self, now: float, batch: int, used: int, physical: int) -> None:
         self.steps += 1
@@ -52,5 +79,6 @@ class EngineStats:
             peak_batch=self.peak_batch, peak_used_kv_bytes=self.peak_used_bytes,
             peak_physical_kv_bytes=self.peak_physical_bytes, steps=self.steps,
             schedule_ms_per_step=self.schedule_s / steps * 1e3, map_ahead_ms_per_step=self.map_ahead_s / steps * 1e3,
+            device_idle_fraction=self.device_idle_fraction(),
             preemptions=sum(o.metrics.num_preemptions for o in outputs),
             failed=sum(any(c.finish_reason == "error" for c in o.outputs) for o in outputs))
