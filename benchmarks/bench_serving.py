@@ -11,6 +11,8 @@ workload, every configuration in the same run:
   vattention-no-overlap  ablation: pages mapped only by the scheduler, between steps
   vattention-no-eager    ablation: no lookahead
   vattention-no-reclaim  ablation: a finished request's pages are unmapped at once
+  vattention-async       asynchronous scheduling (EngineConfig.async_scheduling): step t+1 is dispatched while
+                         step t runs; reports device_idle_fraction beside the synchronous engine's
   paged16                (b) block tables of 16-token pages, JAX's Pallas paged_attention for decode
                              (JAX has no paged prefill kernel: prefill gathers the prefix, then our kernel)
   static                 (c) max_batch x max_seq preallocated; at the budget it holds fewer requests
@@ -70,6 +72,7 @@ VATTN_VARIANTS = {
     "vattention-no-overlap": dict(overlap_allocation="off"),
     "vattention-no-eager": dict(lookahead=0),
     "vattention-no-reclaim": dict(deferred_reclaim=False),
+    "vattention-async": dict(async_scheduling=True),
 }
 ALL = [*VATTN_VARIANTS, "vattention-per-layer", "vattention-premapped", "paged16", "static"]
 
@@ -348,6 +351,7 @@ def main():
         result_name += f"_rate{args.request_rate:g}"
 
     def run(name, llm, overrides):
+        llm.config = dataclasses.replace(llm.config, async_scheduling=overrides.get("async_scheduling", False))
         llm.map_ahead.mode = overrides.get("overlap_allocation", "thread")
         llm.map_ahead.lookahead = overrides.get("lookahead", args.lookahead)
         if llm.config.kv_cache == "vattention":
@@ -418,6 +422,8 @@ def main():
                        ("vattention-no-reclaim", "vattention_vs_no_reclaim")):
         if "vattention" in tput and other in tput:
             ratios[key] = tput["vattention"] / tput[other]
+    if "vattention" in tput and "vattention-async" in tput:
+        ratios["async_vs_sync"] = tput["vattention-async"] / tput["vattention"]
     peak = {k: v["peak_physical_kv_bytes"] for k, v in results.items()}
     batch = {k: v["time_avg_batch"] for k, v in results.items()}
     for name in ("vattention", "vattention-per-layer"):

@@ -13,6 +13,8 @@
 #        bench-serving-layouts (ShareGPT-like, 256 requests, B <= 128: both vAttention layouts, the interleaved one
 #        without deferred reclamation, paged16, static),
 #        bench-serving-tight (the same at an 8 GiB KV budget, B <= 256),
+#        bench-serving-async (the 24 GiB run: vattention synchronous and asynchronous scheduling, paged16; roofline
+#        and device idle fraction), bench-serving-online (vattention and paged16 at 8 requests/s, Poisson arrivals),
 #        bench-server (issue 18: `jax-vattention serve` with the Llama-3-8B shape, 32 layers, --warmup, 8 GiB KV,
 #        B <= 128: 128 ShareGPT-like streamed requests at Poisson 4 and 8 req/s, vattention then paged, side by
 #        side: TTFT, time between tokens, E2E, tokens/s; about 6 minutes on an H200),
@@ -58,6 +60,8 @@ for step in "$@"; do
     bench-serving-quick) python3 benchmarks/bench_serving.py --quick > "$OUT/bench_serving_quick.log" 2>&1 || status=1; summary "$OUT/bench_serving_quick.log" 30 ;;
     bench-serving-long) python3 benchmarks/bench_serving.py --workload long > "$OUT/bench_serving_long.log" 2>&1 || status=1; summary "$OUT/bench_serving_long.log" 30 ;;
     bench-serving-layouts) python3 benchmarks/bench_serving.py --requests 256 --max-batch 128 --budget-tokens 196608 --configs vattention,vattention-no-reclaim,vattention-per-layer,paged16,static > "$OUT/bench_serving_layouts.log" 2>&1 || status=1; summary "$OUT/bench_serving_layouts.log" 30 ;;
+    bench-serving-async) python3 benchmarks/bench_serving.py --requests 256 --max-batch 128 --budget-tokens 196608 --configs vattention,vattention-async,paged16 > "$OUT/bench_serving_async.log" 2>&1 || status=1; summary "$OUT/bench_serving_async.log" 30 ;;
+    bench-serving-online) python3 benchmarks/bench_serving.py --requests 256 --max-batch 128 --budget-tokens 196608 --configs vattention,paged16 --request-rate 8 > "$OUT/bench_serving_online.log" 2>&1 || status=1; summary "$OUT/bench_serving_online.log" 30 ;;
     bench-serving-tight) python3 benchmarks/bench_serving.py --requests 256 --max-batch 256 --budget-gib 8 --configs vattention,vattention-no-reclaim,vattention-per-layer,paged16 > "$OUT/bench_serving_tight.log" 2>&1 || status=1; summary "$OUT/bench_serving_tight.log" 30 ;;
     bench-server) { server_wheels && PYTHONPATH=/tmp/server-wheels${PYTHONPATH:+:$PYTHONPATH} python3 benchmarks/bench_server.py --preset llama-3-8b --request-rate 4,8 --requests 128 --kv-cache vattention,paged --kv-budget-gib 8 --max-num-seqs 128 --max-model-len 4096; } > "$OUT/bench_server.log" 2>&1 || status=1; summary "$OUT/bench_server.log" 30 ;;
     bench-server-quick) { server_wheels && PYTHONPATH=/tmp/server-wheels${PYTHONPATH:+:$PYTHONPATH} python3 benchmarks/bench_server.py --quick; } > "$OUT/bench_server_quick.log" 2>&1 || status=1; summary "$OUT/bench_server_quick.log" 20 ;;
