@@ -27,8 +27,10 @@ from jax_vattention.engine.stats import EngineStats  # noqa: E402
 CFG = models.get_preset("tiny").replace(vocab_size=258)
 TOK = models.byte_level_tokenizer(258)
 REF = AttentionSpec(impl="reference")
-# max_batch 9: decode buckets 1, 2, 4, 8, 9; chunks of 16 in buckets 1..16; 3 prefill rows (buckets 1, 2, 3)
-KW = dict(max_batch=9, max_seq=256, page_bytes=4096, attn=REF, token_budget=40, chunk_size=16, max_prefill_rows=3)
+# max_batch 9: decode buckets 1, 2, 4, 8, 9; chunks of 16 in buckets 8, 16 (a floor of 8: fewer shapes to
+# compile); 3 prefill rows (buckets 1, 2, 3)
+KW = dict(max_batch=9, max_seq=256, page_bytes=4096, attn=REF, token_budget=40, chunk_size=16, max_prefill_rows=3,
+          min_prefill_bucket=8)
 # prompt lengths at and around the chunk edges (16, 32, 48) and a one-token prompt
 LENGTHS = [1, 15, 16, 17, 31, 32, 33, 47, 49]
 
@@ -48,19 +50,21 @@ def engine(model):
 
 @pytest.fixture(scope="module")
 def small_engine(model):
-    with LLM(model, tokenizer=TOK, **KW, pool_bytes=64 * 4096) as llm:  # 128 tokens for ~540: preemption
+    with LLM(model, tokenizer=TOK, **KW, pool_bytes=64 * 4096) as llm:  # 128 tokens: preemption
         yield llm
 
 
 @pytest.fixture(scope="module")
 def alone_engine(model):
-    with LLM(model, tokenizer=TOK, max_batch=1, max_seq=256, page_bytes=4096, attn=REF) as llm:
+    # one prefill shape (chunks of 64; every prompt is one chunk): the reference chunks differently from the engines
+    with LLM(model, tokenizer=TOK, max_batch=1, max_seq=256, page_bytes=4096, attn=REF, chunk_size=64,
+             min_prefill_bucket=64) as llm:
         yield llm
 
 
 @contextlib.contextmanager
 def mode(llm, async_scheduling):
-    assert not llm._in_flight
+    assert not llm._async.in_flight
     before = llm.config
     llm.config = dataclasses.replace(before, async_scheduling=async_scheduling)
     try:
@@ -76,13 +80,22 @@ def workload(n=9, seed=0, **extra):
     params = []
     for i in range(n):
         kind = dict(temperature=0.8, top_k=20) if i % 3 == 1 else dict(temperature=1.0) if i % 3 == 2 else {}
-        params.append(SamplingParams(max_tokens=12 + 3 * i, seed=100 + i, ignore_eos=True, **kind, **extra))
+        params.append(SamplingParams(max_tokens=10 + 2 * i, seed=100 + i, ignore_eos=True, **kind, **extra))
     return prompts, params
+
+
+_ALONE: dict = {}  # (prompt, params) -> its output alone: tests share their references (per worker)
 
 
 def one_at_a_time(llm, prompts, params):
     """Each request alone on the one-slot synchronous engine."""
-    return [llm.generate([p], sp)[0].outputs[0] for p, sp in zip(prompts, params)]
+    outs = []
+    for p, sp in zip(prompts, params):
+        key = (tuple(p), repr(sp))
+        if key not in _ALONE:
+            _ALONE[key] = llm.generate([p], sp)[0].outputs[0]
+        outs.append(_ALONE[key])
+    return outs
 
 
 def run(llm, prompts, params, async_scheduling):
@@ -108,7 +121,7 @@ def run(llm, prompts, params, async_scheduling):
 
 def assert_settled(llm):
     """No step in flight, no pending token, no slot held, nothing deferred."""
-    assert not llm._in_flight
+    assert not llm._async.in_flight
     assert not llm.scheduler.has_unfinished()
     assert llm.scheduler.deferred_frees == ()
     if llm.config.kv_cache == "vattention":
@@ -182,7 +195,7 @@ def test_stop_ids_and_stop_strings_finish_at_different_steps(engine, alone_engin
 
 
 def test_under_preemption(small_engine, alone_engine):
-    prompts, params = workload()
+    prompts, params = workload(6)  # ~200 tokens for 128
     alone = one_at_a_time(alone_engine, prompts, params)
     sync, _, _, sync_preempted = run(small_engine, prompts, params, False)
     got, stats, _, preempted = run(small_engine, prompts, params, True)
@@ -197,17 +210,20 @@ def test_cancellation_between_steps(engine, alone_engine, async_scheduling):
     alone = one_at_a_time(alone_engine, prompts, params)
     with mode(engine, async_scheduling) as llm:
         reqs = [llm.add_request(p, sp) for p, sp in zip(prompts, params)]
-        cancelled = set()
-        plan = {2: [8], 5: [0, 4], 9: [6], 14: [1]}  # step -> requests to abort then (waiting, prefill, decode)
+        cancelled, states = set(), set()
+        plan = {2: [8], 4: [6], 5: [0, 4], 8: [1]}  # step -> requests to abort then (waiting, prefill, decode)
         steps = 0
         while llm.scheduler.has_unfinished():
             for i in plan.get(steps, []):
                 if not reqs[i].finished:
-                    assert llm.abort_request(reqs[i].request_id)
+                    r = reqs[i]
+                    states.add("waiting" if r.status.value == "waiting" else
+                               "prefill" if r.num_cached < len(r.prompt) else "decode")
+                    assert llm.abort_request(r.request_id)
                     cancelled.add(i)
             llm.step()
             steps += 1
-    assert cancelled == {0, 1, 4, 6, 8}
+    assert cancelled == {0, 1, 4, 6, 8} and states == {"waiting", "prefill", "decode"}
     for i, (r, a) in enumerate(zip(reqs, alone)):
         if i in cancelled:
             assert r.finish_reason == "cancelled" and r.output == a.token_ids[:len(r.output)]
@@ -221,7 +237,7 @@ def test_cancel_the_last_request_settles_the_step_in_flight(engine):
         reqs = [llm.add_request(p, sp) for p, sp in zip(prompts, params)]
         for _ in range(4):
             llm.step()
-        assert llm._in_flight  # a step runs between calls
+        assert llm._async.in_flight  # a step runs between calls
         for r in reqs:
             llm.abort_request(r.request_id)
         assert_settled(llm)
@@ -277,7 +293,7 @@ def test_a_failing_step_loses_no_request_and_holds_no_slot(engine, alone_engine,
             except RuntimeError as e:
                 assert "injected" in str(e)
                 failures += 1
-                assert not llm._in_flight and llm.scheduler.deferred_frees == ()
+                assert not llm._async.in_flight and llm.scheduler.deferred_frees == ()
                 assert all(r.num_pending == 0 for r in reqs)  # rolled back: sampled again with the same keys
         monkeypatch.undo()
         assert failures == 2
@@ -310,9 +326,9 @@ def test_close_with_a_step_in_flight(model):
     reqs = [llm.add_request(p, sp) for p, sp in zip(prompts, params)]
     for _ in range(3):
         llm.step()
-    assert llm._in_flight and llm.scheduler.deferred_frees == ()
+    assert llm._async.in_flight and llm.scheduler.deferred_frees == ()
     llm.close()  # waits for the device, rolls the step back and frees every slot before the pool goes
-    assert not llm._in_flight and llm.scheduler.deferred_frees == ()
+    assert not llm._async.in_flight and llm.scheduler.deferred_frees == ()
     assert all(not r.finished and r.num_pending == 0 for r in reqs)
 
 

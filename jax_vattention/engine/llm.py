@@ -16,45 +16,16 @@ Sampling is per request and reproducible: the key of a request's n-th token is
 ``fold_in(PRNGKey(params.seed), n)``, whatever batch it lands in and whether
 it was preempted and recomputed.
 
-Async scheduling (``EngineConfig.async_scheduling``, off by default; vLLM's
-``async_scheduling``). Each ``step`` then schedules, lays out and dispatches
-step t+1 while step t runs, and only then reads step t's tokens:
-
-* When step t is dispatched, its rows' caches advance at once and every
-  sampling row gets a pending token (``Request.num_pending``): it counts in the
-  request's length and in its sampling key's count, so step t+1 samples what
-  the synchronous engine would. Step t+1's decode of a pending token takes its
-  input on the device from step t's sampled tokens (``ModelRunner.dispatch``),
-  so the host never waits for the device between steps.
-* Step t's results are applied one step late (``Scheduler.reconcile``): tokens,
-  stop ids, stop strings, ``max_tokens``, detokenization and logprobs. A
-  request that finished at step t was (unless its count already reached
-  ``max_tokens``) scheduled again in step t+1: that token is dropped, and its
-  slot is freed once step t+1 has run (a slot a step in flight writes is never
-  freed under it, so its pages stay mapped). A request cancelled while a step
-  runs drops its in-flight token the same way; one preempted (a backend fault
-  while mapping) keeps it.
-* Memory pressure: preemption frees pages only after the step in flight, so a
-  schedule that would preempt first waits for step t (``NeedsDrain``), applies
-  it and schedules synchronously; that step preempts what the synchronous
-  engine would.
-* Fallback to a synchronous step: a step in flight with a sampling row that has
-  penalties (the next step needs the row's whole token history on the host)
-  is waited for and applied before the next schedule. min_tokens (a count),
-  logprobs (read with the step's tokens) and stop strings (an extra token is
-  dropped) work one step late.
-* Mapping ahead runs on the engine thread right after dispatch (it overlaps the
-  device either way; a thread would race the scheduler for the pool).
-* When nothing is left to run, the last step in flight is applied before
-  ``step`` (or ``abort_request``) returns; an exception in a step, and
-  ``close``, wait for the steps in flight and roll their requests back to
-  before them (no request is lost, no slot stays held).
+Async scheduling (``EngineConfig.async_scheduling``, off by default) dispatches
+step t+1 while step t runs and applies step t's results one step late;
+``AsyncSteps`` (``engine.async_steps``, whose docstring tells how: pending
+tokens, reconcile, drains before preemption, the penalties' synchronous
+fallback, rollback on errors and ``close``) owns the steps in flight, and
+``LLM`` hands it ``step`` when the flag is on.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import functools
 import os
 import threading
@@ -76,14 +47,15 @@ from ..manager import KVCacheManager, default_device
 from ..sampling import SampleOutput, SamplingParams, TokenLogprobs, token_logprobs
 from ..text import Detokenizer, TextTokenizer, encode
 from ..validation import is_int
+from .async_steps import AsyncSteps
 from .config import EngineConfig
 from .loaders import load_model_source, load_tokenizer_file
 from .map_ahead import MapAhead
 from .model_runner import ModelRunner, StepLayout
 from .outputs import RequestOutput, child_params
 from .protocol import CausalLM, check_model
-from .request import Request, Status
-from .scheduler import NeedsDrain, Scheduler, SchedulerConfig, SchedulerOutput
+from .request import Request
+from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .stats import EngineStats
 
 
@@ -103,21 +75,6 @@ def make_pool(model_config, c: EngineConfig, dtype: str) -> KVPool:
     if c.kv_cache == "static":
         return StaticPool(**shape, pool_bytes=c.pool_bytes, device=default_device())
     return PagedKVPool(**shape, page_size=c.page_size, pool_bytes=c.pool_bytes, device=default_device())
-
-
-@dataclasses.dataclass(eq=False)
-class _InFlight:
-    """A step dispatched by async scheduling whose results are not applied yet."""
-
-    out: SchedulerOutput
-    step: StepLayout
-    sampled: SampleOutput  # device arrays
-    dispatched: float  # perf_counter when it was handed to the device
-    rows: dict[int, int]  # request id -> row, of the rows that sample
-    slots: list[int]  # the slots it writes
-    ready: float | None = None  # the earliest time the host saw its results ready
-    applied: int = 0  # chunks whose results are applied (a failure part-way leaves the rest to roll back)
-    advanced: bool = False  # its rows' caches advanced and pending tokens counted
 
 
 def _serialized(method):
@@ -194,7 +151,7 @@ class LLM:
             raise
         self.map_ahead = MapAhead(self.pool, config.overlap_allocation, config.lookahead, config.chunk_size)
         self.stats = EngineStats()
-        self._in_flight: collections.deque[_InFlight] = collections.deque()  # async scheduling, oldest first
+        self._async = AsyncSteps(self)  # async scheduling's steps in flight
         self._next_id = 0
         self._lock = threading.RLock()
         self._closed = False
@@ -244,8 +201,8 @@ class LLM:
         nothing else is left, that step is waited for here.)
         """
         found = self.scheduler.cancel(request_id)
-        if self._in_flight and not self.scheduler.has_unfinished():
-            self._drain()
+        if self._async and not self.scheduler.has_unfinished():
+            self._async.drain()
         return found
 
     # -- one step: schedule -> run -> postprocess -------------------------------------
@@ -284,11 +241,7 @@ class LLM:
         """Run one iteration; returns the requests that finished in it (with async scheduling: whose results
         this call applied, the previous step's; see the module's docstring)."""
         if self.config.async_scheduling:
-            try:
-                return self._step_async()
-            except BaseException:
-                self._abandon_in_flight()  # no request lost, no slot held behind the error
-                raise
+            return self._async.step()
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         self.stats.schedule_s += time.perf_counter() - t0
@@ -303,120 +256,6 @@ class LLM:
         finished = out.failed + self.scheduler.update(out, sampled, now)
         self.stats.record_step(now, len(out.decodes) + len(out.prefills), *self.pool.memory())
         return finished
-
-    # -- async scheduling ----------------------------------------------------------------
-    def _step_async(self) -> list[Request]:
-        finished: list[Request] = []
-        prev = self._in_flight[-1] if self._in_flight else None  # at most one step is in flight between calls
-        self._poll_ready()
-        if prev is not None and self._needs_sync(prev):
-            self.stats.sync_fallback_steps += 1
-            finished += self._reconcile(prev)
-            prev = None
-        t0 = time.perf_counter()
-        try:
-            out = self.scheduler.schedule(in_flight=prev is not None)
-        except NeedsDrain as e:  # preemption would wait for the step in flight: apply it, then schedule
-            assert prev is not None
-            self.stats.drains += 1
-            finished += e.failed
-            finished += self._reconcile(prev)
-            prev = None
-            out = self.scheduler.schedule()
-        self.stats.schedule_s += time.perf_counter() - t0
-        finished += out.failed
-        if not out.empty:
-            self._dispatch_async(out, prev)
-        if prev is not None:
-            finished += self._reconcile(prev)
-        elif out.empty:
-            if finished:
-                return finished
-            if not self.scheduler.has_unfinished():
-                return []
-            raise RuntimeError("the scheduler made no progress (pool too small for any waiting request)")
-        if self._in_flight and not self.scheduler.has_unfinished():
-            finished += self._drain()  # nothing left to schedule: settle the last step now
-        return finished
-
-    def _needs_sync(self, fl: _InFlight) -> bool:
-        """Whether the next step needs ``fl``'s tokens on the host: a sampling row with penalties (the history)."""
-        return any(c.samples and c.request.params.has_penalties and not c.request.finished
-                   for c in fl.out.decodes + fl.out.prefills)
-
-    def _dispatch_async(self, out: SchedulerOutput, prev: _InFlight | None) -> None:
-        step = self.runner.layout(out, pending={} if prev is None else prev.rows)
-        self._poll_ready()
-        sampled = self.runner.dispatch(step, None if prev is None else prev.sampled.tokens)
-        fl = _InFlight(out, step, sampled, time.perf_counter(),
-                       rows={c.request.request_id: b for b, c in step.chunks if c.samples},
-                       slots=[int(step.slots[b]) for b, _ in step.chunks])
-        self._in_flight.append(fl)
-        self.scheduler.mark_busy(fl.slots)
-        before = self.map_ahead.seconds
-        self.map_ahead.map_now(step.chunks)  # while the step runs, before the rows advance (as in a sync step)
-        self.stats.map_ahead_s += self.map_ahead.seconds - before
-        for _, c in step.chunks:  # the rows advance now; sampled tokens are pending until reconciled
-            c.request.num_cached = c.start + c.num_tokens
-            if c.samples:
-                c.request.num_pending += 1
-        fl.advanced = True
-
-    def _poll_ready(self) -> None:
-        """Note the steps in flight whose results are ready (the idle-time estimate: the earliest sighting)."""
-        for fl in self._in_flight:
-            is_ready = getattr(fl.sampled.tokens, "is_ready", None)  # a jax.Array's (host arrays are ready)
-            if fl.ready is None and (is_ready is None or is_ready()):
-                fl.ready = time.perf_counter()
-
-    def _reconcile(self, fl: _InFlight) -> list[Request]:
-        """Wait for the oldest step in flight and apply its results; returns the requests that finished."""
-        assert self._in_flight and self._in_flight[0] is fl, "steps are applied in dispatch order"
-        host = jax.device_get(fl.sampled)  # waits for the device (tokens [R]; logprobs when the mode has them)
-        now = time.perf_counter()
-        fl.ready = now if fl.ready is None else fl.ready
-        self.pool.check_errors()  # a write refused on the GPU never passes silently
-        sampled = self._sampled_tokens(fl.step, host)
-        progress = [fl.applied]
-        try:
-            finished = self.scheduler.reconcile(fl.out, sampled, now, start=fl.applied, progress=progress)
-        finally:
-            fl.applied = progress[0]
-        self._in_flight.popleft()
-        self.scheduler.mark_done(fl.slots)  # slots released while it ran are free now
-        self.stats.record_device_step(fl.dispatched, fl.ready)
-        self.stats.record_step(now, len(fl.step.chunks), *self.pool.memory())
-        return finished
-
-    def _drain(self) -> list[Request]:
-        """Apply every step in flight (rolling back on an error)."""
-        finished: list[Request] = []
-        try:
-            while self._in_flight:
-                finished += self._reconcile(self._in_flight[0])
-        except BaseException:
-            self._abandon_in_flight()
-            raise
-        return finished
-
-    def _abandon_in_flight(self) -> None:
-        """Wait for the steps in flight (ignoring their errors) and roll their unapplied rows back: caches to
-        where the step started, pending tokens dropped (they are sampled again, with the same keys), slots
-        released while they ran freed."""
-        for fl in self._in_flight:
-            try:
-                jax.block_until_ready(fl.sampled)
-            except BaseException:  # noqa: S110 - the step's own error is what the caller sees
-                pass
-        while self._in_flight:
-            fl = self._in_flight.popleft()
-            for c in (fl.out.decodes + fl.out.prefills)[fl.applied:] if fl.advanced else ():
-                r = c.request
-                if c.samples and r.num_pending:
-                    r.num_pending -= 1
-                if r.status is Status.RUNNING:
-                    r.num_cached = min(r.num_cached, c.start)
-            self.scheduler.mark_done(fl.slots)
 
     def _prompt_inputs(self, prompts) -> tuple[list[str | None], list[np.ndarray]]:
         """``(text or None, token ids)`` of every prompt. ``prompts`` is one prompt or a list of them; a prompt is
@@ -486,7 +325,7 @@ class LLM:
                 while self.scheduler.has_unfinished():
                     bar.update(len(self.step()))
         except BaseException:
-            self._abandon_in_flight()
+            self._async.abandon()
             for r in requests:  # leave no request queued and no slot held behind the exception
                 if not r.finished:
                     self.scheduler.cancel(r.request_id)
@@ -541,7 +380,7 @@ class LLM:
             if self._closed:
                 return
             self._closed = True
-            self._abandon_in_flight()  # the device is done with every step before the pool goes
+            self._async.abandon()  # the device is done with every step before the pool goes
             self.map_ahead.close()
             self.pool.close()
 
