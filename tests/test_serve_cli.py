@@ -7,7 +7,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -94,8 +93,10 @@ def sse(url: str, body: dict) -> list[dict]:
 
 def test_stream_options_usage_per_chunk_and_at_the_end():
     pytest.importorskip("flax")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     pytest.importorskip("fastapi")
+    from live_server import live_server
+
     import models
     from jax_vattention.attention import AttentionSpec
     from jax_vattention.engine import LLM, AsyncLLM
@@ -106,45 +107,36 @@ def test_stream_options_usage_per_chunk_and_at_the_end():
               chat_template=models.chat_template_for(cfg), max_batch=2, max_seq=64, page_bytes=4096,
               attn=AttentionSpec(impl="reference"), min_decode_bucket=2, min_prefill_bucket=32, chunk_size=32)
     engine = AsyncLLM(llm)
-    srv = uvicorn.Server(uvicorn.Config(build_app(engine, "t"), host="127.0.0.1", port=0, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
     try:
-        deadline = time.time() + 60
-        while not srv.started:
-            assert time.time() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-        port = srv.servers[0].sockets[0].getsockname()[1]
-        base = f"http://127.0.0.1:{port}/v1"
-        both = {"include_usage": True, "continuous_usage_stats": True}
-        events = sse(base + "/completions", {"model": "t", "prompt": [1, 2, 3], "max_tokens": 4, "stream": True,
-                                             "ignore_eos": True, "temperature": 0, "stream_options": both})
-        *chunks, last = events
-        assert [c["usage"]["completion_tokens"] for c in chunks][-1] == 4 and all(c["choices"] for c in chunks)
-        assert sum(c["usage"]["completion_tokens"] - p["usage"]["completion_tokens"]
-                   for p, c in zip([{"usage": {"completion_tokens": 0}}, *chunks], chunks)) == 4
-        assert last["choices"] == [] and last["usage"] == {"prompt_tokens": 3, "completion_tokens": 4,
-                                                            "total_tokens": 7}
-        assert last["object"] == "text_completion" and last["id"] == chunks[0]["id"]
-        # chat, n=2, include_usage only: no usage per chunk, the total of both choices at the end
-        events = sse(base + "/chat/completions", {"model": "t", "messages": [{"role": "user", "content": "hi"}],
-                                                  "max_tokens": 3, "n": 2, "stream": True, "ignore_eos": True,
-                                                  "stream_options": {"include_usage": True}})
-        assert all("usage" not in e for e in events[:-1]) and events[-1]["object"] == "chat.completion.chunk"
-        assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 6
-        # without stream_options nothing changes; stream_options without stream, or an unknown option, is a 400
-        assert all("usage" not in e for e in sse(base + "/completions", {"model": "t", "prompt": "a", "max_tokens": 2,
-                                                                        "stream": True}))
-        for body, match in (({"stream_options": {"include_usage": True}}, "only allowed with stream: true"),
-                            ({"stream": True, "stream_options": {"usage": True}}, "stream_options.usage")):
-            req = urllib.request.Request(base + "/completions", json.dumps({"model": "t", "prompt": "a", **body})
-                                         .encode(), {"Content-Type": "application/json"})
-            with pytest.raises(urllib.error.HTTPError) as e:
-                urllib.request.urlopen(req, timeout=60)
-            assert e.value.code == 400 and match in json.loads(e.value.read())["error"]["message"]
+        with live_server(build_app(engine, "t")) as port:
+            base = f"http://127.0.0.1:{port}/v1"
+            both = {"include_usage": True, "continuous_usage_stats": True}
+            events = sse(base + "/completions", {"model": "t", "prompt": [1, 2, 3], "max_tokens": 4, "stream": True,
+                                                 "ignore_eos": True, "temperature": 0, "stream_options": both})
+            *chunks, last = events
+            assert [c["usage"]["completion_tokens"] for c in chunks][-1] == 4 and all(c["choices"] for c in chunks)
+            assert sum(c["usage"]["completion_tokens"] - p["usage"]["completion_tokens"]
+                       for p, c in zip([{"usage": {"completion_tokens": 0}}, *chunks], chunks)) == 4
+            assert last["choices"] == [] and last["usage"] == {"prompt_tokens": 3, "completion_tokens": 4,
+                                                                "total_tokens": 7}
+            assert last["object"] == "text_completion" and last["id"] == chunks[0]["id"]
+            # chat, n=2, include_usage only: no usage per chunk, the total of both choices at the end
+            events = sse(base + "/chat/completions", {"model": "t", "messages": [{"role": "user", "content": "hi"}],
+                                                      "max_tokens": 3, "n": 2, "stream": True, "ignore_eos": True,
+                                                      "stream_options": {"include_usage": True}})
+            assert all("usage" not in e for e in events[:-1]) and events[-1]["object"] == "chat.completion.chunk"
+            assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 6
+            # without stream_options nothing changes; stream_options without stream, or an unknown option, is a 400
+            plain = sse(base + "/completions", {"model": "t", "prompt": "a", "max_tokens": 2, "stream": True})
+            assert all("usage" not in e for e in plain)
+            for body, match in (({"stream_options": {"include_usage": True}}, "only allowed with stream: true"),
+                                ({"stream": True, "stream_options": {"usage": True}}, "stream_options.usage")):
+                req = urllib.request.Request(base + "/completions", json.dumps({"model": "t", "prompt": "a", **body})
+                                             .encode(), {"Content-Type": "application/json"})
+                with pytest.raises(urllib.error.HTTPError) as e:
+                    urllib.request.urlopen(req, timeout=60)
+                assert e.value.code == 400 and match in json.loads(e.value.read())["error"]["message"]
     finally:
-        srv.should_exit = True
-        thread.join(timeout=60)
         engine.close()
         llm.close()
 

@@ -3,7 +3,6 @@
 import asyncio
 import json
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +15,8 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 pytest.importorskip("jinja2")
+from live_server import live_server  # noqa: E402
+
 import models  # noqa: E402
 from jax_vattention.attention import AttentionSpec  # noqa: E402
 from jax_vattention.engine import LLM, AsyncLLM, SamplingParams  # noqa: E402
@@ -41,18 +42,9 @@ def server():
     llm = LLM(model, tokenizer=TOK, chat_template=models.chat_template_for(CFG), max_batch=4, max_seq=128,
               page_bytes=4096, attn=AttentionSpec(impl="reference"))
     engine = AsyncLLM(llm)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(build_app(engine, NAME), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    yield base, openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120), llm
-    srv.should_exit = True
-    thread.join(timeout=60)
+    with live_server(build_app(engine, NAME)) as port:
+        base = f"http://127.0.0.1:{port}"
+        yield base, openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120), llm
     engine.close()
     manager = llm.manager
     llm.close()

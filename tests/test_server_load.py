@@ -8,8 +8,6 @@ the server stays healthy afterwards, and once it is stopped the cache has nothin
 
 import asyncio
 import re
-import socket
-import threading
 import time
 import urllib.request
 
@@ -20,6 +18,8 @@ pytest.importorskip("flax")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
+from live_server import live_server  # noqa: E402
+
 import models  # noqa: E402
 from jax_vattention.attention import AttentionSpec  # noqa: E402
 from jax_vattention.engine import LLM, AsyncLLM, SamplingParams  # noqa: E402
@@ -35,12 +35,6 @@ LOAD_TIMEOUT_S = 120  # the whole load; about 10 s on 2 busy CPU cores
 
 def max_tokens(i: int) -> int:
     return 2 + i % 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str) -> tuple[int, str]:
@@ -66,65 +60,56 @@ def test_500_concurrent_streams_nothing_lost_and_nothing_left_mapped():
     want = {(p, sp.max_tokens): o.outputs[0].text for p, sp, o in zip(prompts, params, llm.generate(prompts, params))}
     assert len(want) == 30 and sum(map(len, want.values())) > 30  # real text to compare the streams with
     engine = AsyncLLM(llm)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(build_app(engine, NAME), host="127.0.0.1", port=port, log_level="error",
-                                        backlog=2048))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
     try:
-        deadline = time.time() + 60
-        while not srv.started:
-            assert time.time() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-        base = f"http://127.0.0.1:{port}"
-        _, before = get(base + "/metrics")
+        with live_server(build_app(engine, NAME), backlog=2048) as port:
+            base = f"http://127.0.0.1:{port}"
+            _, before = get(base + "/metrics")
 
-        async def load():
-            # One client; openai's default pool allows 1000 connections, more than the 500 streams need.
-            client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=LOAD_TIMEOUT_S)
+            async def load():
+                # One client; openai's default pool allows 1000 connections, more than the 500 streams need.
+                client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0,
+                                            timeout=LOAD_TIMEOUT_S)
 
-            async def one(i: int):
-                prompt = PROMPTS[i % len(PROMPTS)]
-                stream = await client.completions.create(model=NAME, prompt=prompt, max_tokens=max_tokens(i),
-                                                         temperature=0.0, stream=True, extra_body={"ignore_eos": True})
-                chunks = [c async for c in stream]
-                reasons = [c.choices[0].finish_reason for c in chunks]
-                return i, "".join(c.choices[0].text for c in chunks), reasons
+                async def one(i: int):
+                    prompt = PROMPTS[i % len(PROMPTS)]
+                    stream = await client.completions.create(model=NAME, prompt=prompt, max_tokens=max_tokens(i),
+                                                             temperature=0.0, stream=True,
+                                                             extra_body={"ignore_eos": True})
+                    chunks = [c async for c in stream]
+                    reasons = [c.choices[0].finish_reason for c in chunks]
+                    return i, "".join(c.choices[0].text for c in chunks), reasons
 
-            try:
-                return await asyncio.gather(*(one(i) for i in range(STREAMS)))
-            finally:
-                await client.close()
+                try:
+                    return await asyncio.gather(*(one(i) for i in range(STREAMS)))
+                finally:
+                    await client.close()
 
-        start = time.perf_counter()
-        results = asyncio.run(asyncio.wait_for(load(), LOAD_TIMEOUT_S))
-        elapsed = time.perf_counter() - start
-        print(f"\n{STREAMS} concurrent streams finished in {elapsed:.2f} s")
+            start = time.perf_counter()
+            results = asyncio.run(asyncio.wait_for(load(), LOAD_TIMEOUT_S))
+            elapsed = time.perf_counter() - start
+            print(f"\n{STREAMS} concurrent streams finished in {elapsed:.2f} s")
 
-        assert sorted(i for i, _, _ in results) == list(range(STREAMS))
-        for i, text, reasons in results:
-            assert reasons[-1] == "length" and all(r is None for r in reasons[:-1]), (i, reasons)
-            assert text == want[PROMPTS[i % len(PROMPTS)], max_tokens(i)], i  # every token arrived, in order
-        assert not llm.scheduler.has_unfinished() and manager.stats().live_slots == 0 and engine.num_streams == 0
+            assert sorted(i for i, _, _ in results) == list(range(STREAMS))
+            for i, text, reasons in results:
+                assert reasons[-1] == "length" and all(r is None for r in reasons[:-1]), (i, reasons)
+                assert text == want[PROMPTS[i % len(PROMPTS)], max_tokens(i)], i  # every token arrived, in order
+            assert not llm.scheduler.has_unfinished() and manager.stats().live_slots == 0 and engine.num_streams == 0
 
-        _, after = get(base + "/metrics")
-        tokens = "vattn_generation_tokens_total"
-        assert metric(after, tokens) - metric(before, tokens) == sum(max_tokens(i) for i in range(STREAMS))
-        length = 'vattn_requests_finished_total{reason="length"}'
-        assert metric(after, length) - metric(before, length) == STREAMS
-        for idle in ("vattn_requests_running", "vattn_requests_waiting", "vattn_kv_mapped_bytes"):
-            assert re.search(rf"^{idle} 0\.0$", after, re.MULTILINE), idle
-        assert get(base + "/health") == (200, '{"status":"ok"}')
-        sync = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
-        r = sync.completions.create(model=NAME, prompt=PROMPTS[3], max_tokens=4, temperature=0.0,
-                                    extra_body={"ignore_eos": True})
-        assert r.choices[0].text == want[PROMPTS[3], 4] and r.usage.completion_tokens == 4
-        sync.close()
+            _, after = get(base + "/metrics")
+            tokens = "vattn_generation_tokens_total"
+            assert metric(after, tokens) - metric(before, tokens) == sum(max_tokens(i) for i in range(STREAMS))
+            length = 'vattn_requests_finished_total{reason="length"}'
+            assert metric(after, length) - metric(before, length) == STREAMS
+            for idle in ("vattn_requests_running", "vattn_requests_waiting", "vattn_kv_mapped_bytes"):
+                assert re.search(rf"^{idle} 0\.0$", after, re.MULTILINE), idle
+            assert get(base + "/health") == (200, '{"status":"ok"}')
+            sync = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+            r = sync.completions.create(model=NAME, prompt=PROMPTS[3], max_tokens=4, temperature=0.0,
+                                        extra_body={"ignore_eos": True})
+            assert r.choices[0].text == want[PROMPTS[3], 4] and r.usage.completion_tokens == 4
+            sync.close()
     finally:
-        srv.should_exit = True
-        thread.join(timeout=60)
         engine.close()
         llm.close()
-    assert not thread.is_alive()
     stats = manager.stats()
     assert stats.reserved_bytes == 0 and stats.mapped_bytes == 0 and stats.pages_mapped == 0  # nothing mapped
