@@ -92,7 +92,7 @@ def summarize(name, outs, wall, stats: EngineStats, llm, steps=(), cost=None, pe
     r = dict(name=name, **stats.summary(outs, wall), num_compiled=llm.num_compiled,
              timeline=[(round(t - t0, 4), b, u, p) for t, b, u, p in stats.timeline])
     if steps and cost is not None and peaks is not None:
-        idle = roofline.idle_seconds(getattr(stats, "device_steps", ()), since=since)
+        idle = stats.device_idle_seconds(since=since)
         r["roofline"] = roofline.report(steps, wall, cost, peaks, idle_s=idle, empty_s=empty_s)
         r["roofline_fraction"] = r["roofline"].get("roofline_fraction")
         s0 = steps[0].t

@@ -109,26 +109,13 @@ def step_floor(cost: ModelCost, peaks: Peaks, tokens, rows, kv_tokens):
     return np.maximum(compute_s(cost, peaks, tokens, rows), memory_s(cost, peaks, kv_tokens))
 
 
-def idle_seconds(device_steps: Sequence[tuple[float, float]], since: float | None = None) -> float | None:
-    """Host-measured device idle time: step i+1 dispatched after every earlier step's results were seen ready
-    leaves the device idle in between (``(dispatched, ready)`` pairs, ``EngineStats.device_steps``; a lower bound,
-    as results may be ready before the host looks). None without any step."""
-    steps = sorted(s for s in device_steps if since is None or s[0] >= since)
-    if not steps:
-        return None
-    idle, ready = 0.0, steps[0][1]
-    for dispatched, r in steps[1:]:
-        idle += max(0.0, dispatched - ready)
-        ready = max(ready, r)
-    return idle
-
-
 def report(steps: Sequence[StepWork], wall_s: float, cost: ModelCost, peaks: Peaks, *,
            idle_s: float | None = None, empty_s: float = 0.0) -> dict:
     """A run's roofline and step-time breakdown from its dispatched steps.
 
     ``roofline_fraction``: sum of floors (real tokens) / ``wall_s``; ``roofline_fraction_padded`` the same with the
-    padded tokens and rows. ``idle_s``: the device's idle time between steps (``idle_seconds``), when measured;
+    padded tokens and rows. ``idle_s``: the device's idle time between steps (``EngineStats.device_idle_seconds``),
+    when measured;
     ``empty_s``: time the engine had no request at all (online arrivals), counted neither as busy nor as idle.
     """
     if not steps or wall_s <= 0:

@@ -74,10 +74,17 @@ def test_floor_of_a_hand_computed_step():
 
 
 def test_idle_seconds_counts_only_gaps_with_nothing_dispatched():
+    from jax_vattention.engine import EngineStats
+
+    def idle(steps, since=None):
+        return EngineStats(device_steps=list(steps)).device_idle_seconds(since)
+
     # step 2 dispatched before step 1 was ready (overlap: no idle); step 3 1 ms after the latest ready
-    assert roofline.idle_seconds([(0.0, 0.010), (0.009, 0.020), (0.021, 0.030)]) == pytest.approx(0.001)
-    assert roofline.idle_seconds([(0.0, 0.01), (0.02, 0.03)], since=0.015) == 0.0
-    assert roofline.idle_seconds([]) is None
+    assert idle([(0.0, 0.010), (0.009, 0.020), (0.021, 0.030)]) == pytest.approx(0.001)
+    assert idle([(0.0, 0.01), (0.02, 0.03)], since=0.015) == 0.0
+    assert idle([]) is None
+    assert EngineStats(device_steps=[(0.0, 0.010), (0.009, 0.020), (0.021, 0.030)]).device_idle_fraction() == \
+        pytest.approx(0.001 / 0.030)
 
 
 def test_step_work_of_a_layout():

@@ -31,24 +31,36 @@ class EngineStats:
     def record_device_step(self, dispatched: float, ready: float) -> None:
         self.device_steps.append((dispatched, ready))
 
+    def device_idle_seconds(self, since: float | None = None) -> float | None:
+        """Host-measured seconds the device had nothing dispatched: step i+1 dispatched after every earlier step's
+        results were seen ready leaves it idle in between. A lower bound: a step's results may be ready before the
+        host looks (with async scheduling the host looks before each schedule and dispatch; synchronously it waits
+        for them). ``since``: only steps dispatched at or after that ``perf_counter`` time (a benchmark's timed
+        part). None without any step."""
+        steps = self._steps_since(since)
+        if not steps:
+            return None
+        idle, ready = 0.0, steps[0][1]
+        for dispatched, r in steps[1:]:
+            idle += max(0.0, dispatched - ready)
+            ready = max(ready, r)
+        return idle
+
     def device_idle_fraction(self, since: float | None = None) -> float:
-        """The fraction of wall time (first dispatch to last result) the device had nothing dispatched,
-        approximated on the host: step i+1 dispatched after step i's results were seen ready leaves the device
-        idle in between. A lower bound: a step's results may be ready before the host looks (with async
-        scheduling the host looks before each schedule and dispatch; synchronously it waits for them).
-        ``since``: only steps dispatched at or after that ``perf_counter`` time (a benchmark's timed part).
-        """
-        steps = sorted(s for s in self.device_steps if since is None or s[0] >= since)
+        """``device_idle_seconds`` over the wall time from the first dispatch to the last result (NaN without
+        any step)."""
+        steps = self._steps_since(since)
         if not steps:
             return float("nan")
         wall = max(r for _, r in steps) - steps[0][0]
         if wall <= 0:
             return 0.0
-        idle, ready = 0.0, steps[0][1]
-        for dispatched, r in steps[1:]:
-            idle += max(0.0, dispatched - ready)
-            ready = max(ready, r)
+        idle = self.device_idle_seconds(since)
+        assert idle is not None
         return idle / wall
+
+    def _steps_since(self, since: float | None) -> list[tuple[float, float]]:
+        return sorted(s for s in self.device_steps if since is None or s[0] >= since)
 
     def record_step(self, now: float, batch: int, used: int, physical: int) -> None:
         self.steps += 1
