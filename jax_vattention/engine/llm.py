@@ -177,9 +177,7 @@ class LLM:
             raise ValueError("SamplingParams.stop strings need a tokenizer: LLM(model, tokenizer=...)")
         cfg = self.model.config
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise PromptError("a text prompt needs a tokenizer: LLM(model, tokenizer=...), or pass token ids")
-            prompt = encode(self.tokenizer, prompt)
+            prompt = self._encode(prompt)
         ids = check_prompt(prompt, cfg.vocab_size).tolist()
         positions = getattr(cfg, "max_position_embeddings", None)
         if positions is not None and len(ids) + params.max_tokens - 1 > positions:
@@ -257,6 +255,12 @@ class LLM:
         self.stats.record_step(now, len(out.decodes) + len(out.prefills), *self.pool.memory())
         return finished
 
+    def _encode(self, text: str) -> list[int]:
+        """A text prompt's ids (with the tokenizer's special tokens, e.g. BOS); PromptError without a tokenizer."""
+        if self.tokenizer is None:
+            raise PromptError("text prompts need a tokenizer: LLM(model, tokenizer=...), or pass token ids")
+        return encode(self.tokenizer, text)
+
     def _prompt_inputs(self, prompts) -> tuple[list[str | None], list[np.ndarray]]:
         """``(text or None, token ids)`` of every prompt. ``prompts`` is one prompt or a list of them; a prompt is
         text, token ids, or vLLM's ``{"prompt": text}`` / ``{"prompt_token_ids": ids}`` (with both, the ids run and
@@ -278,10 +282,7 @@ class LLM:
                 else:
                     text = p if isinstance(p, str) else None
                 if isinstance(p, str):
-                    if self.tokenizer is None:
-                        raise PromptError("text prompts need a tokenizer: LLM(model, tokenizer=...), "
-                                          "or pass token ids")
-                    p = encode(self.tokenizer, p)
+                    p = self._encode(p)
                 texts.append(text)
                 items.append(p)
             prompts = items
