@@ -46,6 +46,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -261,6 +262,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=512, help="largest prefill chunk")
     ap.add_argument("--lookahead", type=int, default=64, help="eager allocation, tokens ahead")
     ap.add_argument("--configs", default=",".join(ALL))
+    ap.add_argument("--tag", default="", help="suffix of the result files, so runs of other config sets keep theirs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per configuration (median reported)")
     ap.add_argument("--compile-threads", type=int, default=4, help="threads compiling step shapes in warmup")
@@ -349,6 +351,10 @@ def main():
         result_name += f"_{args.budget_gib:g}gib"
     if online:
         result_name += f"_rate{args.request_rate:g}"
+    if args.tag:
+        if not re.fullmatch(r"[A-Za-z0-9-]+", args.tag):
+            raise SystemExit(f"--tag takes letters, digits and '-', got {args.tag!r}")
+        result_name += f"_{args.tag}"
 
     def run(name, llm, overrides):
         llm.config = dataclasses.replace(llm.config, async_scheduling=overrides.get("async_scheduling", False))

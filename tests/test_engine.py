@@ -194,8 +194,8 @@ def test_engine_step_has_no_effects_and_keeps_every_write(model):
         segments = ((0, 2, 1), (2, 4, 8))
         inputs = StepInputs.padding(segments)
         assert inputs.tokens.shape == (2 + 2 * 8,) and inputs.logit_index.shape == (4,)
-        traced = runner._jit(cache.donates).trace(runner.graphdef, runner.params, cache, inputs, segments=segments,
-                                                  mode="greedy", attn=runner.attn)
+        traced = runner._jit(cache.donates).trace(runner.graphdef, runner.params, cache, inputs, runner._zero_slab,
+                                                  segments=segments, mode="greedy", attn=runner.attn)
         assert not traced.jaxpr.effects
         hlo = traced.lower().compile().as_text()
         assert hlo.count('custom_call_target="vattn_write"') == model.config.num_layers * len(segments)

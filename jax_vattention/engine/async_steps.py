@@ -6,8 +6,10 @@ then reads step t's tokens:
   sampling row gets a pending token (``Request.num_pending``): it counts in the
   request's length and in its sampling key's count, so step t+1 samples what
   the synchronous engine would. Step t+1's decode of a pending token takes its
-  input on the device from step t's sampled tokens (``ModelRunner.dispatch``),
-  so the host never waits for the device between steps.
+  input on the device from step t's token slab (``ModelRunner.dispatch``: one
+  slab shape for every step, so async steps run the executables the
+  synchronous ones and warmup compiled), so the host never waits for the
+  device between steps.
 * Step t's results are applied one step late (``Scheduler.reconcile``): tokens,
   stop ids, stop strings, ``max_tokens``, detokenization and logprobs. A
   request that finished at step t was (unless its count already reached
@@ -42,8 +44,7 @@ from typing import TYPE_CHECKING
 
 import jax
 
-from ..sampling import SampleOutput
-from .model_runner import StepLayout
+from .model_runner import StepLayout, StepOutput
 from .request import Request, Status
 from .scheduler import NeedsDrain, SchedulerOutput
 
@@ -57,7 +58,7 @@ class InFlight:
 
     out: SchedulerOutput
     step: StepLayout
-    sampled: SampleOutput  # device arrays
+    result: StepOutput  # device arrays
     dispatched: float  # perf_counter when it was handed to the device
     rows: dict[int, int]  # request id -> row, of the rows that sample
     slots: list[int]  # the slots it writes
@@ -133,8 +134,8 @@ class AsyncSteps:
         llm = self.llm
         step = llm.runner.layout(out, pending={} if prev is None else prev.rows)
         self._poll_ready()
-        sampled = llm.runner.dispatch(step, None if prev is None else prev.sampled.tokens)
-        fl = InFlight(out, step, sampled, time.perf_counter(),
+        result = llm.runner.dispatch(step, None if prev is None else prev.result)
+        fl = InFlight(out, step, result, time.perf_counter(),
                       rows={c.request.request_id: b for b, c in step.chunks if c.samples},
                       slots=[int(step.slots[b]) for b, _ in step.chunks])
         self.in_flight.append(fl)
@@ -151,7 +152,7 @@ class AsyncSteps:
     def _poll_ready(self) -> None:
         """Note the steps in flight whose results are ready (the idle-time estimate: the earliest sighting)."""
         for fl in self.in_flight:
-            is_ready = getattr(fl.sampled.tokens, "is_ready", None)  # a jax.Array's (host arrays are ready)
+            is_ready = getattr(fl.result.sampled.tokens, "is_ready", None)  # a jax.Array's (host arrays are ready)
             if fl.ready is None and (is_ready is None or is_ready()):
                 fl.ready = time.perf_counter()
 
@@ -159,7 +160,7 @@ class AsyncSteps:
         """Wait for the oldest step in flight and apply its results; returns the requests that finished."""
         llm = self.llm
         assert self.in_flight and self.in_flight[0] is fl, "steps are applied in dispatch order"
-        host = jax.device_get(fl.sampled)  # waits for the device (tokens [R]; logprobs when the mode has them)
+        host = jax.device_get(fl.result.sampled)  # waits for the device (tokens [R]; logprobs if the mode has them)
         now = time.perf_counter()
         fl.ready = now if fl.ready is None else fl.ready
         llm.pool.check_errors()  # a write refused on the GPU never passes silently
@@ -192,7 +193,7 @@ class AsyncSteps:
         released while they ran freed."""
         for fl in self.in_flight:
             try:
-                jax.block_until_ready(fl.sampled)
+                jax.block_until_ready(fl.result.sampled)
             except BaseException:  # noqa: S110 - the step's own error is what the caller sees
                 pass
         while self.in_flight:

@@ -207,7 +207,7 @@ class LLM:
     def _run(self, out: SchedulerOutput) -> dict[int, int | tuple[int, TokenLogprobs]]:
         """Run the step; each sampled request's token, with its logprobs when it asked for them."""
         step = self.runner.layout(out)
-        sampled = self.runner.dispatch(step)
+        sampled = self.runner.dispatch(step).sampled
         dispatched = time.perf_counter()
         mapped_before = self.map_ahead.seconds
         future = self.map_ahead.start(step.chunks)

@@ -40,13 +40,17 @@ class StepInputs:
     positions: Any  # [N] int32
     logit_index: Any  # [R] int32, flat index of each row's last token
     sampling: SamplingRows  # [R] each (and [R, H] token ids when the mode needs them)
+    # [N] int32: -1 where ``tokens`` holds the token, else the row of the previous step's token slab that is it
+    # (async scheduling: a pending token, known only on the device)
+    from_prev: Any
 
     @classmethod
     def padding(cls, segments: tuple[Segment, ...], mode: SamplingMode | str = "greedy") -> StepInputs:
         """Inputs of ``segments`` whose rows all hold padding (warmup), with the sampling leaves ``mode`` needs."""
         rows, n_tok = segments[-1][1], sum((r1 - r0) * t for r0, r1, t in segments)
         zeros = np.zeros(n_tok, np.int32)
-        return cls(zeros, zeros.copy(), np.zeros(rows, np.int32), SamplingRows.padding(rows, mode))
+        return cls(zeros, zeros.copy(), np.zeros(rows, np.int32), SamplingRows.padding(rows, mode),
+                   np.full(n_tok, -1, np.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,33 +64,41 @@ class StepLayout:
     inputs: StepInputs
     mode: SamplingMode  # static: what the sampler computes
     chunks: list[tuple[int, Chunk]]  # (row, chunk) of every real row
-    # [N] int32 or None (async scheduling): the row of the previous step's sampled tokens that is this token
-    # (a pending token, known only on the device), -1 where ``inputs.tokens`` holds it
-    from_prev: np.ndarray | None = None
+
+    @property
+    def takes_prev(self) -> bool:
+        """Whether a token is taken from the previous step's token slab (async scheduling)."""
+        return bool((self.inputs.from_prev >= 0).any())
 
 
-def _forward(graphdef, params, cache, inputs: StepInputs, *, segments, mode, attn):
-    """One step on the device: the model over the flat tokens, then sampling; returns ``(SampleOutput, exported)``."""
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """A dispatched step's device results."""
+
+    sampled: SampleOutput  # tokens [R] (and logprobs when the mode has them)
+    # [P] int32, P = max_batch + max_prefill_rows: ``sampled.tokens`` in rows [0, R), zeros after. Every step's
+    # slab has one shape, so taking the next step's pending tokens from it adds no compiled shape.
+    token_slab: jax.Array
+
+
+def _forward(graphdef, params, cache, inputs: StepInputs, prev_slab, *, segments, mode, attn):
+    """One step on the device: the model over the flat tokens (pending ones taken from ``prev_slab [P]``, the
+    previous step's token slab), then sampling; returns ``(SampleOutput, exported cache, token slab [P])``."""
     from flax import nnx
 
     model = nnx.merge(graphdef, params)
-    logits, cache = model.forward_segments(inputs.tokens, inputs.positions, cache, segments, attn=attn,
+    tokens = jnp.where(inputs.from_prev >= 0, prev_slab[jnp.maximum(inputs.from_prev, 0)], inputs.tokens)  # [N]
+    logits, cache = model.forward_segments(tokens, inputs.positions, cache, segments, attn=attn,
                                            logit_index=inputs.logit_index)  # [R, V]
-    return sample(logits.astype(jnp.float32), inputs.sampling, mode), cache.export()
+    sampled = sample(logits.astype(jnp.float32), inputs.sampling, mode)
+    slab = jnp.zeros_like(prev_slab).at[:sampled.tokens.shape[0]].set(sampled.tokens.astype(prev_slab.dtype))
+    return sampled, cache.export(), slab
 
 
 # Module-level, so every engine in the process shares the compiled steps of equal models and shapes.
 _STATIC = ("graphdef", "segments", "mode", "attn")
 _STEP = jax.jit(_forward, static_argnames=_STATIC)
 _STEP_DONATING = jax.jit(_forward, static_argnames=_STATIC, donate_argnames=("cache",))
-
-
-@jax.jit
-def _merge_tokens(prev_tokens, from_prev, tokens):
-    """Async scheduling: a step's flat tokens, each pending one taken from the previous step's sampled
-    ``prev_tokens [R']`` at row ``from_prev`` (>= 0), the rest from the host's ``tokens [N]``. The step then
-    also waits for the previous one on the device (a data dependency, whatever the backend's ordering)."""
-    return jnp.where(from_prev >= 0, prev_tokens[jnp.maximum(from_prev, 0)], tokens)
 
 
 class ModelRunner:
@@ -100,6 +112,14 @@ class ModelRunner:
         self.attn = attn
         self.graphdef, self.params = nnx.split(model)
         self._shapes: set[tuple] = set()
+        # the slab of a step with no pending token. Every slab is committed to the params' device (a step's own
+        # output slab is whenever an input is; jit keys on it): sync, async and warmup steps share executables.
+        self.slab_rows = config.max_batch + config.max_prefill_rows
+        self._device = next(iter(jax.tree.leaves(self.params)[0].devices()))
+        self._zero_slab = self._commit(np.zeros(self.slab_rows, np.int32))
+
+    def _commit(self, slab):
+        return jax.device_put(slab, self._device)
 
     # -- layout ------------------------------------------------------------------
     def layout(self, out: SchedulerOutput, pending: dict[int, int] | None = None) -> StepLayout:
@@ -121,7 +141,6 @@ class ModelRunner:
         slots = np.full(row, pad_slot, np.int32)
         starts, counts = np.zeros(row, np.int32), np.zeros(row, np.int32)
         chunks = []
-        from_prev = None if pending is None else np.full(n_tok, -1, np.int32)
         for (group, _, t), (r0, _, _) in zip(groups, segments):
             off = sum((s1 - s0) * st for s0, s1, st in segments if s0 < r0)
             for i, ch in enumerate(group):
@@ -130,18 +149,17 @@ class ModelRunner:
                 known = r.token_slice(ch.start, ch.num_tokens)
                 inputs.tokens[o:o + len(known)] = known
                 if len(known) < ch.num_tokens:  # a decode of a pending token: the step in flight samples it
-                    if (from_prev is None or pending is None or len(known) != ch.num_tokens - 1
-                            or r.request_id not in pending):
+                    if pending is None or len(known) != ch.num_tokens - 1 or r.request_id not in pending:
                         raise RuntimeError(f"request {r.request_id}: tokens {ch.start}..{ch.start + ch.num_tokens}"
                                            f" are not known and no step in flight samples them")
-                    from_prev[o + ch.num_tokens - 1] = pending[r.request_id]
+                    inputs.from_prev[o + ch.num_tokens - 1] = pending[r.request_id]
                 inputs.positions[o:o + ch.num_tokens] = np.arange(ch.start, ch.start + ch.num_tokens)
                 slots[b], starts[b], counts[b] = r.slot, ch.start, ch.num_tokens
                 inputs.logit_index[b] = o + ch.num_tokens - 1
                 chunks.append((b, ch))
         mode, sampling = self._sampling([(b, ch.request) for b, ch in chunks if ch.samples], row)
         inputs = dataclasses.replace(inputs, sampling=sampling)
-        return StepLayout(tuple(segments), slots, starts, counts, inputs, mode, chunks, from_prev)
+        return StepLayout(tuple(segments), slots, starts, counts, inputs, mode, chunks)
 
     @staticmethod
     def _sampling(rows: list[tuple[int, Request]], num_rows: int) -> tuple[SamplingMode, SamplingRows]:
@@ -164,29 +182,27 @@ class ModelRunner:
     def _jit(self, donates: bool):
         return _STEP_DONATING if donates else _STEP
 
-    def _call(self, segments, mode: SamplingMode, cache, inputs: StepInputs) -> SampleOutput:
+    def _call(self, segments, mode: SamplingMode, cache, inputs: StepInputs, prev_slab=None) -> StepOutput:
         # host arrays go straight in: jit's C++ fast path transfers them (the step has no effects)
-        sampled, exported = self._jit(cache.donates)(self.graphdef, self.params, cache, inputs,
-                                                     segments=segments, mode=mode, attn=self.attn)
+        prev_slab = self._zero_slab if prev_slab is None else self._commit(prev_slab)
+        sampled, exported, slab = self._jit(cache.donates)(self.graphdef, self.params, cache, inputs, prev_slab,
+                                                           segments=segments, mode=mode, attn=self.attn)
         self.pool.adopt(exported)
         widths = tuple(np.shape(x) for x in jax.tree.leaves(inputs.sampling) if np.ndim(x) == 2)
         self._shapes.add((segments, mode, widths))
-        return sampled
+        return StepOutput(sampled, slab)
 
-    def dispatch(self, step: StepLayout, prev_tokens: Any = None) -> SampleOutput:
-        """Run the step asynchronously; returns the sampled ``SampleOutput`` (device arrays: ``tokens [R]``...).
+    def dispatch(self, step: StepLayout, prev: StepOutput | None = None) -> StepOutput:
+        """Run the step asynchronously; returns its ``StepOutput`` (device arrays).
 
-        ``prev_tokens`` (async scheduling): the sampled tokens ``[R']`` of the step still in flight; the tokens
-        ``step.from_prev`` points at are taken from it on the device.
+        ``prev`` (async scheduling): the step still in flight; the tokens ``step.inputs.from_prev`` points at are
+        taken from its token slab on the device (a data dependency: this step waits for it there, whatever the
+        backend's ordering).
         """
+        if prev is None and step.takes_prev:
+            raise ValueError("the step takes tokens from the previous step's: pass prev")
         cache = self.pool.cache(step.slots, step.starts, step.counts)
-        inputs = step.inputs
-        if prev_tokens is not None:
-            from_prev = np.full(len(inputs.tokens), -1, np.int32) if step.from_prev is None else step.from_prev
-            inputs = dataclasses.replace(inputs, tokens=_merge_tokens(prev_tokens, from_prev, inputs.tokens))
-        elif step.from_prev is not None and (step.from_prev >= 0).any():
-            raise ValueError("the step takes tokens from the previous step's: pass prev_tokens")
-        return self._call(step.segments, step.mode, cache, inputs)
+        return self._call(step.segments, step.mode, cache, step.inputs, None if prev is None else prev.token_slab)
 
     # -- shapes ------------------------------------------------------------------
     def step_shapes(self) -> list[tuple[Segment, ...]]:
@@ -233,13 +249,13 @@ class ModelRunner:
                 for sg, m in jobs:
                     cache = cache_for(sg)
                     lowered.append(self._jit(cache.donates).lower(self.graphdef, self.params, cache,
-                                                                  StepInputs.padding(sg, m), segments=sg, mode=m,
-                                                                  attn=self.attn))
+                                                                  StepInputs.padding(sg, m), self._zero_slab,
+                                                                  segments=sg, mode=m, attn=self.attn))
                 with concurrent.futures.ThreadPoolExecutor(compile_threads) as ex:
                     list(ex.map(lambda low: low.compile(), lowered))
             for segments, mode in jobs:
                 jax.block_until_ready(self._call(segments, mode, cache_for(segments),
-                                                 StepInputs.padding(segments, mode)))
+                                                 StepInputs.padding(segments, mode)).sampled)
         finally:
             self.pool.free(slot)
         return time.perf_counter() - t0
