@@ -114,9 +114,8 @@ class ModelRunner:
         self._shapes: set[tuple] = set()
         # the slab of a step with no pending token. Every slab is committed to the params' device (a step's own
         # output slab is whenever an input is; jit keys on it): sync, async and warmup steps share executables.
-        self.slab_rows = config.max_batch + config.max_prefill_rows
         self._device = next(iter(jax.tree.leaves(self.params)[0].devices()))
-        self._zero_slab = self._commit(np.zeros(self.slab_rows, np.int32))
+        self._zero_slab = self._commit(np.zeros(config.max_batch + config.max_prefill_rows, np.int32))  # [P]
 
     def _commit(self, slab):
         return jax.device_put(slab, self._device)

@@ -38,13 +38,7 @@ class EngineStats:
         for them). ``since``: only steps dispatched at or after that ``perf_counter`` time (a benchmark's timed
         part). None without any step."""
         steps = self._steps_since(since)
-        if not steps:
-            return None
-        idle, ready = 0.0, steps[0][1]
-        for dispatched, r in steps[1:]:
-            idle += max(0.0, dispatched - ready)
-            ready = max(ready, r)
-        return idle
+        return self._idle(steps) if steps else None
 
     def device_idle_fraction(self, since: float | None = None) -> float:
         """``device_idle_seconds`` over the wall time from the first dispatch to the last result (NaN without
@@ -55,12 +49,19 @@ class EngineStats:
         wall = max(r for _, r in steps) - steps[0][0]
         if wall <= 0:
             return 0.0
-        idle = self.device_idle_seconds(since)
-        assert idle is not None
-        return idle / wall
+        return self._idle(steps) / wall
 
     def _steps_since(self, since: float | None) -> list[tuple[float, float]]:
         return sorted(s for s in self.device_steps if since is None or s[0] >= since)
+
+    @staticmethod
+    def _idle(steps: list[tuple[float, float]]) -> float:
+        """Idle seconds between sorted, non-empty ``(dispatched, ready)`` steps."""
+        idle, ready = 0.0, steps[0][1]
+        for dispatched, r in steps[1:]:
+            idle += max(0.0, dispatched - ready)
+            ready = max(ready, r)
+        return idle
 
     def record_step(self, now: float, batch: int, used: int, physical: int) -> None:
         self.steps += 1
