@@ -7,6 +7,8 @@ workload, every configuration in the same run:
                              interleaved per token: 16 tokens per 2 MiB page); overlapped (background
                              thread) and eager allocation, deferred reclamation with best-fit reuse
   vattention-per-layer   the same with one K and one V tensor per layer (1024 tokens per page)
+  vattention-groups      the engine before packed steps: row groups (decodes, then one prefill chunk padded to a
+                         power of two), one prefill row per step
   vattention-premapped   control: every slot mapped to max_seq before the run (outside the budget)
   vattention-no-overlap  ablation: pages mapped only by the scheduler, between steps
   vattention-no-eager    ablation: no lookahead
@@ -75,7 +77,7 @@ VATTN_VARIANTS = {
     "vattention-no-reclaim": dict(deferred_reclaim=False),
     "vattention-async": dict(async_scheduling=True),
 }
-ALL = [*VATTN_VARIANTS, "vattention-per-layer", "vattention-premapped", "paged16", "static"]
+ALL = [*VATTN_VARIANTS, "vattention-per-layer", "vattention-groups", "vattention-premapped", "paged16", "static"]
 
 
 def check_near_greedy(model, prompts, outputs, tol):
@@ -260,6 +262,7 @@ def main():
     ap.add_argument("--budget-gib", type=float, default=None, help="KV budget in GiB (instead of --budget-tokens)")
     ap.add_argument("--token-budget", type=int, default=512, help="tokens per iteration (Sarathi)")
     ap.add_argument("--chunk", type=int, default=512, help="largest prefill chunk")
+    ap.add_argument("--max-prefill-rows", type=int, default=8, help="prefill chunks per step (packed steps)")
     ap.add_argument("--lookahead", type=int, default=64, help="eager allocation, tokens ahead")
     ap.add_argument("--configs", default=",".join(ALL))
     ap.add_argument("--tag", default="", help="suffix of the result files, so runs of other config sets keep theirs")
@@ -326,8 +329,8 @@ def main():
           + f" TFLOP/s; read {peaks['read_bytes_per_s'] / 1e9:.0f} GB/s", flush=True)
     attn = AttentionSpec(max_len=max_seq)
     common = dict(max_batch=max_batch, max_seq=max_seq, attn=attn, token_budget=args.token_budget,
-                  chunk_size=args.chunk, max_prefill_rows=1, min_decode_bucket=min(32, max_batch),
-                  min_prefill_bucket=128, lookahead=args.lookahead)
+                  chunk_size=args.chunk, max_prefill_rows=args.max_prefill_rows, min_token_bucket=min(32, max_batch),
+                  min_decode_bucket=min(32, max_batch), min_prefill_bucket=128, lookahead=args.lookahead)
     rng = np.random.default_rng(args.seed + 1)
     check_prompts = [rng.integers(0, cfg.vocab_size, size=300).tolist() for _ in range(8)]
     check_params = SamplingParams(max_tokens=6)
@@ -341,6 +344,8 @@ def main():
             return LLM(model, premap=True, **common)
         if name == "vattention-per-layer":
             return LLM(model, pool_bytes=budget, layers_per_group=1, **common)
+        if name == "vattention-groups":
+            return LLM(model, pool_bytes=budget, **dict(common, packed_steps=False, max_prefill_rows=1))
         return LLM(model, pool_bytes=budget, **common)
 
     results, runs, checks, compile_s = {}, {}, {}, {}
@@ -425,7 +430,8 @@ def main():
                        ("vattention-premapped", "vattention_vs_premapped"),
                        ("vattention-no-overlap", "vattention_vs_no_overlap"),
                        ("vattention-no-eager", "vattention_vs_no_eager"),
-                       ("vattention-no-reclaim", "vattention_vs_no_reclaim")):
+                       ("vattention-no-reclaim", "vattention_vs_no_reclaim"),
+                       ("vattention-groups", "packed_vs_groups")):
         if "vattention" in tput and other in tput:
             ratios[key] = tput["vattention"] / tput[other]
     if "vattention" in tput and "vattention-async" in tput:
@@ -459,7 +465,7 @@ def main():
                                layers=layers, preset=args.preset, requests=n_req, max_batch=max_batch,
                                max_seq=max_seq, budget_bytes=budget, budget_tokens=budget_tokens,
                                token_budget=args.token_budget, chunk=args.chunk, lookahead=args.lookahead,
-                               repeats=args.repeats,
+                               max_prefill_rows=args.max_prefill_rows, repeats=args.repeats,
                                workload=wl.describe(), seed=args.seed))
     table = markdown(payload)
     print(table)

@@ -78,8 +78,7 @@ def run_bench(args) -> int:
     try:
         with LLM(model, kv_cache=args.kv_cache, max_batch=args.max_batch, max_seq=max_seq, pool_bytes=pool,
                  page_bytes=None if gpu else 64 * 1024, token_budget=args.token_budget, chunk_size=args.chunk_size,
-                 overlap_allocation=args.overlap, max_prefill_rows=1, min_decode_bucket=min(8, args.max_batch),
-                 min_prefill_bucket=min(32, args.chunk_size)) as llm:
+                 overlap_allocation=args.overlap, max_prefill_rows=4, min_token_bucket=16) as llm:
             import time
 
             print(f"compiled {len(llm.step_shapes())} step shapes in {llm.warmup():.1f} s (before timing)",

@@ -47,10 +47,14 @@ def add_serve_parser(sub) -> None:
     comp.add_argument("--warmup", action="store_true",
                       help="compile every step shape (greedy sampling) before listening, so no request waits on XLA")
     comp.add_argument("--compile-threads", type=int, default=4, help="threads compiling in --warmup (default 4)")
+    comp.add_argument("--min-token-bucket", type=int, default=None,
+                      help="smallest packed step compiled, in tokens (fewer shapes; default 8)")
     comp.add_argument("--min-decode-bucket", type=int, default=None,
-                      help="smallest decode batch compiled (fewer shapes; default 1)")
+                      help="smallest decode batch compiled with --no-packed-steps (fewer shapes; default 1)")
     comp.add_argument("--min-prefill-bucket", type=int, default=None,
-                      help="smallest prefill chunk compiled (fewer shapes; default 1)")
+                      help="smallest prefill chunk compiled with --no-packed-steps (fewer shapes; default 1)")
+    comp.add_argument("--no-packed-steps", dest="packed_steps", action="store_false",
+                      help="lay steps out as row groups (decodes, padded prefill chunks) instead of packed rows")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     s.add_argument("--seed", type=int, default=0, help="random weights of a preset")
 
@@ -59,7 +63,8 @@ GIB = 1 << 30
 # flag -> the EngineConfig field it sets (None: not given, the engine's default)
 ENGINE_FLAGS = {"--max-num-batched-tokens": "token_budget", "--chunk-size": "chunk_size",
                 "--max-prefill-rows": "max_prefill_rows", "--lookahead": "lookahead",
-                "--min-decode-bucket": "min_decode_bucket", "--min-prefill-bucket": "min_prefill_bucket"}
+                "--min-token-bucket": "min_token_bucket", "--min-decode-bucket": "min_decode_bucket",
+                "--min-prefill-bucket": "min_prefill_bucket"}
 
 
 def engine_settings(args) -> dict:
@@ -79,6 +84,8 @@ def engine_settings(args) -> dict:
             raise ValueError("--layers overrides a preset's layer count; a --model checkpoint has its own")
     settings: dict = dict(kv_cache=args.kv_cache, max_batch=args.max_batch, max_seq=args.max_seq)
     settings.update({field: v for field in ENGINE_FLAGS.values() if (v := getattr(args, field)) is not None})
+    if not getattr(args, "packed_steps", True):
+        settings["packed_steps"] = False
     if args.kv_budget_gib is not None:
         gib = args.kv_budget_gib
         if not gib > 0 or gib == float("inf"):

@@ -95,6 +95,17 @@ class Attention(nnx.Module):
         return self.o_proj(o.astype(x.dtype)), cache
 
 
+    def packed(self, x, positions, cache, attn: AttentionSpec, rows):
+        """Flat tokens ``x [N, H]`` of a packed step: rows of any lengths one after the other, as ``rows``
+        (``jax_vattention.packing.PackedRows``) lays them out; one write and one attention call for all rows."""
+        cfg = self.cfg
+        q, k, v = (a[:, 0] for a in self._qkv(x[:, None], positions[:, None]))  # [N, Hq, D], [N, Hkv, D] x2
+        dtype = cache.dtype
+        lengths, cache = cache.write_packed(self.layer, k.astype(dtype), v.astype(dtype), rows)
+        o = cache.attention_packed(self.layer, q, lengths, rows, attn)  # [N, Hq, D]
+        return self.o_proj(o.reshape(-1, cfg.num_heads * cfg.head_dim).astype(x.dtype)), cache
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, init_std: float, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
@@ -103,8 +114,12 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, dtype=dtype,
                        init_std=init_std, rngs=rngs)
 
-    def __call__(self, x, positions, cache, attn: AttentionSpec, segments=None):
-        a, cache = self.self_attn(self.input_layernorm(x), positions, cache, attn, segments)
+    def __call__(self, x, positions, cache, attn: AttentionSpec, segments=None, rows=None):
+        h = self.input_layernorm(x)
+        if rows is not None:
+            a, cache = self.self_attn.packed(h, positions, cache, attn, rows)
+        else:
+            a, cache = self.self_attn(h, positions, cache, attn, segments)
         x = x + a  # [B, T, H]
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, cache
@@ -163,6 +178,20 @@ class LlamaForCausalLM(nnx.Module):
         x = self.model.embed_tokens(tokens)  # [N, H]
         for layer in self.model.layers:
             x, cache = layer(x, positions, cache, attn, segments)
+        x = self.model.norm(x[logit_index])  # [R, H]
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(x), cache
+        return self.lm_head(x), cache
+
+
+    def forward_packed(self, tokens, positions, cache, rows, *, attn: AttentionSpec = AttentionSpec(),
+                       logit_index=None):
+        """Forward a packed step: flat ``tokens [N]`` at ``positions [N]`` laid out as ``rows``
+        (``jax_vattention.packing.PackedRows``). ``logit_index [R]``: flat indices of the tokens whose logits
+        are wanted. Returns ``(logits [R, V], cache)``."""
+        x = self.model.embed_tokens(tokens)  # [N, H]
+        for layer in self.model.layers:
+            x, cache = layer(x, positions, cache, attn, rows=rows)
         x = self.model.norm(x[logit_index])  # [R, H]
         if self.lm_head is None:
             return self.model.embed_tokens.attend(x), cache

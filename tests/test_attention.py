@@ -241,6 +241,42 @@ def test_chunked_prefill_matches_reference(rng, dtype, hq, hkv, d, soft_cap, blo
     assert np.all(np.asarray(out, np.float32)[pad] == 0.0)
 
 
+@pytest.mark.parametrize("dtype,hq,hkv,d,soft_cap,block_m,block_k,layout", with_layouts(PREFILL_CASES))
+def test_varlen_prefill_matches_reference(rng, dtype, hq, hkv, d, soft_cap, block_m, block_k, layout):
+    """Packed rows (the engine's steps): chunks of lengths on block edges +-1 laid flat in a shuffled order with
+    gaps, a padding row and an empty row; tokens of no row give 0 and no row's store reaches another's."""
+    mb, seq = 12, 256
+    tpb = block_m // prefill.next_pow2(hq // hkv)
+    lens = [tpb - 1, tpb, tpb + 1, 2, 1, 0, block_k + 1, int(rng.integers(1, 60))]
+    starts = np.array([int(rng.integers(0, seq - n + 1)) for n in lens], np.int32)
+    q_lens = np.array(lens, np.int32)
+    order = rng.permutation(len(lens))
+    gaps = rng.integers(0, 3, len(lens))
+    offsets = np.zeros(len(lens), np.int32)
+    at = 0
+    for p in order:
+        at += int(gaps[p])
+        offsets[p], at = at, at + lens[p]
+    n_tok = at + 5
+    slots = pick_slots(rng, mb, len(lens))
+    k, v = make_cache(rng, mb, seq, hkv, d, dtype, slots, starts + q_lens)
+    slots[3] = -1  # a padding row: reads nothing, writes nothing
+    kc, vc, entries = lay_out(layout, k, v)
+    q = jnp.asarray(rng.standard_normal((n_tok, hq, d)), dtype)
+    rows_ = tuple(jnp.asarray(x) for x in (slots, starts, q_lens, offsets))
+    kw = dict(soft_cap=soft_cap, interpret=INTERPRET, block_m=block_m, block_k=block_k)
+    out = attn.varlen_prefill_attention(q, kc, vc, *rows_, **kw, **entries)
+    live = slots >= 0
+    ref = attn.varlen_prefill_attention_reference(q, kc, vc, jnp.asarray(np.where(live, slots, 0)), *rows_[1:],
+                                                  soft_cap=soft_cap, **entries)
+    mine = np.zeros(n_tok, bool)
+    for p in np.flatnonzero(live):
+        mine[offsets[p]:offsets[p] + q_lens[p]] = True
+    assert out.shape == q.shape and out.dtype == q.dtype
+    attn.assert_close(out[mine], ref[mine], what=f"varlen {layout} lens={lens} offsets={offsets.tolist()}")
+    np.testing.assert_array_equal(np.asarray(out, np.float32)[~mine], 0.0)
+
+
 def test_prefill_last_token_equals_decode(rng):
     """The last query of a prefill chunk sees exactly what a decode step would."""
     mb, seq, hq, hkv, d = 4, 128, 8, 2, 128

@@ -168,13 +168,14 @@ def test_premap_maps_every_slot_up_front(model):
         assert llm.manager.stats().maps == full  # the run itself mapped nothing
 
 
-def test_warmup_compiles_every_shape_a_run_uses(model):
+@pytest.mark.parametrize("packed", [True, False])
+def test_warmup_compiles_every_shape_a_run_uses(model, packed):
     ps = prompts(51, 6, model.config.vocab_size)
     with LLM(model, max_batch=4, max_seq=128, attn=REF, page_bytes=4096, token_budget=32, chunk_size=16,
-             max_prefill_rows=2, min_decode_bucket=2, min_prefill_bucket=8) as llm:
+             max_prefill_rows=2, min_decode_bucket=2, min_prefill_bucket=8, packed_steps=packed) as llm:
         shapes = llm.step_shapes()
-        # decode {2, 4}; x (none, 2, 4) x rows {1, 2} x T {8, 16}
-        assert len(shapes) == len(set(shapes)) == 2 + 3 * 2 * 2
+        # packed: token buckets {8, 12, 16, 24, 32}; row groups: decode {2, 4}; x (none, 2, 4) x rows {1, 2} x T {8, 16}
+        assert len(shapes) == len(set(shapes)) == (5 if packed else 2 + 3 * 2 * 2)
         llm.warmup()
         assert llm.num_compiled == len(shapes)
         llm.generate(ps, SamplingParams(max_tokens=6))
@@ -199,4 +200,24 @@ def test_engine_step_has_no_effects_and_keeps_every_write(model):
         assert not traced.jaxpr.effects
         hlo = traced.lower().compile().as_text()
         assert hlo.count('custom_call_target="vattn_write"') == model.config.num_layers * len(segments)
+        llm.manager.free(slot)
+
+
+def test_packed_step_has_no_effects_and_keeps_every_write(model):
+    """A packed step writes each layer's tokens through one pure call (one-token rows), and XLA keeps it: each
+    row's length is the largest its tokens' writes return, which attention reads."""
+    from jax_vattention.engine.model_runner import StepInputs
+
+    with LLM(model, max_batch=4, max_seq=128, attn=REF, page_bytes=4096, token_budget=32, chunk_size=16) as llm:
+        slot = llm.manager.allocate(16)
+        runner = llm.runner
+        shape = runner.packed_shape(11)
+        assert (shape.num_tokens, shape.num_rows, shape.max_row_tokens) == (12, 4, 12)
+        cache = llm.pool.cache(np.full(4, slot, np.int32), np.zeros(4, np.int32), np.array([1, 10, 0, 0], np.int32))
+        inputs = StepInputs.padding(shape)
+        traced = runner._jit(cache.donates).trace(runner.graphdef, runner.params, cache, inputs, runner._zero_slab,
+                                                  segments=shape, mode="greedy", attn=runner.attn)
+        assert not traced.jaxpr.effects
+        hlo = traced.lower().compile().as_text()
+        assert hlo.count('custom_call_target="vattn_write"') == model.config.num_layers
         llm.manager.free(slot)

@@ -42,15 +42,16 @@ KW = dict(max_batch=16, max_seq=2048, token_budget=256, chunk_size=128, max_pref
           min_prefill_bucket=64)
 
 
-@pytest.mark.parametrize("kv_cache", ["vattention", "vattention-per-layer", "paged", "static"])
+@pytest.mark.parametrize("kv_cache", ["vattention", "vattention-per-layer", "vattention-groups", "paged", "static"])
 def test_engine_pools_generate_greedy_tokens_on_gpu(model, kv_cache):
+    """Packed steps (the default: the varlen prefill kernel) on every pool; row-group steps on vAttention."""
     c = model.config
     ps = requests(1, 20, 333, c.vocab_size)  # 333 tokens: three chunks, the last one partial
     sp = SamplingParams(max_tokens=12)
     token_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 2
     budget = 12 * 2048 * token_bytes  # the static pool holds 12 of the 16 slots
-    kind = dict(kv_cache="vattention", layers_per_group=1) if kv_cache == "vattention-per-layer" else dict(
-        kv_cache=kv_cache)
+    kind = {"vattention-per-layer": dict(kv_cache="vattention", layers_per_group=1),
+            "vattention-groups": dict(kv_cache="vattention", packed_steps=False)}.get(kv_cache, dict(kv_cache=kv_cache))
     with LLM(model, **kind, pool_bytes=budget, **KW) as llm:
         outs = llm.generate(ps, sp)
         assert all(o.outputs[0].finish_reason == "length" and len(o.outputs[0].token_ids) == 12

@@ -160,7 +160,8 @@ def test_bench_runs_the_engine_on_a_synthetic_workload(capsys):
             "--chunk-size", "64", "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "6 (6 complete)" in out and "output tok/s" in out and "peak batch" in out and "compiled 5 step" in out
+    # packed steps: one shape per token bucket, 16 .. 512 (the default token budget) in steps of 2^k and 3 * 2^(k-1)
+    assert "6 (6 complete)" in out and "output tok/s" in out and "peak batch" in out and "compiled 11 step" in out
     assert "closed: nothing reserved or mapped" in out
 
 

@@ -2,8 +2,9 @@
 
 * ``decode_attention``: one query token per row, GQA-packed, split-K (flash
   decoding) with a combine step; Pallas kernel (Triton backend, see decode.py).
-* ``chunked_prefill_attention``: causal chunks over cached prefixes, padded
-  ``[B, Tmax, Hq, D]`` layout (see prefill.py).
+* ``varlen_prefill_attention``: causal chunks over cached prefixes, packed
+  rows ``[N, Hq, D]`` (the engine's steps); ``chunked_prefill_attention``: the
+  same kernel on the padded ``[B, Tmax, Hq, D]`` layout (see prefill.py).
 * ``*_reference``: plain-jnp fp32 references that read only within lengths.
 * ``*_dpa``: the same through ``jax.nn.dot_product_attention`` (portability).
 * ``dispatch``: ``AttentionSpec`` and ``cache_attention``, the static choice
@@ -40,8 +41,12 @@ from .common import check_block_fits_pages, tokens_per_page
 from .decode import DecodeConfig, decode_attention
 from .dispatch import AttentionSpec, cache_attention, dense_causal_attention
 from .portable import chunked_prefill_attention_dpa, decode_attention_dpa
-from .prefill import PrefillConfig, chunked_prefill_attention
-from .reference import chunked_prefill_attention_reference, decode_attention_reference
+from .prefill import PrefillConfig, chunked_prefill_attention, varlen_prefill_attention
+from .reference import (
+    chunked_prefill_attention_reference,
+    decode_attention_reference,
+    varlen_prefill_attention_reference,
+)
 from .tolerances import TOLERANCES, assert_close
 
 __all__ = [
@@ -60,4 +65,6 @@ __all__ = [
     "decode_attention_reference",
     "dense_causal_attention",
     "tokens_per_page",
+    "varlen_prefill_attention",
+    "varlen_prefill_attention_reference",
 ]

@@ -293,3 +293,19 @@ def load_kv_tile(ref, slot, pos0, entry: int, kv_head, row_ok, masked: bool):
         return pl_triton.load(ref.at[idx], mask=tile_ok, other=0.0)
     tile = ref[kv_index(ref, slot, pl.ds(pos0, bk), entry, kv_head, slice(None))]
     return jnp.where(tile_ok, tile, jnp.zeros_like(tile))
+
+
+def check_packed_rows(num_tokens: int, offsets, lengths) -> None:
+    """Refuse packed rows ``[offsets[p], offsets[p] + lengths[p])`` that leave ``[0, N)`` or overlap (concrete
+    arrays only, as ``check_row_values``; rows of length 0 are ignored)."""
+    if any(isinstance(x, jax.core.Tracer) for x in (offsets, lengths)):
+        return
+    o, n = np.asarray(offsets).astype(np.int64), np.asarray(lengths).astype(np.int64)
+    real = n > 0
+    if real.any() and (o[real].min() < 0 or (o + n)[real].max() > num_tokens):
+        raise ValueError(f"packed rows must lie in the {num_tokens} tokens of q: offsets {o.tolist()}, "
+                         f"q_lens {n.tolist()}")
+    order = np.argsort(o[real], kind="stable")
+    starts, ends = o[real][order], (o + n)[real][order]
+    if (starts[1:] < ends[:-1]).any():
+        raise ValueError(f"packed rows overlap: offsets {o.tolist()}, q_lens {n.tolist()}")

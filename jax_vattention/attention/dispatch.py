@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from ..manager import default_device
-from . import common
+from . import common, reference
 from .decode import decode_attention
-from .prefill import chunked_prefill_attention
+from .prefill import chunked_prefill_attention, varlen_prefill_attention
 
 KERNEL_DTYPES = ("bfloat16", "float16")
 KERNEL_HEAD_DIMS = (64, 128)
@@ -174,3 +174,41 @@ def cache_attention(q, k_cache, v_cache, slots, lengths, num_new, spec: Attentio
         return decode_attention_reference(q[:, 0], k_cache, v_cache, slots, lengths, window=window, **entries)[:, None]
     return prefill_attention_reference(q, k_cache, v_cache, slots, lengths - num_new, num_new, window=window,
                                        **entries)
+
+
+def packed_prefill(q, k_cache, v_cache, slots, starts, q_lens, q_offsets, spec: AttentionSpec, *, max_row_tokens: int,
+                   window: int, k_entry: int = 0, v_entry: int = 0):
+    """Causal attention of packed rows ``q [N, Hq, D]`` (``slots/starts/q_lens/q_offsets [P]``, see
+    ``prefill.varlen_prefill_attention``) with a resolved ``spec``: the varlen kernel, or the jnp reference on
+    the rows unpacked to ``[P, max_row_tokens]``. Tokens of no row give 0."""
+    entries = dict(k_entry=k_entry, v_entry=v_entry)
+    if spec.impl == "kernel":
+        return varlen_prefill_attention(q, k_cache, v_cache, slots, starts, q_lens, q_offsets, max_len=spec.max_len,
+                                        interpret=spec.interpret, block_k=spec.block_k, **entries)
+    qp = reference.unpack_rows(q, q_offsets, q_lens, max_row_tokens)  # [P, T, Hq, D]
+    o = prefill_attention_reference(qp, k_cache, v_cache, slots, starts, q_lens, window=window, **entries)
+    return reference.pack_rows(o, q_offsets, q_lens, q.shape[0])
+
+
+def packed_cache_attention(q, k_cache, v_cache, slots, lengths, num_new, rows, spec: AttentionSpec, *,
+                           k_entry: int = 0, v_entry: int = 0):
+    """``cache_attention`` for a packed step: ``q [N, Hq, D]`` holds the rows' pending tokens flat, as
+    ``rows`` (``packing.PackedRows``) lays them out; ``slots/lengths/num_new [R]`` as in ``cache_attention``.
+
+    Rows of one token go through the decode kernel (their last query), rows of more through the varlen prefill
+    kernel; neither pads a row to another's length. Returns ``[N, Hq, D]`` in q's dtype; padding tokens give 0.
+    """
+    if spec.impl == "auto":
+        spec = spec.resolve(k_cache.dtype, q.shape[-1], default_platform())
+    window = min(spec.max_len or k_cache.shape[1], k_cache.shape[1])
+    entries = dict(k_entry=k_entry, v_entry=v_entry)
+    q_dec, is_dec = rows.decode_queries(q, num_new)  # [R, Hq, D], [R]
+    if spec.impl == "kernel":
+        o_dec = decode_attention(q_dec, k_cache, v_cache, jnp.where(is_dec, slots, -1), jnp.where(is_dec, lengths, 0),
+                                 max_len=spec.max_len, interpret=spec.interpret, block_k=spec.block_k, **entries)
+    else:
+        o_dec = decode_attention_reference(q_dec, k_cache, v_cache, slots, lengths, window=window, **entries)
+    p_slots, p_starts, p_lens, p_offsets = rows.prefill_coords(slots, lengths - num_new, num_new)  # [P] each
+    o_pre = packed_prefill(q, k_cache, v_cache, p_slots, p_starts, p_lens, p_offsets, spec,
+                           max_row_tokens=rows.max_row_tokens, window=window, k_entry=k_entry, v_entry=v_entry)
+    return rows.merge(o_pre, o_dec, is_dec)

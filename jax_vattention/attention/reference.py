@@ -104,3 +104,42 @@ def _prefill_reference(q, k_cache, v_cache, slots, starts, q_lens, *, sm_scale=N
     o = _attend(q, k, v, mask, common.default_sm_scale(d, sm_scale), soft_cap)
     q_ok = t[None, :] < q_lens[:, None]
     return jnp.where(q_ok[:, :, None, None], o, 0.0).astype(q.dtype)
+
+
+def unpack_rows(x, offsets, lengths, max_tokens: int):
+    """Packed ``x [N, ...]`` -> padded ``[P, T, ...]`` (``T = max_tokens``): row p's tokens
+    ``x[offsets[p] : offsets[p] + lengths[p]]`` first, zeros after."""
+    t = jnp.arange(max_tokens, dtype=jnp.int32)
+    idx = jnp.clip(offsets[:, None] + t[None, :], 0, x.shape[0] - 1)  # [P, T]
+    ok = t[None, :] < lengths[:, None]
+    rows = x[idx]
+    return jnp.where(ok.reshape(ok.shape + (1,) * (x.ndim - 1)), rows, jnp.zeros((), x.dtype))
+
+
+def pack_rows(rows, offsets, lengths, num_tokens: int):
+    """Padded ``rows [P, T, ...]`` -> packed ``[N, ...]``: the inverse of ``unpack_rows``; tokens of no row are 0."""
+    p, t = rows.shape[:2]
+    pos = jnp.arange(t, dtype=jnp.int32)
+    dst = jnp.where(pos[None, :] < lengths[:, None], offsets[:, None] + pos[None, :], num_tokens)  # [P, T]
+    out = jnp.zeros((num_tokens,) + rows.shape[2:], rows.dtype)
+    return out.at[dst.reshape(-1)].set(rows.reshape((p * t,) + rows.shape[2:]), mode="drop")
+
+
+def varlen_prefill_attention_reference(q, k_cache, v_cache, slots, starts, q_lens, q_offsets, *, max_tokens=None,
+                                       sm_scale=None, soft_cap=None, max_len=None, k_entry=0, v_entry=0):
+    """Reference for ``varlen_prefill_attention`` (packed ``q [N, Hq, D]``; also fp32 caches).
+
+    The rows are unpacked to ``[P, max_tokens]`` (default ``N``; a static bound on ``q_lens``), attended as
+    ``chunked_prefill_attention_reference`` does, and packed back. Tokens of no row give 0.
+    """
+    mb, seq, _, _ = common.check_cache(k_cache, v_cache, kernel=False, k_entry=k_entry, v_entry=v_entry)
+    for name, x in (("slots", slots), ("starts", starts), ("q_lens", q_lens), ("q_offsets", q_offsets)):
+        common.check_rows(name, x, jnp.shape(slots)[0])
+    common.check_row_values(mb, seq, slots, padding_rows=False, starts=starts, q_lens=q_lens,
+                            **{"starts + q_lens": starts + q_lens})
+    common.check_packed_rows(q.shape[0], q_offsets, q_lens)
+    t = q.shape[0] if max_tokens is None else int(max_tokens)
+    qp = unpack_rows(q, q_offsets, q_lens, t)  # [P, T, Hq, D]
+    o = _prefill_reference(qp, k_cache, v_cache, slots, starts, q_lens, sm_scale=sm_scale, soft_cap=soft_cap,
+                           max_len=max_len, k_entry=int(k_entry), v_entry=int(v_entry))
+    return pack_rows(o, q_offsets, q_lens, q.shape[0])

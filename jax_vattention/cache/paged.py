@@ -32,9 +32,11 @@ from ..attention.dispatch import (
     AttentionSpec,
     decode_attention_reference,
     default_platform,
+    packed_prefill,
     prefill_attention_reference,
 )
 from ..attention.prefill import chunked_prefill_attention
+from ..packing import PackedRows
 from .protocol import CacheRows
 
 
@@ -104,23 +106,37 @@ class PagedKVCache(CacheRows):
         dropped by the scatter. Returns ``(lengths [B], new cache)``.
         """
         s = self.state
-        kp = self.k[layer]
-        _, npages, page, _ = kp.shape  # npages includes the scratch page
-        pps = s.block_tables.shape[1]
         t = jnp.arange(k_new.shape[1], dtype=jnp.int32)
         pos = (s.lengths - s.num_new)[:, None] + t[None, :]  # [B, T]
-        ok = (t[None, :] < s.num_new[:, None]) & (s.slots[:, None] >= 0) & (pos >= 0) & (pos < pps * page)
-        col = jnp.clip(pos // page, 0, pps - 1)
-        pg = jnp.take_along_axis(s.block_tables, col, axis=1)  # [B, T]
-        pg = jnp.where(ok & (pg >= 0) & (pg < npages - 1), pg, npages)  # out of range: dropped
-        off = pos % page  # [B, T]
+        ok = (t[None, :] < s.num_new[:, None]) & (s.slots[:, None] >= 0)
+        rows = jnp.broadcast_to(jnp.arange(pos.shape[0], dtype=jnp.int32)[:, None], pos.shape)
+        return self.lengths, self._scatter(layer, jnp.where(ok, rows, -1), pos, k_new, v_new)
 
-        def put(buf, new):  # buf [Hkv, P+1, page, D]; new [B, T, Hkv, D] -> indexed as [Hkv, B, T, D]
-            return buf.at[:, pg, off].set(new.astype(buf.dtype).transpose(2, 0, 1, 3), mode="drop")
+    def write_packed(self, layer: int, k_new: jax.Array, v_new: jax.Array, rows: PackedRows
+                     ) -> tuple[jax.Array, PagedKVCache]:
+        """``write`` for a packed step: ``k_new/v_new [N, Hkv, D]`` laid out as ``rows``."""
+        live = (rows.token_rows >= 0) & (self.slots[jnp.maximum(rows.token_rows, 0)] >= 0)
+        _, pos = rows.token_coords(self.slots, self.lengths - self.state.num_new)  # [N]
+        return self.lengths, self._scatter(layer, jnp.where(live, rows.token_rows, -1), pos, k_new, v_new)
+
+    def _scatter(self, layer: int, rows, pos, k_new, v_new) -> PagedKVCache:
+        """Store ``k_new/v_new [..., Hkv, D]`` at position ``pos`` of row ``rows`` (same leading shape) through
+        the block table; rows < 0, positions past the table and scratch-page entries are dropped."""
+        kp = self.k[layer]
+        _, npages, page, _ = kp.shape  # npages includes the scratch page
+        bt = self.state.block_tables
+        pps = bt.shape[1]
+        ok = (rows >= 0) & (pos >= 0) & (pos < pps * page)
+        pg = bt[jnp.maximum(rows, 0), jnp.clip(pos // page, 0, pps - 1)]
+        pg = jnp.where(ok & (pg >= 0) & (pg < npages - 1), pg, npages)  # out of range: dropped
+        off = pos % page
+
+        def put(buf, new):  # buf [Hkv, P+1, page, D]; new [..., Hkv, D] -> indexed as [Hkv, ..., D]
+            return buf.at[:, pg, off].set(jnp.moveaxis(new.astype(buf.dtype), -2, 0), mode="drop")
 
         ks = self.k[:layer] + (put(kp, k_new),) + self.k[layer + 1:]
         vs = self.v[:layer] + (put(self.v[layer], v_new),) + self.v[layer + 1:]
-        return self.lengths, dataclasses.replace(self, k=ks, v=vs)
+        return dataclasses.replace(self, k=ks, v=vs)
 
     def attention(self, layer: int, q: jax.Array, lengths: jax.Array, spec: AttentionSpec) -> jax.Array:
         """Attention of the pending tokens ``q [B, T, Hq, D]`` after their write; ``[B, T, Hq, D]`` in q's dtype.
@@ -153,6 +169,38 @@ class PagedKVCache(CacheRows):
             o = prefill_attention_reference(q, kc, vc, rows, starts, num_new, window=window)
             ok = live
         return jnp.where(ok[:, None, None, None], o, jnp.zeros((), o.dtype))
+
+    def attention_packed(self, layer: int, q: jax.Array, lengths: jax.Array, rows: PackedRows,
+                         spec: AttentionSpec) -> jax.Array:
+        """``attention`` for a packed step: ``q [N, Hq, D]`` laid out as ``rows``; ``[N, Hq, D]``.
+
+        One-token rows through ``paged_attention`` (the kernel) or the reference; the prefill rows, as in
+        ``attention``, over a contiguous copy of their prefixes (``[P, W, Hkv, D]``), through the varlen kernel.
+        """
+        kp, vp = self.k[layer], self.v[layer]
+        num_new = self.num_new
+        spec = spec.resolve(kp.dtype, q.shape[-1], default_platform())
+        page, pps = self.page_size, self.state.block_tables.shape[1]
+        window = _round_up(min(spec.max_len or pps * page, pps * page), math.lcm(page, 16))
+        q_dec, is_dec = rows.decode_queries(q, num_new)  # [R, Hq, D]
+        live = self.slots >= 0
+        if spec.impl == "kernel":
+            o_dec = self._paged_decode(kp, vp, q_dec[:, None], jnp.where(live & is_dec, lengths, 0),
+                                       spec.interpret)[:, 0]
+        else:
+            kc, vc = self._gather(kp, lengths, window), self._gather(vp, lengths, window)  # [R, W, Hkv, D]
+            o_dec = decode_attention_reference(q_dec, kc, vc, jnp.arange(q_dec.shape[0], dtype=jnp.int32), lengths,
+                                               window=window)
+        prefill = jnp.maximum(rows.prefill_rows, 0)  # [P]
+        sub = self.with_state(jax.tree.map(lambda a: a[prefill], self.state))  # the prefill rows' block tables
+        kc, vc = sub._gather(kp, lengths[prefill], window), sub._gather(vp, lengths[prefill], window)  # [P, W, ...]
+        _, starts, q_lens, offsets = rows.prefill_coords(self.slots, lengths - num_new, num_new)
+        ids = jnp.arange(prefill.shape[0], dtype=jnp.int32)
+        if spec.impl == "kernel" and not (spec.block_k and window % spec.block_k == 0):
+            spec = dataclasses.replace(spec, block_k=None)
+        o_pre = packed_prefill(q, kc, vc, ids, starts, q_lens, offsets, spec.with_max_len(window),
+                               max_row_tokens=rows.max_row_tokens, window=window)
+        return rows.merge(o_pre, o_dec, is_dec)
 
     def _gather(self, pages: jax.Array, lengths: jax.Array, window: int) -> jax.Array:
         """``[Hkv, P+1, page, D]`` -> contiguous ``[B, W, Hkv, D]`` of each row's first W tokens.

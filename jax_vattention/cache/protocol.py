@@ -6,6 +6,9 @@
     cache = cache.grow(cache.lengths + counts)            # back the new tokens
     lengths, cache = cache.write(layer, k, v)             # k, v: [B, T, Hkv, D]
     o = cache.attention(layer, q, lengths, spec)          # q: [B, T, Hq, D]
+    # or, for a packed step (tokens flat, laid out by packing.PackedRows):
+    lengths, cache = cache.write_packed(layer, k, v, rows)  # k, v: [N, Hkv, D]
+    o = cache.attention_packed(layer, q, lengths, rows, spec)  # q: [N, Hq, D]
     return cache.export()                                 # what a top-level jit may return
     cache = template.restore(exported)                    # outside the jit
 
@@ -98,6 +101,13 @@ class KVCacheLike(Protocol):
 
     def attention(self, layer: int, q: jax.Array, lengths: jax.Array, spec) -> jax.Array:
         """Attention of the pending tokens ``q [B, T, Hq, D]`` over the cache; ``[B, T, Hq, D]``."""
+
+    def write_packed(self, layer: int, k_new: jax.Array, v_new: jax.Array, rows) -> tuple[jax.Array, Any]:
+        """``write`` for a packed step: ``k_new/v_new [N, Hkv, D]`` hold the rows' pending tokens flat, as
+        ``rows`` (``packing.PackedRows``) lays them out; returns ``(lengths [B], cache)``."""
+
+    def attention_packed(self, layer: int, q: jax.Array, lengths: jax.Array, rows, spec) -> jax.Array:
+        """``attention`` for a packed step: ``q [N, Hq, D]`` laid out as ``rows``; ``[N, Hq, D]``."""
 
     def export(self) -> Any: ...
 

@@ -18,7 +18,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ..attention.dispatch import AttentionSpec, cache_attention
+from ..attention.dispatch import AttentionSpec, cache_attention, packed_cache_attention
+from ..packing import PackedRows
 from .protocol import CacheRows
 from .vattention import CacheState
 
@@ -73,21 +74,36 @@ class StaticKVCache(CacheRows):
         """Attention of the pending tokens ``q [B, T, Hq, D]`` over ``layer``, read below ``lengths`` only."""
         return cache_attention(q, self.k[layer], self.v[layer], self.slots, lengths, self.num_new, spec)
 
+    def attention_packed(self, layer: int, q: jax.Array, lengths: jax.Array, rows: PackedRows,
+                         spec: AttentionSpec) -> jax.Array:
+        """``attention`` for a packed step: ``q [N, Hq, D]`` laid out as ``rows``; ``[N, Hq, D]``."""
+        return packed_cache_attention(q, self.k[layer], self.v[layer], self.slots, lengths, self.num_new, rows, spec)
+
     def write(self, layer: int, k_new: jax.Array, v_new: jax.Array) -> tuple[jax.Array, StaticKVCache]:
         """Store the pending tokens of every row into ``layer``; returns ``(lengths [B], new cache)``.
 
         ``k_new``/``v_new`` are ``[B, T, Hkv, D]``; row b stores its first
         ``num_new[b]`` tokens at positions ``[lengths[b] - num_new[b], lengths[b])``.
         """
-        mb, seq = self.k[layer].shape[:2]
         t = jnp.arange(k_new.shape[1], dtype=jnp.int32)
         starts = self.lengths - self.state.num_new  # [B]
         pos = starts[:, None] + t[None, :]  # [B, T]
         ok = (t[None, :] < self.state.num_new[:, None]) & (self.slots[:, None] >= 0)
-        pos = jnp.where(ok, pos, seq)  # out of range: dropped by the scatter
-        rows = jnp.where(self.slots >= 0, self.slots, mb)[:, None]  # [B, 1]
+        return self.lengths, self._scatter(layer, jnp.where(ok, self.slots[:, None], -1), pos, k_new, v_new)
+
+    def write_packed(self, layer: int, k_new: jax.Array, v_new: jax.Array, rows: PackedRows
+                     ) -> tuple[jax.Array, StaticKVCache]:
+        """``write`` for a packed step: ``k_new/v_new [N, Hkv, D]`` laid out as ``rows``."""
+        slot_t, pos_t = rows.token_coords(self.slots, self.lengths - self.state.num_new)  # [N] each
+        return self.lengths, self._scatter(layer, slot_t, pos_t, k_new, v_new)
+
+    def _scatter(self, layer: int, slots, pos, k_new, v_new) -> StaticKVCache:
+        """Store ``k_new/v_new [..., Hkv, D]`` at ``(slots, pos)`` (same leading shape); slot < 0: dropped."""
+        mb, seq = self.k[layer].shape[:2]
+        rows = jnp.where(slots >= 0, slots, mb)  # out of range: dropped by the scatter
+        pos = jnp.where(slots >= 0, pos, seq)
         k = self.k[layer].at[rows, pos].set(k_new.astype(self.k[layer].dtype), mode="drop")
         v = self.v[layer].at[rows, pos].set(v_new.astype(self.v[layer].dtype), mode="drop")
         ks = self.k[:layer] + (k,) + self.k[layer + 1:]
         vs = self.v[:layer] + (v,) + self.v[layer + 1:]
-        return self.lengths, dataclasses.replace(self, k=ks, v=vs)
+        return dataclasses.replace(self, k=ks, v=vs)

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import ops
-from ..attention.dispatch import AttentionSpec, cache_attention
+from ..attention.dispatch import AttentionSpec, cache_attention, packed_cache_attention
 from ..errors import CacheValueError, SlotStateError
+from ..packing import PackedRows
 from .protocol import CacheRows
 
 
@@ -144,17 +145,43 @@ class KVCache(CacheRows):
                             has_side_effect=not self.pure_writes)
         return lengths, self
 
-    def attention(self, layer: int, q: jax.Array, lengths: jax.Array, spec: AttentionSpec) -> jax.Array:
-        """Attention of the pending tokens ``q [B, T, Hq, D]`` over ``layer``, read below ``lengths`` only."""
+    def write_packed(self, layer: int, k_new: jax.Array, v_new: jax.Array, rows: PackedRows
+                     ) -> tuple[jax.Array, KVCache]:
+        """``write`` for a packed step: ``k_new/v_new [N, Hkv, D]`` hold the rows' pending tokens flat, as
+        ``rows`` lays them out. Each token is stored as its own one-token row of the native write (its capacity
+        check included); returns ``(lengths [R], self)``, produced after the write."""
+        slot_t, pos_t = rows.token_coords(self.slots, self.lengths - self.state.num_new)  # [N] each
+        written = ops.write(self.manager, layer, k_new[:, None], v_new[:, None], slot_t, pos_t,
+                            (slot_t >= 0).astype(jnp.int32), has_side_effect=not self.pure_writes)  # [N]
+        # Each row's length is the largest its tokens' writes return (its start if it has none): a data dependency
+        # on every write, so XLA neither drops a write nor reads before it (an optimization barrier is expanded
+        # away late in XLA's pipeline, after which an unused pure write is dead code).
+        rows_t = jnp.where(rows.token_rows >= 0, rows.token_rows, self.lengths.shape[0])  # padding: dropped
+        lengths = (self.lengths - self.state.num_new).at[rows_t].max(written, mode="drop")  # [R]
+        return lengths, self
+
+    def _spec(self, spec: AttentionSpec, head_dim: int) -> AttentionSpec:
         if spec.impl == "auto":
-            spec = spec.resolve(self.dtype, q.shape[-1], self.manager.device.platform)
+            spec = spec.resolve(self.dtype, head_dim, self.manager.device.platform)
         if spec.impl == "kernel" and spec.interpret and not spec.block_k:
             # Unmasked tile reads (interpret mode) reach the length rounded up to the tile: keep tiles within a page.
             c = self.manager.config
-            spec = dataclasses.replace(spec, block_k=spec.kernel_block_k(q.shape[-1], self.manager.max_seq,
+            spec = dataclasses.replace(spec, block_k=spec.kernel_block_k(head_dim, self.manager.max_seq,
                                                                          c.tokens_per_page))
+        return spec
+
+    def attention(self, layer: int, q: jax.Array, lengths: jax.Array, spec: AttentionSpec) -> jax.Array:
+        """Attention of the pending tokens ``q [B, T, Hq, D]`` over ``layer``, read below ``lengths`` only."""
         k, k_entry, v, v_entry = self.layer_kv(layer)
-        return cache_attention(q, k, v, self.slots, lengths, self.num_new, spec, k_entry=k_entry, v_entry=v_entry)
+        return cache_attention(q, k, v, self.slots, lengths, self.num_new, self._spec(spec, q.shape[-1]),
+                               k_entry=k_entry, v_entry=v_entry)
+
+    def attention_packed(self, layer: int, q: jax.Array, lengths: jax.Array, rows: PackedRows,
+                         spec: AttentionSpec) -> jax.Array:
+        """``attention`` for a packed step: ``q [N, Hq, D]`` laid out as ``rows``; ``[N, Hq, D]``."""
+        k, k_entry, v, v_entry = self.layer_kv(layer)
+        return packed_cache_attention(q, k, v, self.slots, lengths, self.num_new, rows, self._spec(spec, q.shape[-1]),
+                                      k_entry=k_entry, v_entry=v_entry)
 
     def export(self) -> CacheState:
         """What a top-level jit returns: the per-row state only (returning a view would copy the cache)."""

@@ -33,7 +33,9 @@ class EngineConfig:
       overlap_allocation: ``"thread"``, ``"inline"`` or ``"off"``; lookahead: eager tokens mapped ahead;
       deferred_reclaim, best_fit: finished requests keep their pages, new ones take the best fit;
       premap: every slot mapped beforehand (the control).
-    Compilation: attn (kernels or jnp reference), min_decode_bucket, min_prefill_bucket (bucket floors).
+    Compilation: attn (kernels or jnp reference); packed_steps: every row's tokens flat in one token axis with one
+      padding bucket for the total (``packing``; the default), else row groups (decodes, and prefill chunks padded
+      to the longest); min_token_bucket (packed), min_decode_bucket, min_prefill_bucket (row groups): bucket floors.
     Overlap of host and device:
       async_scheduling: schedule and dispatch step t+1 while step t runs (vLLM's ``async_scheduling``); step t+1's
         decode inputs are step t's sampled tokens, taken on the device, and step t's results are applied one step
@@ -58,6 +60,8 @@ class EngineConfig:
     deferred_reclaim: bool = True
     best_fit: bool = True
     premap: bool = False
+    packed_steps: bool = True
+    min_token_bucket: int = 8
     min_decode_bucket: int = 1
     min_prefill_bucket: int = 1
     async_scheduling: bool = False
@@ -71,7 +75,7 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.overlap_allocation must be one of {OVERLAP_MODES}, "
                              f"got {self.overlap_allocation!r}")
         for name in ("max_batch", "max_seq", "page_size", "token_budget", "chunk_size", "max_prefill_rows",
-                     "min_decode_bucket", "min_prefill_bucket"):
+                     "min_token_bucket", "min_decode_bucket", "min_prefill_bucket"):
             object.__setattr__(self, name, check_int(f"EngineConfig.{name}", getattr(self, name), low=1))
         for name in ("admission_headroom", "lookahead"):
             object.__setattr__(self, name, check_int(f"EngineConfig.{name}", getattr(self, name), low=0))
@@ -81,7 +85,7 @@ class EngineConfig:
         if self.layers_per_group != "all":
             object.__setattr__(self, "layers_per_group", check_int(
                 "EngineConfig.layers_per_group", self.layers_per_group, low=1, hint="or 'all'"))
-        for name in ("deferred_reclaim", "best_fit", "premap", "async_scheduling"):
+        for name in ("deferred_reclaim", "best_fit", "premap", "async_scheduling", "packed_steps"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.attn is None:

@@ -361,8 +361,8 @@ class LLM:
         return self.generate(prompts, params, progress=progress)
 
     # -- compilation -------------------------------------------------------------------
-    def step_shapes(self) -> list[tuple]:
-        """Every row-group layout the bucketing can produce."""
+    def step_shapes(self) -> list:
+        """Every step shape the bucketing can produce (``ModelRunner.step_shapes``)."""
         return self.runner.step_shapes()
 
     @_serialized

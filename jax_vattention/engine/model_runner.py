@@ -1,13 +1,18 @@
 """``ModelRunner``: lays a scheduled step out for the device, buckets its shapes, jits and warms it up.
 
-A step is flat tokens in row groups (``segments``): decodes ``[Bd] x 1`` and
-prefill chunks ``[Bp] x T``. The projections and MLP run once over all tokens
-(one pass over the weights), and each group gets its own attention kernel.
+A step is flat tokens ``[N]``, laid out one of two ways (``EngineConfig.packed_steps``):
+
+* **packed** (the default): every row's tokens one after the other (``packing.PackedRows``), whatever its kind
+  and length, with one padding bucket for the total (``packing.token_bucket``: ``2^k`` and ``3 * 2^(k-1)``);
+  ``R = min(N, max_batch)`` rows and ``P = min(max_prefill_rows, R)`` prefill rows are fixed by ``N``, so a run
+  compiles one shape per token bucket. Attention takes the rows as they lie (the varlen kernel).
+* **row groups** (``segments``): decodes ``[Bd] x 1`` and prefill chunks ``[Bp] x T``, each bucketed to a power
+  of two, every chunk padded to the longest (``inputs.bucket``); each group gets its own attention kernel.
+
+The projections and MLP run once over all tokens (one pass over the weights) either way.
 Sampling runs on the device, so a step returns ``[R]`` token ids (a ``SampleOutput``, with their logprobs when
 a request asks for them), not logits. The static ``SamplingMode`` is part of the jit key: a batch pays for
 penalties, min_p, min_tokens or logprobs only when one of its sampled rows uses them.
-``Bd``, ``Bp`` and ``T`` are bucketed to powers of two (``inputs.bucket``), so a
-long run compiles few shapes (``num_compiled``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 from ..attention.dispatch import AttentionSpec
 from ..cache import KVPool
 from ..inputs import bucket
+from ..packing import PackedRows, token_bucket, token_buckets
 from ..sampling import SampleOutput, SamplingMode, SamplingRows, sample, sampling_mode
 from .config import EngineConfig
 from .protocol import CausalLM, Segment
@@ -43,21 +49,47 @@ class StepInputs:
     # [N] int32: -1 where ``tokens`` holds the token, else the row of the previous step's token slab that is it
     # (async scheduling: a pending token, known only on the device)
     from_prev: Any
+    rows: PackedRows | None = None  # a packed step's row layout; None: row groups (``segments``)
 
     @classmethod
-    def padding(cls, segments: tuple[Segment, ...], mode: SamplingMode | str = "greedy") -> StepInputs:
-        """Inputs of ``segments`` whose rows all hold padding (warmup), with the sampling leaves ``mode`` needs."""
-        rows, n_tok = segments[-1][1], sum((r1 - r0) * t for r0, r1, t in segments)
+    def padding(cls, shape: StepShape, mode: SamplingMode | str = "greedy") -> StepInputs:
+        """Inputs of a step ``shape`` whose rows all hold padding (warmup), with the sampling leaves ``mode``
+        needs."""
+        rows, n_tok = shape_dims(shape)
         zeros = np.zeros(n_tok, np.int32)
+        packed = None
+        if isinstance(shape, PackedShape):
+            packed = PackedRows.build([], shape.num_tokens, shape.num_rows, shape.num_prefill, shape.max_row_tokens)
         return cls(zeros, zeros.copy(), np.zeros(rows, np.int32), SamplingRows.padding(rows, mode),
-                   np.full(n_tok, -1, np.int32))
+                   np.full(n_tok, -1, np.int32), packed)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedShape:
+    """A packed step's static shape: ``N`` tokens, ``R`` rows, ``P`` prefill rows, ``T`` tokens per row at most."""
+
+    num_tokens: int
+    num_rows: int
+    num_prefill: int
+    max_row_tokens: int
+
+
+# A step's static shape: its row groups, or a packed step's sizes.
+StepShape = tuple[Segment, ...] | PackedShape
+
+
+def shape_dims(shape: StepShape) -> tuple[int, int]:
+    """``(rows, tokens)`` of a step shape."""
+    if isinstance(shape, PackedShape):
+        return shape.num_rows, shape.num_tokens
+    return shape[-1][1], sum((r1 - r0) * t for r0, r1, t in shape)
 
 
 @dataclasses.dataclass(frozen=True)
 class StepLayout:
     """A scheduled step laid out on the host: the rows' cache coordinates and their inputs."""
 
-    segments: tuple[Segment, ...]
+    segments: StepShape
     slots: np.ndarray  # [R] int32
     starts: np.ndarray  # [R] int32, tokens cached before the step
     counts: np.ndarray  # [R] int32, tokens the step writes
@@ -88,8 +120,12 @@ def _forward(graphdef, params, cache, inputs: StepInputs, prev_slab, *, segments
 
     model = nnx.merge(graphdef, params)
     tokens = jnp.where(inputs.from_prev >= 0, prev_slab[jnp.maximum(inputs.from_prev, 0)], inputs.tokens)  # [N]
-    logits, cache = model.forward_segments(tokens, inputs.positions, cache, segments, attn=attn,
-                                           logit_index=inputs.logit_index)  # [R, V]
+    if inputs.rows is not None:
+        logits, cache = model.forward_packed(tokens, inputs.positions, cache, inputs.rows, attn=attn,
+                                             logit_index=inputs.logit_index)  # [R, V]
+    else:
+        logits, cache = model.forward_segments(tokens, inputs.positions, cache, segments, attn=attn,
+                                               logit_index=inputs.logit_index)  # [R, V]
     sampled = sample(logits.astype(jnp.float32), inputs.sampling, mode)
     slab = jnp.zeros_like(prev_slab).at[:sampled.tokens.shape[0]].set(sampled.tokens.astype(prev_slab.dtype))
     return sampled, cache.export(), slab
@@ -124,6 +160,8 @@ class ModelRunner:
     def layout(self, out: SchedulerOutput, pending: dict[int, int] | None = None) -> StepLayout:
         """Lay ``out`` out. ``pending`` (async scheduling): request id -> row of the step in flight whose sampled
         token is the request's pending token; a decode of such a request takes its input from there."""
+        if self.config.packed_steps:
+            return self._layout_packed(out, pending)
         c = self.config
         groups: list[tuple[list[Chunk], int, int]] = []  # (chunks, rows, T)
         if out.decodes:
@@ -143,22 +181,55 @@ class ModelRunner:
         for (group, _, t), (r0, _, _) in zip(groups, segments):
             off = sum((s1 - s0) * st for s0, s1, st in segments if s0 < r0)
             for i, ch in enumerate(group):
-                r, b, o = ch.request, r0 + i, off + i * t
-                assert r.slot is not None  # scheduled requests hold a slot
-                known = r.token_slice(ch.start, ch.num_tokens)
-                inputs.tokens[o:o + len(known)] = known
-                if len(known) < ch.num_tokens:  # a decode of a pending token: the step in flight samples it
-                    if pending is None or len(known) != ch.num_tokens - 1 or r.request_id not in pending:
-                        raise RuntimeError(f"request {r.request_id}: tokens {ch.start}..{ch.start + ch.num_tokens}"
-                                           f" are not known and no step in flight samples them")
-                    inputs.from_prev[o + ch.num_tokens - 1] = pending[r.request_id]
-                inputs.positions[o:o + ch.num_tokens] = np.arange(ch.start, ch.start + ch.num_tokens)
-                slots[b], starts[b], counts[b] = r.slot, ch.start, ch.num_tokens
-                inputs.logit_index[b] = o + ch.num_tokens - 1
+                b, o = r0 + i, off + i * t
+                self._place(inputs, b, o, ch, pending)
+                slots[b], starts[b], counts[b] = ch.request.slot or 0, ch.start, ch.num_tokens
                 chunks.append((b, ch))
         mode, sampling = self._sampling([(b, ch.request) for b, ch in chunks if ch.samples], row)
         inputs = dataclasses.replace(inputs, sampling=sampling)
         return StepLayout(tuple(segments), slots, starts, counts, inputs, mode, chunks)
+
+    def packed_shape(self, num_tokens: int) -> PackedShape:
+        """The packed step shape of ``num_tokens`` real tokens: its token bucket, and the rows that bucket fixes."""
+        c = self.config
+        n = token_bucket(num_tokens, max(c.token_budget, c.max_batch), c.min_token_bucket)
+        rows = min(n, c.max_batch)
+        return PackedShape(n, rows, min(c.max_prefill_rows, rows), min(c.chunk_size, n))
+
+    def _layout_packed(self, out: SchedulerOutput, pending: dict[int, int] | None) -> StepLayout:
+        """``layout`` of a packed step: rows' tokens one after the other from token 0, padding after."""
+        group = list(out.decodes) + list(out.prefills)
+        counts_real = [ch.num_tokens for ch in group]
+        shape = self.packed_shape(sum(counts_real))
+        inputs = StepInputs.padding(shape)
+        rows = PackedRows.build(counts_real, shape.num_tokens, shape.num_rows, shape.num_prefill,
+                                shape.max_row_tokens)
+        inputs = dataclasses.replace(inputs, rows=rows)
+        slots = np.full(shape.num_rows, group[0].request.slot, np.int32)  # padding rows: count 0 on a live slot
+        starts, counts = np.zeros(shape.num_rows, np.int32), np.zeros(shape.num_rows, np.int32)
+        chunks = []
+        for b, ch in enumerate(group):
+            self._place(inputs, b, int(rows.offsets[b]), ch, pending)
+            slots[b], starts[b], counts[b] = ch.request.slot or 0, ch.start, ch.num_tokens
+            chunks.append((b, ch))
+        mode, sampling = self._sampling([(b, ch.request) for b, ch in chunks if ch.samples], shape.num_rows)
+        inputs = dataclasses.replace(inputs, sampling=sampling)
+        return StepLayout(shape, slots, starts, counts, inputs, mode, chunks)
+
+    @staticmethod
+    def _place(inputs: StepInputs, b: int, o: int, ch: Chunk, pending: dict[int, int] | None) -> None:
+        """Write chunk ``ch`` (row ``b``, first token at flat index ``o``) into the host ``inputs``."""
+        r = ch.request
+        assert r.slot is not None  # scheduled requests hold a slot
+        known = r.token_slice(ch.start, ch.num_tokens)
+        inputs.tokens[o:o + len(known)] = known
+        if len(known) < ch.num_tokens:  # a decode of a pending token: the step in flight samples it
+            if pending is None or len(known) != ch.num_tokens - 1 or r.request_id not in pending:
+                raise RuntimeError(f"request {r.request_id}: tokens {ch.start}..{ch.start + ch.num_tokens}"
+                                   f" are not known and no step in flight samples them")
+            inputs.from_prev[o + ch.num_tokens - 1] = pending[r.request_id]
+        inputs.positions[o:o + ch.num_tokens] = np.arange(ch.start, ch.start + ch.num_tokens)
+        inputs.logit_index[b] = o + ch.num_tokens - 1
 
     @staticmethod
     def _sampling(rows: list[tuple[int, Request]], num_rows: int) -> tuple[SamplingMode, SamplingRows]:
@@ -204,13 +275,16 @@ class ModelRunner:
         return self._call(step.segments, step.mode, cache, step.inputs, None if prev is None else prev.token_slab)
 
     # -- shapes ------------------------------------------------------------------
-    def step_shapes(self) -> list[tuple[Segment, ...]]:
-        """Every row-group layout the bucketing can produce."""
+    def step_shapes(self) -> list[StepShape]:
+        """Every step shape the bucketing can produce (packed: one per token bucket)."""
         c = self.config
+        if c.packed_steps:
+            return [self.packed_shape(n) for n in token_buckets(max(c.token_budget, c.max_batch),
+                                                                  c.min_token_bucket)]
         decode = sorted({bucket(n, c.max_batch, c.min_decode_bucket) for n in range(1, c.max_batch + 1)})
         rows = sorted({bucket(n, c.max_prefill_rows) for n in range(1, c.max_prefill_rows + 1)})
         chunk = sorted({bucket(n, c.chunk_size, c.min_prefill_bucket) for n in range(1, c.chunk_size + 1)})
-        layouts: list[tuple[Segment, ...]] = [((0, d, 1),) for d in decode]
+        layouts: list[StepShape] = [((0, d, 1),) for d in decode]
         for d in [0, *decode]:
             layouts += [((0, d, 1), (d, d + p, t))[1 if d == 0 else 0:] for p in rows for t in chunk]
         return layouts
@@ -240,7 +314,7 @@ class ModelRunner:
             jobs = [(segments, SamplingMode.of(mode)) for segments in self.step_shapes() for mode in modes]
 
             def cache_for(segments):
-                zeros = np.zeros(segments[-1][1], np.int32)
+                zeros = np.zeros(shape_dims(segments)[0], np.int32)
                 return self.pool.cache(np.full(zeros.shape, slot, np.int32), zeros, zeros)  # nothing is written
 
             if compile_threads > 1 and len(jobs) > 1:

@@ -40,12 +40,19 @@ class CausalLM(Protocol):
         """
         ...
 
+    def forward_packed(self, tokens: jax.Array, positions: jax.Array, cache: Any, rows: Any, *,
+                       attn: AttentionSpec, logit_index: jax.Array) -> tuple[jax.Array, Any]:
+        """Forward a packed step: flat ``tokens [N]`` at ``positions [N]``, rows of any lengths one after the
+        other as ``rows`` (``jax_vattention.packing.PackedRows``) lays them out; each layer calls the cache's
+        ``write_packed`` and ``attention_packed``. Returns ``(logits [R, V], cache)`` for ``logit_index [R]``."""
+        ...
+
 
 def check_model(model: Any) -> None:
     """Raise ``TypeError`` naming what ``model`` lacks to be a ``CausalLM``."""
     if model is None or not isinstance(model, CausalLM):
         raise TypeError(f"model must implement jax_vattention.engine.CausalLM (a `config` and "
-                        f"`forward_segments`), got {type(model).__name__}")
+                        f"`forward_segments` and `forward_packed`), got {type(model).__name__}")
     missing = [f for f in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "eos_token_ids")
                if not hasattr(model.config, f)]
     if missing:
