@@ -250,7 +250,7 @@ def roofline_markdown(payload: dict) -> list[str]:
     return md
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=("sharegpt", "long"), default="sharegpt")
     ap.add_argument("--requests", type=int, default=None)
@@ -273,7 +273,40 @@ def main():
                     help="online mode: Poisson arrivals at this many requests/s (default inf: all at t=0, offline)")
     ap.add_argument("--quick", action="store_true", help="4 layers, 48 requests, batch 16")
     ap.add_argument("--report", metavar="JSON", help="print the report of an earlier run's JSON; runs nothing")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.layers = args.layers or 4
+        args.requests = args.requests or 48
+        args.max_batch = args.max_batch or 16
+    return args
+
+
+def _sizes(args) -> tuple[int, int, int]:
+    """``(requests, max_batch, default max_batch)`` of the arguments."""
+    long = args.workload == "long"
+    default_batch = 8 if long else 64
+    return args.requests or (32 if long else 512), args.max_batch or default_batch, default_batch
+
+
+def result_name(args) -> str:
+    """The stem of the run's result files: a run of other sizes, budget, rate or tag never overwrites another's."""
+    n_req, max_batch, default_batch = _sizes(args)
+    name = f"serving_{args.workload}_" + ("quick" if args.quick else f"{n_req}req")
+    if not args.quick and max_batch != default_batch:
+        name += f"_b{max_batch}"  # a non-default batch limit must not overwrite the default run
+    if args.budget_gib:
+        name += f"_{args.budget_gib:g}gib"
+    if not math.isinf(args.request_rate):
+        name += f"_rate{args.request_rate:g}"
+    if args.tag:
+        if not re.fullmatch(r"[A-Za-z0-9-]+", args.tag):
+            raise SystemExit(f"--tag takes letters, digits and '-', got {args.tag!r}")
+        name += f"_{args.tag}"
+    return name
+
+
+def main():
+    args = parse_args()
     if args.report:
         print(markdown(json.loads(pathlib.Path(args.report).read_text())))
         return
@@ -283,15 +316,9 @@ def main():
     if not args.request_rate > 0:
         raise SystemExit(f"--request-rate must be positive, got {args.request_rate}")
     cfg = models.get_preset(args.preset)
-    if args.quick:
-        args.layers = args.layers or 4
-        args.requests = args.requests or 48
-        args.max_batch = args.max_batch or 16
     layers = args.layers or cfg.num_layers
     cfg = cfg.replace(num_layers=layers)
-    n_req = args.requests or (32 if long else 512)
-    default_batch = 8 if long else 64
-    max_batch = args.max_batch or default_batch
+    n_req, max_batch, _ = _sizes(args)
     max_seq = args.max_seq or (33280 if long else 4096)
     token_bytes = 2 * layers * cfg.num_kv_heads * cfg.head_dim * 2  # K and V of every layer, bf16
     budget_tokens = args.budget_tokens or (6 * 32768 if long else 24 * 4096)  # static: 6 / 24 slots
@@ -349,17 +376,7 @@ def main():
         return LLM(model, pool_bytes=budget, **common)
 
     results, runs, checks, compile_s = {}, {}, {}, {}
-    result_name = f"serving_{args.workload}_" + ("quick" if args.quick else f"{n_req}req")
-    if not args.quick and max_batch != default_batch:
-        result_name += f"_b{max_batch}"  # a non-default batch limit must not overwrite the default run
-    if args.budget_gib:
-        result_name += f"_{args.budget_gib:g}gib"
-    if online:
-        result_name += f"_rate{args.request_rate:g}"
-    if args.tag:
-        if not re.fullmatch(r"[A-Za-z0-9-]+", args.tag):
-            raise SystemExit(f"--tag takes letters, digits and '-', got {args.tag!r}")
-        result_name += f"_{args.tag}"
+    name_of_run = result_name(args)
 
     def run(name, llm, overrides):
         llm.config = dataclasses.replace(llm.config, async_scheduling=overrides.get("async_scheduling", False))
@@ -392,7 +409,7 @@ def main():
         rs = sorted(runs[name], key=lambda x: x["output_tokens_per_s"])
         results[name] = dict(rs[(len(rs) - 1) // 2], all_output_tokens_per_s=[x["output_tokens_per_s"] for x in
                                                                             runs[name]])
-        write_results(result_name, dict(results=results, partial=True), "partial: " + ", ".join(results))
+        write_results(name_of_run, dict(results=results, partial=True), "partial: " + ", ".join(results))
         print(f"  {name:22s} {r['requests_per_s']:7.2f} req/s {r['output_tokens_per_s']:9.0f} out tok/s  "
               f"TTFT p50 {r['ttft_p50_s']:.2f}s  TBT p50 {r['tbt_p50_s'] * 1e3:.1f} ms "
               f"p99 {r['tbt_p99_s'] * 1e3:.1f} ms"
@@ -458,7 +475,7 @@ def main():
     if not long and not online and results.get("vattention", {}).get("roofline_fraction") is not None:
         targets["roofline_fraction >= 0.6 (sharegpt)"] = results["vattention"]["roofline_fraction"] >= 0.6
 
-    name = result_name
+    name = name_of_run
     payload = dict(results=results, ratios=ratios, targets=targets, checks=checks, compile_s=compile_s,
                    peaks=peaks, model_cost=dataclasses.asdict(cost),
                    config=dict(request_rate=None if not online else args.request_rate, arrival_seed=arrival_seed,

@@ -14,6 +14,8 @@
 #        without deferred reclamation, paged16, static),
 #        bench-serving-tight (the same at an 8 GiB KV budget, B <= 256),
 #        bench-serving-packed (the 24 GiB run: packed steps, the row-group engine before them, async, paged16),
+#        headline-sharegpt, headline-long, headline-tight (issue 16's headline: one workload each, every call
+#        rewrites benchmarks/results/headline_<device>.json from the workloads run so far; benchmarks/headline.py),
 #        bench-serving-2k (512 requests, B <= 256, a 2048-token step budget: packed sync and async, paged16),
 #        bench-serving-async (the 24 GiB run: vattention synchronous and asynchronous scheduling, paged16; roofline
 #        and device idle fraction), bench-serving-online (vattention and paged16 at 8 requests/s, Poisson arrivals),
@@ -65,6 +67,7 @@ for step in "$@"; do
     bench-serving-async) python3 benchmarks/bench_serving.py --requests 256 --max-batch 128 --budget-tokens 196608 --configs vattention,vattention-async,paged16 --tag async > "$OUT/bench_serving_async.log" 2>&1 || status=1; summary "$OUT/bench_serving_async.log" 30 ;;
     bench-serving-packed) python3 benchmarks/bench_serving.py --requests 256 --max-batch 128 --budget-tokens 196608 --configs vattention,vattention-groups,vattention-async,paged16 --tag packed > "$OUT/bench_serving_packed.log" 2>&1 || status=1; summary "$OUT/bench_serving_packed.log" 30 ;;
     bench-serving-2k) python3 benchmarks/bench_serving.py --requests 512 --max-batch 256 --budget-tokens 196608 --token-budget 2048 --configs vattention,vattention-async,paged16 --tag 2k > "$OUT/bench_serving_2k.log" 2>&1 || status=1; summary "$OUT/bench_serving_2k.log" 30 ;;
+    headline-sharegpt|headline-long|headline-tight) python3 benchmarks/headline.py --workloads "${step#headline-}" > "$OUT/$step.log" 2>&1 || status=1; summary "$OUT/$step.log" 30 ;;
     bench-serving-online) python3 benchmarks/bench_serving.py --requests 256 --max-batch 128 --budget-tokens 196608 --configs vattention,paged16 --request-rate 8 --tag online > "$OUT/bench_serving_online.log" 2>&1 || status=1; summary "$OUT/bench_serving_online.log" 30 ;;
     bench-serving-tight) python3 benchmarks/bench_serving.py --requests 256 --max-batch 256 --budget-gib 8 --configs vattention,vattention-no-reclaim,vattention-per-layer,paged16 > "$OUT/bench_serving_tight.log" 2>&1 || status=1; summary "$OUT/bench_serving_tight.log" 30 ;;
     bench-server) { server_wheels && PYTHONPATH=/tmp/server-wheels${PYTHONPATH:+:$PYTHONPATH} python3 benchmarks/bench_server.py --preset llama-3-8b --request-rate 4,8 --requests 128 --kv-cache vattention,paged --kv-budget-gib 8 --max-num-seqs 128 --max-model-len 4096; } > "$OUT/bench_server.log" 2>&1 || status=1; summary "$OUT/bench_server.log" 30 ;;

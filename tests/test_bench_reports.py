@@ -196,3 +196,40 @@ def test_attention_merge_refuses_parts_that_do_not_fit(tmp_path, monkeypatch, de
         path.write_text(json.dumps(attention_part(device, [(b, ctx, 0.5)], 1.0)))
     with pytest.raises(SystemExit, match=error):
         bench_attention.merge_parts(paths)
+
+
+def test_headline_keys_from_the_workload_results(tmp_path, monkeypatch):
+    """The headline's ratios are the side-by-side ones of each workload's run; it reads complete result files of
+    one device only, under the stems bench_serving.py derives from the headline's own arguments."""
+    headline = pytest.importorskip("headline")
+    tl = [(0.0, 1, GIB, GIB)]
+
+    def payload(**tputs):
+        res = {k: dict(serving_result(k, tl, t, peak_physical=(2 if k == "paged16" else 1) * GIB),
+                       total_tokens_per_s=3 * t, roofline_fraction=0.4) for k, t in tputs.items()}
+        return dict(results=res, device="NVIDIA H200")
+
+    runs = dict(sharegpt=payload(vattention=100.0, paged16=80.0, static=40.0, **{"vattention-premapped": 101.0}),
+                long=payload(vattention=50.0, paged16=40.0, static=10.0), tight=payload(vattention=30.0, paged16=25.0))
+    h = headline.headline(runs)
+    s = h["sharegpt"]
+    assert (s["vs_paged"], s["vs_paged_jax"], s["vs_static"]) == (1.25, 1.25, 2.5)
+    assert s["physical_kv_vs_paged"] == 0.5 and s["premapped_ratio"] == 1.01 and s["total_tokens_per_s"] == 300
+    assert h["long"] == dict(output_tokens_per_s=50.0, vs_paged=1.25, vs_static=5.0)
+    assert h["tight"] == dict(output_tokens_per_s=30.0, vs_paged=1.2) and h["device"] == "NVIDIA H200"
+    assert "bench_serving.py --requests 1000" in h["workload_commands"]["sharegpt"]
+
+    # the stems are what bench_serving.py names the files of those arguments
+    for w, (args, stem) in headline.WORKLOADS.items():
+        a = bench_serving.parse_args(args)
+        assert bench_serving.result_name(a) == stem, w
+    monkeypatch.setattr(headline, "RESULTS", tmp_path)
+    for w, p in runs.items():
+        (tmp_path / f"{headline.WORKLOADS[w][1]}_dev.json").write_text(json.dumps(p))
+    (tmp_path / f"{headline.WORKLOADS['tight'][1]}_dev.json").write_text(json.dumps(dict(runs["tight"], partial=True)))
+    assert headline.main(["--workloads", "", "--device-slug", "dev"]) == 0
+    written = json.loads((tmp_path / "headline_dev.json").read_text())
+    assert set(written) >= {"sharegpt", "long", "paged_kernel", "command", "device"} and "tight" not in written
+    runs["long"]["device"] = "NVIDIA H100"
+    with pytest.raises(SystemExit, match="different devices"):
+        headline.headline(runs)

@@ -109,6 +109,7 @@ def test_summary_counts_stopped_requests_as_complete():
     s = EngineStats().summary(outs, 1.0)
     assert s["completed"] == 3 and s["failed"] == 2 and s["requests"] == 6 and s["preemptions"] == 15
     assert s["output_tokens_per_s"] == 1 + 1 + 1 + 1 + 3 + 3  # every sequence's tokens
+    assert s["prompt_tokens"] == 6 and s["total_tokens_per_s"] == 6 + 10  # each prompt once, whatever its n
     assert s["ttft_p50_s"] == 0.1 and s["tbt_p99_s"] <= 0.03
 
 

@@ -79,6 +79,7 @@ class EngineStats:
         ttft = [o.metrics.ttft_s for o in outputs if o.metrics.ttft_s is not None]
         tbt = [x for o in outputs for x in o.metrics.inter_token_s]
         n_out = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        n_prompt = sum(len(o.prompt_token_ids) for o in outputs)
 
         def pct(xs: list[float], q: float) -> float:
             return float(np.percentile(xs, q)) if xs else float("nan")
@@ -88,6 +89,7 @@ class EngineStats:
             requests=len(outputs),
             completed=sum(all(c.finish_reason in FINISHED_OK for c in o.outputs) for o in outputs), wall_s=wall_s,
             requests_per_s=len(outputs) / wall_s, output_tokens_per_s=n_out / wall_s,
+            prompt_tokens=n_prompt, output_tokens=n_out, total_tokens_per_s=(n_prompt + n_out) / wall_s,
             ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), tbt_p50_s=pct(tbt, 50), tbt_p99_s=pct(tbt, 99),
             peak_batch=self.peak_batch, peak_used_kv_bytes=self.peak_used_bytes,
             peak_physical_kv_bytes=self.peak_physical_bytes, steps=self.steps,
