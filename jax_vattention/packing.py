@@ -74,10 +74,6 @@ class PackedRows:
         prefill[:multi.size] = multi
         return cls(offsets, token_rows, prefill, int(max_row_tokens))
 
-    @property
-    def num_tokens(self) -> int:
-        return int(jnp.shape(self.token_rows)[0])
-
     def token_coords(self, slots, starts):
         """``(slot [N], position [N])`` of every token (slot -1 for padding tokens), from the rows'
         ``slots [R]`` and ``starts [R]`` (tokens cached before the step)."""

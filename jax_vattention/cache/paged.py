@@ -115,9 +115,8 @@ class PagedKVCache(CacheRows):
     def write_packed(self, layer: int, k_new: jax.Array, v_new: jax.Array, rows: PackedRows
                      ) -> tuple[jax.Array, PagedKVCache]:
         """``write`` for a packed step: ``k_new/v_new [N, Hkv, D]`` laid out as ``rows``."""
-        live = (rows.token_rows >= 0) & (self.slots[jnp.maximum(rows.token_rows, 0)] >= 0)
-        _, pos = rows.token_coords(self.slots, self.lengths - self.state.num_new)  # [N]
-        return self.lengths, self._scatter(layer, jnp.where(live, rows.token_rows, -1), pos, k_new, v_new)
+        slot_t, pos = rows.token_coords(self.slots, self.lengths - self.state.num_new)  # [N] each; slot -1: none
+        return self.lengths, self._scatter(layer, jnp.where(slot_t >= 0, rows.token_rows, -1), pos, k_new, v_new)
 
     def _scatter(self, layer: int, rows, pos, k_new, v_new) -> PagedKVCache:
         """Store ``k_new/v_new [..., Hkv, D]`` at position ``pos`` of row ``rows`` (same leading shape) through

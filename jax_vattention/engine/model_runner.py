@@ -52,14 +52,15 @@ class StepInputs:
     rows: PackedRows | None = None  # a packed step's row layout; None: row groups (``segments``)
 
     @classmethod
-    def padding(cls, shape: StepShape, mode: SamplingMode | str = "greedy") -> StepInputs:
+    def padding(cls, shape: StepShape, mode: SamplingMode | str = "greedy", counts=()) -> StepInputs:
         """Inputs of a step ``shape`` whose rows all hold padding (warmup), with the sampling leaves ``mode``
-        needs."""
+        needs; a packed shape's rows are laid out for ``counts`` (tokens per real row; none: warmup)."""
         rows, n_tok = shape_dims(shape)
         zeros = np.zeros(n_tok, np.int32)
         packed = None
         if isinstance(shape, PackedShape):
-            packed = PackedRows.build([], shape.num_tokens, shape.num_rows, shape.num_prefill, shape.max_row_tokens)
+            packed = PackedRows.build(counts, shape.num_tokens, shape.num_rows, shape.num_prefill,
+                                      shape.max_row_tokens)
         return cls(zeros, zeros.copy(), np.zeros(rows, np.int32), SamplingRows.padding(rows, mode),
                    np.full(n_tok, -1, np.int32), packed)
 
@@ -182,8 +183,8 @@ class ModelRunner:
             off = sum((s1 - s0) * st for s0, s1, st in segments if s0 < r0)
             for i, ch in enumerate(group):
                 b, o = r0 + i, off + i * t
-                self._place(inputs, b, o, ch, pending)
-                slots[b], starts[b], counts[b] = ch.request.slot or 0, ch.start, ch.num_tokens
+                slots[b] = self._place(inputs, b, o, ch, pending)
+                starts[b], counts[b] = ch.start, ch.num_tokens
                 chunks.append((b, ch))
         mode, sampling = self._sampling([(b, ch.request) for b, ch in chunks if ch.samples], row)
         inputs = dataclasses.replace(inputs, sampling=sampling)
@@ -201,24 +202,23 @@ class ModelRunner:
         group = list(out.decodes) + list(out.prefills)
         counts_real = [ch.num_tokens for ch in group]
         shape = self.packed_shape(sum(counts_real))
-        inputs = StepInputs.padding(shape)
-        rows = PackedRows.build(counts_real, shape.num_tokens, shape.num_rows, shape.num_prefill,
-                                shape.max_row_tokens)
-        inputs = dataclasses.replace(inputs, rows=rows)
+        inputs = StepInputs.padding(shape, counts=counts_real)
+        assert inputs.rows is not None
         slots = np.full(shape.num_rows, group[0].request.slot, np.int32)  # padding rows: count 0 on a live slot
         starts, counts = np.zeros(shape.num_rows, np.int32), np.zeros(shape.num_rows, np.int32)
         chunks = []
         for b, ch in enumerate(group):
-            self._place(inputs, b, int(rows.offsets[b]), ch, pending)
-            slots[b], starts[b], counts[b] = ch.request.slot or 0, ch.start, ch.num_tokens
+            slots[b] = self._place(inputs, b, int(inputs.rows.offsets[b]), ch, pending)
+            starts[b], counts[b] = ch.start, ch.num_tokens
             chunks.append((b, ch))
         mode, sampling = self._sampling([(b, ch.request) for b, ch in chunks if ch.samples], shape.num_rows)
         inputs = dataclasses.replace(inputs, sampling=sampling)
         return StepLayout(shape, slots, starts, counts, inputs, mode, chunks)
 
     @staticmethod
-    def _place(inputs: StepInputs, b: int, o: int, ch: Chunk, pending: dict[int, int] | None) -> None:
-        """Write chunk ``ch`` (row ``b``, first token at flat index ``o``) into the host ``inputs``."""
+    def _place(inputs: StepInputs, b: int, o: int, ch: Chunk, pending: dict[int, int] | None) -> int:
+        """Write chunk ``ch`` (row ``b``, first token at flat index ``o``) into the host ``inputs``; returns its
+        request's slot."""
         r = ch.request
         assert r.slot is not None  # scheduled requests hold a slot
         known = r.token_slice(ch.start, ch.num_tokens)
@@ -230,6 +230,7 @@ class ModelRunner:
             inputs.from_prev[o + ch.num_tokens - 1] = pending[r.request_id]
         inputs.positions[o:o + ch.num_tokens] = np.arange(ch.start, ch.start + ch.num_tokens)
         inputs.logit_index[b] = o + ch.num_tokens - 1
+        return r.slot
 
     @staticmethod
     def _sampling(rows: list[tuple[int, Request]], num_rows: int) -> tuple[SamplingMode, SamplingRows]:
