@@ -204,9 +204,11 @@ def test_engine_step_has_no_effects_and_keeps_every_write(model):
 
 
 def test_packed_step_has_no_effects_and_keeps_every_write(model):
-    """A packed step writes each layer's tokens through one pure call (one-token rows), and XLA keeps it: each
-    row's length is the largest its tokens' writes return, which attention reads."""
+    """A packed step copies no cache-sized buffer and writes each layer's tokens through one pure call
+    (one-token rows), and XLA keeps it: each row's length is the largest its tokens' writes return, which
+    attention reads."""
     from jax_vattention.engine.model_runner import StepInputs
+    from jax_vattention.hlo import assert_no_cache_copy
 
     with LLM(model, max_batch=4, max_seq=128, attn=REF, page_bytes=4096, token_budget=32, chunk_size=16) as llm:
         slot = llm.manager.allocate(16)
@@ -220,4 +222,5 @@ def test_packed_step_has_no_effects_and_keeps_every_write(model):
         assert not traced.jaxpr.effects
         hlo = traced.lower().compile().as_text()
         assert hlo.count('custom_call_target="vattn_write"') == model.config.num_layers
+        assert_no_cache_copy(hlo, llm.manager)  # the packed step reads the views in place
         llm.manager.free(slot)
