@@ -139,8 +139,12 @@ class Manager {
     d["pages_budget"] = s.pages_budget;
     d["pages_created"] = s.pages_created;
     d["pages_free"] = s.pages_free;
+    d["pages_in_use"] = s.pages_in_use;
     d["pages_mapped"] = s.pages_mapped;
+    d["pages_pinned"] = s.pages_pinned;
+    d["pages_shared"] = s.pages_shared;
     d["pages_mapped_free_slots"] = s.pages_mapped_free_slots;
+    d["pages_live"] = s.pages_live;
     d["mapped_bytes"] = s.pages_mapped * s.page_bytes;
     d["physical_bytes"] = s.pages_created * s.page_bytes;
     d["live_slots"] = s.live_slots;
@@ -151,6 +155,7 @@ class Manager {
     // Tuples, as jax_vattention.CacheStats holds them.
     d["slot_capacity"] = nb::tuple(nb::cast(s.slot_capacity));
     d["slot_allocated"] = nb::tuple(nb::cast(std::vector<bool>(s.slot_allocated.begin(), s.slot_allocated.end())));
+    d["slot_shared_pages"] = nb::tuple(nb::cast(s.slot_shared_pages));
     return d;
   }
 
@@ -287,6 +292,33 @@ NB_MODULE(_core, m) {
             return s.m().trim(n, release_physical);
           },
           nb::arg("max_pages"), nb::arg("release_physical"))
+      // Page sharing: handles are PageHandles (uint64) as Python ints, [page][tensor].
+      .def(
+          "pin_pages",
+          [](Manager& s, nb::handle slot, nb::handle n_pages) {
+            const int64_t i = to_int64(slot, "slot"), n = to_int64(n_pages, "n_pages");
+            nb::gil_scoped_release release;
+            return s.m().pin_pages(i, n);
+          },
+          nb::arg("slot"), nb::arg("n_pages"))
+      .def(
+          "unpin_pages",
+          [](Manager& s, const std::vector<PageHandle>& handles) {
+            nb::gil_scoped_release release;
+            s.m().unpin_pages(handles);
+          },
+          nb::arg("handles"))
+      .def(
+          "map_shared",
+          [](Manager& s, nb::handle slot, const std::vector<PageHandle>& handles) {
+            const int64_t i = to_int64(slot, "slot");
+            nb::gil_scoped_release release;
+            s.m().map_shared(i, handles);
+          },
+          nb::arg("slot"), nb::arg("handles"))
+      .def(
+          "shared_pages", [](Manager& s, nb::handle slot) { return s.m().shared_pages(to_int64(slot, "slot")); },
+          nb::arg("slot"))
       .def(
           "tensor_view",
           [](Manager& s, nb::handle tensor, uint8_t dtype_code, uint8_t dtype_bits, nb::handle owner) {

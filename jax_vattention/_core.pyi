@@ -7,6 +7,7 @@ handed to ``_set_error_classes`` (``jax_vattention.errors``).
 """
 
 import sys
+from collections.abc import Sequence
 from typing import SupportsIndex, TypedDict
 
 if sys.version_info >= (3, 13):
@@ -29,8 +30,12 @@ class _Stats(TypedDict):
     pages_budget: int
     pages_created: int
     pages_free: int
+    pages_in_use: int
     pages_mapped: int
+    pages_pinned: int
+    pages_shared: int
     pages_mapped_free_slots: int
+    pages_live: int
     mapped_bytes: int
     physical_bytes: int
     live_slots: int
@@ -40,6 +45,7 @@ class _Stats(TypedDict):
     unmaps: int
     slot_capacity: tuple[int, ...]
     slot_allocated: tuple[bool, ...]
+    slot_shared_pages: tuple[int, ...]
 
 class Manager:
     """One cache: its reservations, page pool and slots, registered for the FFI handlers under ``id``."""
@@ -111,6 +117,18 @@ class Manager:
     def free(self, slot: SupportsIndex) -> None: ...
     def trim(self, max_pages: SupportsIndex, release_physical: bool) -> int:
         """Unmap pages of free slots (all when max_pages < 0); returns the pages unmapped."""
+    def pin_pages(self, slot: SupportsIndex, n_pages: SupportsIndex) -> list[int]:
+        """Pin the physical pages at page indices ``[0, n_pages)`` of ``slot`` in every tensor: ``n_pages *
+        num_tensors`` opaque handles, ``[page][tensor]``, each referenced once more. ``SlotStateError`` if the slot
+        is not allocated, ``CacheValueError`` if it has fewer than ``n_pages`` mapped."""
+    def unpin_pages(self, handles: Sequence[int]) -> None:
+        """Drop one pin of each handle (a page whose last reference goes returns to the free list);
+        ``CacheValueError``, with nothing unpinned, if a handle is not pinned (that often)."""
+    def map_shared(self, slot: SupportsIndex, handles: Sequence[int]) -> None:
+        """Map ``[page][tensor]`` handles (pinned or mapped pages) at the first page indices of ``slot``, read-only
+        for it, after unmapping the slot's own pages; all or nothing."""
+    def shared_pages(self, slot: SupportsIndex) -> int:
+        """Page indices of ``slot`` mapped by ``map_shared`` (its read-only prefix)."""
     def tensor_view(
         self,
         tensor: SupportsIndex,

@@ -153,17 +153,25 @@ class _ViewTracker:
 @dataclasses.dataclass(frozen=True)
 class CacheStats:
     """A snapshot of the manager's accounting. Page counts are summed over all reserved tensors
-    (``config.num_tensors``: ``2 * num_layers`` per-layer, ``num_layers / layers_per_group`` interleaved)."""
+    (``config.num_tensors``: ``2 * num_layers`` per-layer, ``num_layers / layers_per_group`` interleaved).
+
+    With prefix sharing (``pin_pages`` / ``map_shared``) one physical page may be mapped into several slots:
+    ``pages_mapped`` (and ``mapped_bytes``) count *mappings*, so an aliased page counts once per slot that maps it,
+    while ``pages_in_use`` counts distinct physical pages (what ``pages_budget`` bounds)."""
 
     reserved_bytes: int  # virtual address space held
-    mapped_bytes: int  # physical pages mapped into some slot
-    physical_bytes: int  # physical pages that exist (mapped + free list)
+    mapped_bytes: int  # pages_mapped * page_bytes (per mapping)
+    physical_bytes: int  # physical pages that exist (in use + free list)
     page_bytes: int
     pages_budget: int
     pages_created: int
-    pages_free: int
-    pages_mapped: int
+    pages_free: int  # created and unreferenced: on the free list
+    pages_in_use: int  # pages_created - pages_free: distinct pages some mapping or pin references
+    pages_mapped: int  # mappings of pages into slots (an aliased page counts per mapping)
+    pages_pinned: int  # distinct pages with at least one pin
+    pages_shared: int  # distinct pages with more than one reference (mappings + pins)
     pages_mapped_free_slots: int  # held by free slots (deferred reclamation)
+    pages_live: int  # distinct pages mapped into allocated slots (an aliased page counts once)
     live_slots: int
     creates: int
     destroys: int
@@ -171,6 +179,7 @@ class CacheStats:
     unmaps: int
     slot_capacity: tuple[int, ...]  # tokens backed per slot
     slot_allocated: tuple[bool, ...]
+    slot_shared_pages: tuple[int, ...]  # page indices per slot mapped by map_shared (its read-only prefix)
 
 
 class KVCacheManager:
@@ -341,6 +350,57 @@ class KVCacheManager:
             raise CacheValueError(f"release_physical must be a bool, got {release_physical!r}")
         return int(self._native.trim(-1 if max_pages is None else max_pages, release_physical))
 
+    # -- prefix sharing (page aliasing) ---------------------------------------
+    def _check_handles(self, handles, what: str) -> list[int]:
+        if isinstance(handles, (str, bytes)) or not isinstance(handles, (tuple, list, np.ndarray)):
+            raise CacheValueError(f"{what}: handles must be a tuple or list of page handles (as pin_pages returns "
+                                  f"them), got {type(handles).__name__}")
+        out = []
+        for i, h in enumerate(np.asarray(handles).tolist() if isinstance(handles, np.ndarray) else handles):
+            out.append(check_int(f"{what}: handles[{i}]", h, low=0, high=2**64 - 1, hint="(a page handle)",
+                                 error=CacheValueError))
+        return out
+
+    def pin_pages(self, slot: int, n_pages: int) -> tuple[int, ...]:
+        """Pin the physical pages at page indices ``[0, n_pages)`` of ``slot`` in every reserved tensor.
+
+        Returns ``n_pages * config.num_tensors`` opaque handles, ``[page][tensor]``. Each pin keeps its page out of
+        the free list (and counted in ``pages_in_use``) after the slot unmaps it, until ``unpin_pages``. The page
+        index ``p`` holds tokens ``[p * tokens_per_page, (p + 1) * tokens_per_page)`` of the slot.
+        Raises ``SlotStateError`` if the slot is not allocated, ``CacheValueError`` if it has fewer than
+        ``n_pages`` pages mapped.
+        """
+        self._check_open()
+        slot = self._check_slot(slot)
+        n = check_int("n_pages", n_pages, low=0, high=2**62, error=CacheValueError)
+        return tuple(int(h) for h in self._native.pin_pages(slot, n))
+
+    def unpin_pages(self, handles) -> None:
+        """Drop one pin of each handle (from ``pin_pages``); a page with no reference left returns to the free
+        list. ``CacheValueError``, with nothing unpinned, if a handle is not pinned (or listed more often than it
+        is pinned)."""
+        self._check_open()
+        self._native.unpin_pages(self._check_handles(handles, "unpin_pages"))
+
+    def map_shared(self, slot: int, handles) -> None:
+        """Map pinned pages into ``slot`` at the same page indices, read-only for it.
+
+        ``handles`` are ``[page][tensor]`` (``n * config.num_tensors`` of them, as ``pin_pages`` returns them) and
+        must be pinned or mapped now. The slot's own pages are unmapped first (given back as a free without
+        deferred reclamation would), then handle ``[p][t]`` backs page ``p`` of tensor ``t``: the slot holds the
+        source's tokens ``[0, n * tokens_per_page)`` without a copy, its capacity is that many tokens, and a
+        write starting before the end of that range is refused (``CacheValueError`` on the host; the GPU write
+        guard refuses the row). ``grow`` maps owned pages after them. All or nothing on a backend failure.
+        """
+        self._check_open()
+        slot = self._check_slot(slot)
+        self._native.map_shared(slot, self._check_handles(handles, "map_shared"))
+
+    def shared_pages(self, slot: int) -> int:
+        """Page indices of ``slot`` mapped by ``map_shared`` (read-only for it); 0 once the slot is freed."""
+        self._check_open()
+        return int(self._native.shared_pages(self._check_slot(slot)))
+
     def capacity(self, slot: int) -> int:
         """Tokens currently backed in ``slot``."""
         self._check_open()
@@ -354,6 +414,7 @@ class KVCacheManager:
         s: dict[str, Any] = dict(self._native.stats())
         s["slot_capacity"] = tuple(s["slot_capacity"])
         s["slot_allocated"] = tuple(s["slot_allocated"])
+        s["slot_shared_pages"] = tuple(s["slot_shared_pages"])
         return CacheStats(**s)
 
     def check_device_errors(self) -> None:
@@ -365,7 +426,8 @@ class KVCacheManager:
         if flag:
             raise CacheValueError(
                 f"an earlier write was refused on the device: row {row} slot {slot} would end at token {end}, "
-                "past the slot's backed capacity (or the slot is not allocated)"
+                "past the slot's backed capacity, or starts inside its read-only shared range (or the slot is not "
+                "allocated)"
             )
 
     def device_mem_info(self) -> tuple[int, int]:

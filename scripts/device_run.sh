@@ -8,7 +8,7 @@
 #        long-run, sanitize, sanitize-kernels (memcheck of our Pallas kernels only, attention GPU tests),
 #        sanitize-engine (memcheck of the small engine GPU test), sanitize-model (memcheck of the 3 slowest model
 #        GPU tests, our kernels instrumented, warm compilation cache), engine-tests (engine/paged/reliability tests),
-#        tune-prefill (prefill tile sweep at the benchmark's shapes),
+#        tune-prefill (prefill tile sweep at the benchmark's shapes), bench-prefix(-quick) (issue 20's prefix caching),
 #        bench-zero-mapping (what a read-only zero mapping of a whole reservation costs on CUDA),
 #        bench-serving-layouts (ShareGPT-like, 256 requests, B <= 128: both vAttention layouts, the interleaved one
 #        without deferred reclamation, paged16, static),
@@ -69,6 +69,8 @@ for step in "$@"; do
     bench-serving-2k) python3 benchmarks/bench_serving.py --requests 512 --max-batch 256 --budget-tokens 196608 --token-budget 2048 --configs vattention,vattention-async,paged16 --tag 2k > "$OUT/bench_serving_2k.log" 2>&1 || status=1; summary "$OUT/bench_serving_2k.log" 30 ;;
     headline-sharegpt|headline-long|headline-tight) python3 benchmarks/headline.py --workloads "${step#headline-}" > "$OUT/$step.log" 2>&1 || status=1; summary "$OUT/$step.log" 30 ;;
     bench-serving-online) python3 benchmarks/bench_serving.py --requests 256 --max-batch 128 --budget-tokens 196608 --configs vattention,paged16 --request-rate 8 --tag online > "$OUT/bench_serving_online.log" 2>&1 || status=1; summary "$OUT/bench_serving_online.log" 30 ;;
+    bench-prefix) python3 benchmarks/bench_prefix.py > "$OUT/bench_prefix.log" 2>&1 || status=1; summary "$OUT/bench_prefix.log" 30 ;;
+    bench-prefix-quick) python3 benchmarks/bench_prefix.py --quick > "$OUT/bench_prefix_quick.log" 2>&1 || status=1; summary "$OUT/bench_prefix_quick.log" 30 ;;
     bench-serving-tight) python3 benchmarks/bench_serving.py --requests 256 --max-batch 256 --budget-gib 8 --configs vattention,vattention-no-reclaim,vattention-per-layer,paged16 > "$OUT/bench_serving_tight.log" 2>&1 || status=1; summary "$OUT/bench_serving_tight.log" 30 ;;
     bench-server) { server_wheels && PYTHONPATH=/tmp/server-wheels${PYTHONPATH:+:$PYTHONPATH} python3 benchmarks/bench_server.py --preset llama-3-8b --request-rate 4,8 --requests 128 --kv-cache vattention,paged --kv-budget-gib 8 --max-num-seqs 128 --max-model-len 4096; } > "$OUT/bench_server.log" 2>&1 || status=1; summary "$OUT/bench_server.log" 30 ;;
     bench-server-quick) { server_wheels && PYTHONPATH=/tmp/server-wheels${PYTHONPATH:+:$PYTHONPATH} python3 benchmarks/bench_server.py --quick; } > "$OUT/bench_server_quick.log" 2>&1 || status=1; summary "$OUT/bench_server_quick.log" 20 ;;

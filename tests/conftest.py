@@ -51,6 +51,29 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                   int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 
+def _map_count() -> int:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """XLA's CPU backend maps each compiled executable's code in several mappings of its own, and jax caches every
+    executable for the life of the process. Over a whole suite in one xdist worker they approach the kernel's
+    ``vm.max_map_count`` (65530), and then any mmap fails and the worker dies inside XLA (a segfault while writing
+    the compilation cache). Past 20000 mappings, drop jax's caches between modules (the persistent compilation
+    cache makes a later compile of the same shape a load); 17K mappings of one engine module went down to 0.6K."""
+    yield
+    if _map_count() > 20000:
+        import gc
+
+        jax.clear_caches()
+        gc.collect()
+
+
 def _gpus():
     try:
         return jax.devices("gpu")

@@ -185,6 +185,51 @@ def test_device_memory_moves_by_exactly_the_mapped_pages_at_16_tokens_a_page():
         assert free_now() == before
 
 
+def test_shared_prefix_pages_count_once_in_device_memory_and_are_read_only_on_the_device():
+    """Prefix caching on CUDA (Llama-3-8B's interleaved shape, 16 tokens a page): 10 pages pinned from one slot
+    and mapped into two more cost cuMemGetInfo 10 pages, not 30; the other slots read the same bytes; a write
+    starting in a shared range is refused by the write kernel (nothing stored) and one right after it lands."""
+    cfg = jv.CacheConfig(num_layers=32, max_batch=4, max_seq=4096, kv_heads=8, head_dim=128, dtype="bfloat16",
+                         layers_per_group=32)
+    with jv.KVCacheManager(cfg) as m:
+        free_now = lambda: m.device_mem_info()[0]  # noqa: E731
+        before = free_now()
+        a = m.allocate(160)  # 10 pages
+        x = jax.random.normal(jax.random.key(0), (1, 160, 8, 128), jnp.bfloat16)
+        jv.ops.write(m, 3, x, -x, jnp.array([a], jnp.int32), jnp.zeros(1, jnp.int32), jnp.full(1, 160, jnp.int32))
+        handles = m.pin_pages(a, 10)
+        b, c = m.allocate(), m.allocate()
+        m.map_shared(b, handles)
+        m.map_shared(c, handles)
+        assert before - free_now() == 10 * 2 * MIB
+        s = m.stats()
+        assert (s.pages_in_use, s.pages_live, s.pages_mapped, s.pages_shared) == (10, 10, 30, 10)
+        for slot in (b, c):
+            np.testing.assert_array_equal(token_bytes_at(m, 3, 0, slot, 0, 160), token_bytes_at(m, 3, 0, a, 0, 160))
+        m.grow(b, 161)  # an owned page after the shared ones
+        assert before - free_now() == 11 * 2 * MIB
+        bad = jnp.full((1, 1, 8, 128), 5, jnp.bfloat16)
+        jv.ops.write(m, 3, bad, bad, jnp.array([b], jnp.int32), jnp.array([159], jnp.int32),
+                     jnp.array([1], jnp.int32)).block_until_ready()
+        with pytest.raises(jv.CacheValueError, match="read-only shared range"):
+            m.check_device_errors()
+        np.testing.assert_array_equal(token_bytes_at(m, 3, 0, a, 159), token_bytes_at(m, 3, 0, c, 159))
+        assert not (token_bytes_at(m, 3, 0, a, 159).view(np.uint16) == 0x40A0).all()  # not 5.0 in bf16
+        out = jv.ops.write(m, 3, bad, bad, jnp.array([b], jnp.int32), jnp.array([160], jnp.int32),
+                           jnp.array([1], jnp.int32))
+        assert int(out[0]) == 161
+        m.check_device_errors()
+        assert (token_bytes_at(m, 3, 0, b, 160).view(np.uint16) == 0x40A0).all()
+        m.free(a)
+        m.free(b)
+        m.free(c)
+        m.unpin_pages(handles)
+        m.trim(release_physical=True)
+        s = m.stats()
+        assert (s.pages_in_use, s.pages_live, s.pages_shared, s.pages_pinned) == (0, 0, 0, 0)
+        assert free_now() == before
+
+
 def _run_isolated(code: str):
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     return subprocess.run(

@@ -266,3 +266,40 @@ def test_block_tables_are_fragmented_and_cache_checks_capacity():
             pool.cache([5], [0], [0])
         pool.free(a)
         assert not (np.asarray(pool.cache([b], [0], [0]).state.block_tables) == pool.pages_total()).any()
+
+
+def test_pool_block_sharing_counts_references_and_refuses_writes_into_shared_pages():
+    """Prefix caching on the paged baseline: pinned pages outlive their slot, another slot's block table points
+    at them (read-only there), a shared page counts once in ``pages_live``, and a page returns to the free list
+    when its last block-table entry and pin go."""
+    page_bytes = 2 * 1 * PAGE * 2 * 64 * 2
+    with make_pool(max_seq=128, pool_bytes=8 * page_bytes) as pool:
+        a = take(pool, 40)  # 3 pages
+        pinned = pool.pin_prefix(a, 2)
+        assert pinned == tuple(int(p) for p in pool.cache([a], [0], [0]).state.block_tables[0, :2])
+        pool.free(a)
+        assert pool.pages_live() == 0
+        s = take(pool)
+        assert pool.grow(s, 7 * PAGE).exhausted  # 2 pinned pages of 8 stay taken
+        pool.free(s)
+        b, c = take(pool), take(pool)
+        assert pool.map_prefix(b, pinned).ok and pool.map_prefix(c, pinned).ok
+        assert pool.capacity(b) == 2 * PAGE and pool.pages_live() == 2  # two tables, one copy
+        assert pool.grow(b, 2 * PAGE + 1).ok and pool.pages_live() == 3
+        tables = pool.cache([b, c], [0, 0], [0, 0]).state.block_tables
+        assert tuple(tables[0, :2]) == tuple(tables[1, :2]) == pinned
+        with pytest.raises(CacheValueError, match=r"read-only shared range \[0, 32\)"):
+            pool.cache([b], [31], [2])
+        pool.cache([b, c], [32, 0], [1, 0])  # right after the shared pages; a write of nothing anywhere
+        pool.unpin(pinned)
+        pool.free(b)
+        assert pool.pages_live() == 2  # c still maps them
+        with pytest.raises(CacheValueError, match="has 0 pin"):
+            pool.unpin(pinned)  # no pin left: refused, nothing changes
+        pool.free(c)
+        assert sorted(pool._free) == list(range(8)) and not pool._refs.any()
+        d = take(pool)
+        with pytest.raises(CacheValueError, match=r"handles\[0\] = .* is not a pinned or mapped page"):
+            pool.map_prefix(d, pinned)  # freed pages are no handles
+        with pytest.raises(CacheValueError, match="n_pages"):
+            pool.pin_prefix(d, 1)  # holds no page

@@ -240,6 +240,7 @@ def test_many_concurrent_streams_all_terminate(server):
     assert not llm.scheduler.has_unfinished() and llm.manager.stats().live_slots == 0
     _, metrics = http(base + "/metrics", raw=True)
     assert "vattn_time_to_first_token_seconds_bucket" in metrics and "vattn_requests_running 0.0" in metrics
+    assert "vattn_prefix_cache_hit_rate 0.0" in metrics  # prefix caching off: reported as no hits
     assert http(base + "/health") == (200, {"status": "ok"})
 
 

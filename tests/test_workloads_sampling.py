@@ -5,7 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_vattention.engine.workloads import long_context, sharegpt_like
+from jax_vattention.engine.workloads import (
+    chat_turns,
+    conversation_prompts,
+    long_context,
+    shared_system_prompt,
+    sharegpt_like,
+)
 from jax_vattention.sampler import SamplingMode
 from jax_vattention.sampling import SamplingParams, SamplingRows, filter_logits_reference, sample_rows, sampling_mode
 
@@ -27,6 +33,25 @@ def test_workloads_are_seeded_and_shaped_like_their_traffic():
         sharegpt_like(0, vocab_size=10)
     with pytest.raises(ValueError, match="min_prompt"):
         long_context(2, vocab_size=10, min_prompt=10, max_prompt=5)
+
+
+def test_prefix_caching_workloads_share_what_they_should():
+    w = shared_system_prompt(30, vocab_size=1000, seed=1, system_len=100)
+    assert w.prompts == shared_system_prompt(30, vocab_size=1000, seed=1, system_len=100).prompts
+    assert all(p[:100] == w.prompts[0][:100] and len(p) > 100 for p in w.prompts)  # one system prompt, own tails
+    assert len({tuple(p[100:]) for p in w.prompts}) == 30
+    turns = chat_turns(5, 3, vocab_size=1000, seed=2, system_len=20)
+    assert len(turns) == 3 and all(len(t) == 5 for t in turns)
+    assert all(p[:20] == turns[0].prompts[0][:20] for p in turns[0].prompts)  # turn 1 starts with the system
+    answers = [[1, 2]] * 5
+    nxt = conversation_prompts(turns[0].prompts, answers, turns[1].prompts)
+    assert nxt[3] == turns[0].prompts[3] + [1, 2] + turns[1].prompts[3]  # re-sends the conversation so far
+    with pytest.raises(ValueError, match="system_len"):
+        shared_system_prompt(3, vocab_size=10, system_len=0)
+    with pytest.raises(ValueError, match="turns"):
+        chat_turns(3, 0, vocab_size=10)
+    with pytest.raises(ValueError, match="differ in length"):
+        conversation_prompts(turns[0].prompts, answers[:4], turns[1].prompts)
 
 
 def test_sampling_mode_is_the_cheapest_that_covers_the_batch():

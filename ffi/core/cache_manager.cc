@@ -49,6 +49,10 @@ void CacheManager::close() {
   closed_ = true;
   backend_->synchronize();
   for (int64_t s = 0; s < layout_.max_batch; ++s) unmap_pages(s, 0);
+  for (const auto& [page, pins] : pins_)  // pinned pages go last, when nothing maps them
+    for (int64_t i = 0; i < pins; ++i) drop_ref(page);
+  pins_.clear();
+  live_maps_.clear(), pages_live_ = 0;
   for (PageHandle p : free_pages_) backend_->destroy_page(p, layout_.page_bytes), ++destroys_;
   pages_created_ -= static_cast<int64_t>(free_pages_.size());
   free_pages_.clear();
@@ -155,19 +159,26 @@ int64_t CacheManager::allocate(int64_t min_tokens) {
     throw Error(ErrorKind::kInvalidArgument, "allocate: min_tokens " + std::to_string(min_tokens) +
                                                  " is outside [0, max_seq=" + std::to_string(layout_.max_seq) + "]");
   const int64_t need = layout_.pages_for_tokens(min_tokens);
-  // Best fit: the free slot with the fewest mapped pages that still covers
-  // `need`; otherwise the one with the most (fewest pages left to map).
+  // Best fit: the free slot with the fewest reusable pages (exclusive_pages)
+  // that still covers `need`; otherwise the one with the most.
+  std::vector<int64_t> reusable(layout_.max_batch, 0);
   int64_t best = -1;
   for (int64_t i = 0; i < layout_.max_batch; ++i) {
     if (slots_[i].allocated) continue;
+    reusable[i] = exclusive_pages(slots_[i]);
     if (best < 0) { best = i; continue; }
-    const int64_t m = slots_[i].mapped_pages, bm = slots_[best].mapped_pages;
+    const int64_t m = reusable[i], bm = reusable[best];
     const bool fits = m >= need, best_fits = bm >= need;
     if ((fits && (!best_fits || m < bm)) || (!fits && !best_fits && m > bm)) best = i;
   }
   if (best < 0)
     throw Error(ErrorKind::kSlotState, "allocate: all " + std::to_string(layout_.max_batch) + " slots are in use");
-  slots_[best].allocated = true;
+  if (reusable[best] < slots_[best].mapped_pages) {  // pages another slot or a pin still reads
+    backend_->synchronize();
+    unmap_pages(best, reusable[best]);
+  }
+  set_allocated(slots_[best], true);
+  slots_[best].shared_pages = 0;
   ++capacity_version_;
   // A fitting slot's pages beyond `need` are kept only while the pool could
   // map that many afresh: under pressure they would sit idle in a live slot
@@ -185,7 +196,7 @@ int64_t CacheManager::allocate(int64_t min_tokens) {
     try {
       grow_locked(&s32, &l32, 1);
     } catch (...) {
-      slots_[best].allocated = false;
+      set_allocated(slots_[best], false);
       throw;
     }
   }
@@ -198,7 +209,8 @@ void CacheManager::free(int64_t slot) {
   check_slot(slot);
   if (!slots_[slot].allocated)
     throw Error(ErrorKind::kSlotState, "free: slot " + std::to_string(slot) + " is not allocated (double free?)");
-  slots_[slot].allocated = false;
+  set_allocated(slots_[slot], false);
+  slots_[slot].shared_pages = 0;  // allocate() unmaps the shared pages before a new owner could write them
   ++capacity_version_;
   if (!deferred_reclaim_ && slots_[slot].mapped_pages > 0) {
     backend_->synchronize();
@@ -232,12 +244,15 @@ int64_t CacheManager::capacity(int64_t slot) const {
   return layout_.tokens_for_pages(slots_[slot].mapped_pages);
 }
 
-uint64_t CacheManager::writable_capacity(std::vector<int32_t>* out) const {
+uint64_t CacheManager::writable_ranges(std::vector<int32_t>* out) const {
   std::lock_guard<std::mutex> lock(mu_);
-  out->assign(layout_.max_batch, 0);
+  out->assign(2 * layout_.max_batch, 0);  // [max_batch][2] {from, to}
   if (closed_) return capacity_version_;
-  for (int64_t i = 0; i < layout_.max_batch; ++i)
-    if (slots_[i].allocated) (*out)[i] = static_cast<int32_t>(layout_.tokens_for_pages(slots_[i].mapped_pages));
+  for (int64_t i = 0; i < layout_.max_batch; ++i) {
+    if (!slots_[i].allocated) continue;
+    (*out)[2 * i] = static_cast<int32_t>(tokens_touching_pages(slots_[i].shared_pages));
+    (*out)[2 * i + 1] = static_cast<int32_t>(layout_.tokens_for_pages(slots_[i].mapped_pages));
+  }
   return capacity_version_;
 }
 
@@ -252,12 +267,17 @@ void CacheManager::check_write(int64_t slot, int64_t start, int64_t count) const
   check_slot(slot);
   if (!slots_[slot].allocated)
     throw Error(ErrorKind::kSlotState, "write: slot " + std::to_string(slot) + " is not allocated");
+  const std::string range = "tokens [" + std::to_string(start) + ", " + std::to_string(start + count) + ") of slot " +
+                            std::to_string(slot);
   const int64_t cap = layout_.tokens_for_pages(slots_[slot].mapped_pages);
   if (start < 0 || count < 0 || start + count > cap)
-    throw Error(ErrorKind::kInvalidArgument, "write: tokens [" + std::to_string(start) + ", " +
-                                                 std::to_string(start + count) + ") of slot " + std::to_string(slot) +
-                                                 " are not backed (capacity " + std::to_string(cap) +
+    throw Error(ErrorKind::kInvalidArgument, "write: " + range + " are not backed (capacity " + std::to_string(cap) +
                                                  " tokens); grow the slot first");
+  const int64_t shared = tokens_touching_pages(slots_[slot].shared_pages);
+  if (count > 0 && start < shared)  // an empty write touches nothing (padding rows write 0 tokens at 0)
+    throw Error(ErrorKind::kInvalidArgument, "write: " + range + " start inside its read-only shared range [0, " +
+                                                 std::to_string(shared) + ") mapped by map_shared; write from token " +
+                                                 std::to_string(shared) + " on");
 }
 
 CacheStats CacheManager::stats() const {
@@ -267,6 +287,10 @@ CacheStats CacheManager::stats() const {
   st.pages_budget = pages_budget_;
   st.pages_created = pages_created_;
   st.pages_free = static_cast<int64_t>(free_pages_.size());
+  st.pages_in_use = st.pages_created - st.pages_free;
+  st.pages_live = pages_live_;
+  st.pages_pinned = static_cast<int64_t>(pins_.size());
+  st.pages_shared = pages_shared_;
   st.reserved_bytes = static_cast<int64_t>(bases_.size()) * layout_.tensor_bytes;
   st.creates = creates_, st.destroys = destroys_, st.maps = maps_, st.unmaps = unmaps_;
   const int64_t T = layout_.num_tensors();
@@ -276,6 +300,7 @@ CacheStats CacheManager::stats() const {
     st.live_slots += s.allocated ? 1 : 0;
     st.slot_capacity.push_back(layout_.tokens_for_pages(s.mapped_pages));
     st.slot_allocated.push_back(s.allocated ? 1 : 0);
+    st.slot_shared_pages.push_back(s.shared_pages);
   }
   return st;
 }

@@ -30,7 +30,7 @@ void DeviceWriteGuard::allocate_tables(void* stream) {
   const int64_t n = manager_->layout().max_batch;
   Tables t;
   try {
-    t.capacity = memory_.allocate(n * sizeof(int32_t));
+    t.capacity = memory_.allocate(2 * n * sizeof(int32_t));  // {from, to} per slot
     t.refused = memory_.allocate(kRefusedBytes);
     memory_.fill_zero(stream, t.refused, kRefusedBytes);
   } catch (...) {
@@ -39,7 +39,7 @@ void DeviceWriteGuard::allocate_tables(void* stream) {
     throw;
   }
   tables_ = t;
-  capacity_entries_ = n;
+  capacity_entries_ = 2 * n;
   uploaded_version_ = 0;
 }
 
@@ -47,8 +47,8 @@ DeviceWriteGuard::Tables DeviceWriteGuard::sync(void* stream) {
   std::lock_guard<std::mutex> lock(mu_);
   if (!tables_.capacity) allocate_tables(stream);
   if (uploaded_version_ == 0 || uploaded_version_ != manager_->capacity_version()) {
-    std::vector<int32_t> capacity;
-    const uint64_t version = manager_->writable_capacity(&capacity);
+    std::vector<int32_t> capacity;  // [max_batch][2] {from, to}
+    const uint64_t version = manager_->writable_ranges(&capacity);
     // Pageable source: the call returns once the data is staged, so `capacity`
     // may go away afterwards; the copy is ordered on the stream before the kernel.
     memory_.copy_to_device(stream, tables_.capacity, capacity.data(), capacity_entries_ * sizeof(int32_t));
@@ -80,7 +80,8 @@ void DeviceWriteGuard::raise_refused(void* stream) {
   throw Error(ErrorKind::kInvalidArgument,
               "an earlier write was refused on the device: row " + std::to_string(r.row) + " slot " +
                   std::to_string(r.slot) + " would end at token " + std::to_string(r.end) +
-                  ", past the slot's backed capacity (or the slot is not allocated); nothing was written for it");
+                  ", past the slot's backed capacity, or starts inside its read-only shared range (or the slot "
+                  "is not allocated); nothing was written for it");
 }
 
 }  // namespace vattn

@@ -20,7 +20,7 @@ namespace vattn {
 class DeviceWriteGuard {
  public:
   struct Tables {
-    uintptr_t capacity = 0;  // int32[max_batch], writable tokens per slot
+    uintptr_t capacity = 0;  // int32[max_batch][2] {from, to}: writable tokens per slot
     uintptr_t refused = 0;   // int32[4] {flag, row, slot, end position}
   };
   struct RefusedWrite {
@@ -35,7 +35,7 @@ class DeviceWriteGuard {
   DeviceWriteGuard& operator=(const DeviceWriteGuard&) = delete;
 
   DeviceMemory& memory() const { return memory_; }
-  // The tables, holding the manager's current writable capacity: uploaded on
+  // The tables, holding the manager's current writable ranges: uploaded on
   // `stream` whenever the manager's capacity version changed since the last call.
   Tables sync(void* stream);
   // Copies the refused-write record to the host and clears it. Waits for

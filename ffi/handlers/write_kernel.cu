@@ -8,14 +8,16 @@ namespace {
 // One block per (token, row); a block copies the row's K and V entry of that
 // token (entry_bytes each; consecutive tokens are token_bytes apart in the
 // cache). A row whose slot, count or positions fall outside the slot's
-// writable capacity is skipped and reported through `error`, so a bad index
-// never stores into unmapped memory.
+// writable range {from, to} is skipped and reported through `error`, so a bad
+// index never stores into unmapped memory, nor into pages the slot shares
+// read-only (tokens before `from`).
 __global__ void write_kv_kernel(WriteKernelArgs a) {
   const int64_t t = blockIdx.x, b = blockIdx.y;
   const int32_t slot = a.slots[b], start = a.starts[b], count = a.counts[b];
   const bool skip = slot < 0;
   const bool valid = skip || (slot < a.max_batch && count >= 0 && count <= a.tokens && start >= 0 &&
-                              int64_t{start} + count <= a.capacity[slot]);
+                              (count == 0 || start >= a.capacity[2 * slot]) &&
+                              int64_t{start} + count <= a.capacity[2 * slot + 1]);
   if (t == 0 && threadIdx.x == 0) {
     a.out_lengths[b] = (!skip && valid) ? start + count : start;
     if (!valid && atomicCAS(a.error, 0, 1) == 0) {

@@ -15,7 +15,8 @@ struct WriteKernelArgs {
   const int32_t* starts;       // [B]
   const int32_t* counts;       // [B]
   int32_t* out_lengths;        // [B]
-  const int32_t* capacity;     // [max_batch], writable tokens per slot
+  const int32_t* capacity;     // [max_batch][2] {from, to}: a row may write [start, start+count) iff
+                               // start + count <= to and (count == 0 or from <= start); from > 0: a shared read-only prefix
   int32_t* error;              // [4] {flag, row, slot, end position}
   void* k_base;                // the layer's K entry at slot 0, token 0 (tensor base + entry offset)
   void* v_base;                // the layer's V entry at slot 0, token 0

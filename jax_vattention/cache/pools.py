@@ -64,14 +64,21 @@ class VAttentionPool:
             if self.manager.closed:
                 raise CacheClosedError("the cache manager is closed")
             return GROWN
+        return self._backing(slot, self.manager.grow, slot, tokens)
+
+    def _backing(self, slot: int, call, *args) -> GrowResult:
+        """``call(*args)`` (a grow or a shared mapping of ``slot``) as a typed result; the slot's known capacity
+        follows it."""
         try:
-            self.manager.grow(slot, tokens)
+            call(*args)
         except PoolExhaustedError as e:
-            return GrowResult.out_of_pages(str(e))
+            result = GrowResult.out_of_pages(str(e))
         except BackendError as e:
-            return GrowResult.backend_fault(str(e))
-        self._capacity[slot] = self.manager.capacity(slot)
-        return GROWN
+            result = GrowResult.backend_fault(str(e))
+        else:
+            result = GROWN
+        self._capacity[slot] = self.manager.capacity(slot)  # a failed shared mapping may leave the slot with less
+        return result
 
     def free(self, slot: int) -> None:
         self.manager.free(slot)
@@ -90,14 +97,31 @@ class VAttentionPool:
         return self.manager.stats().pages_budget
 
     def pages_live(self) -> int:
-        s = self.manager.stats()
-        return s.pages_mapped - s.pages_mapped_free_slots
+        return self.manager.stats().pages_live  # distinct: a prefix page shared by n live slots counts once
 
     def memory(self) -> tuple[int, int]:
         """Bytes mapped into live slots (as the paged pool counts its blocks in use), and device bytes held by
         pages: live, kept by free slots for reuse (deferred reclamation) and spare handles."""
         s = self.manager.stats()
-        return (s.pages_mapped - s.pages_mapped_free_slots) * s.page_bytes, s.physical_bytes
+        return s.pages_live * s.page_bytes, s.physical_bytes
+
+    # -- prefix caching: pages shared between slots (the manager's pins and shared mappings) --------------------
+    @property
+    def tokens_per_page(self) -> int:
+        """Tokens of a slot one page index holds in every tensor: the sharing granularity."""
+        return self.manager.tokens_per_page
+
+    def pin_prefix(self, slot: int, n_pages: int) -> tuple[int, ...]:
+        """Pin the physical pages of ``slot``'s first ``n_pages`` page indices (``[page][tensor]`` handles)."""
+        return tuple(self.manager.pin_pages(slot, n_pages))
+
+    def unpin(self, handles) -> None:
+        self.manager.unpin_pages(list(handles))
+
+    def map_prefix(self, slot: int, handles) -> GrowResult:
+        """Map pinned pages into ``slot``'s first page indices, read-only for it (the manager refuses writes
+        there); on a failure nothing is mapped."""
+        return self._backing(slot, self.manager.map_shared, slot, list(handles))
 
     def premap(self) -> None:
         """Map every slot to ``max_seq`` and free it (pages stay): the "all mapped beforehand" control."""

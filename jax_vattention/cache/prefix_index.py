@@ -90,6 +90,14 @@ class PrefixIndex:
         self.hit_tokens += len(pages) * self.tokens_per_page
         return pages
 
+    def hold(self, key: bytes) -> CachedPage | None:
+        """The cached page ``key``, held for one more request (which computed the same tokens itself), or None
+        (not counted in the hit statistics)."""
+        page = self.pages.get(key)
+        if page is not None:
+            self._tick([page], +1)
+        return page
+
     def release(self, pages: Sequence[CachedPage]) -> None:
         """A request stopped using ``pages`` (finished, preempted or cancelled)."""
         for p in pages:

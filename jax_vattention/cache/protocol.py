@@ -185,3 +185,24 @@ class KVPool(Protocol):
         """Raise a write the device refused since the last call."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class SharingPool(KVPool, Protocol):
+    """A ``KVPool`` whose physical pages can be shared between slots (prefix caching): pinned, then mapped into
+    another slot's first page indices, read-only there. Pages return to the pool when their last pin and
+    mapping go."""
+
+    @property
+    def tokens_per_page(self) -> int:
+        """Tokens of a slot one page index holds (in every reserved tensor): the sharing granularity."""
+
+    def pin_prefix(self, slot: int, n_pages: int) -> tuple[int, ...]:
+        """Pin the physical pages of ``slot``'s first ``n_pages`` page indices; their handles, ``[page][tensor]``."""
+
+    def unpin(self, handles) -> None:
+        """Drop one pin of each handle."""
+
+    def map_prefix(self, slot: int, handles) -> GrowResult:
+        """Map pinned ``handles`` into ``slot``'s first page indices (read-only for it); on failure nothing is
+        mapped."""

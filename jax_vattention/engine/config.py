@@ -40,6 +40,11 @@ class EngineConfig:
       async_scheduling: schedule and dispatch step t+1 while step t runs (vLLM's ``async_scheduling``); step t+1's
         decode inputs are step t's sampled tokens, taken on the device, and step t's results are applied one step
         late (``LLM`` documents it). Off by default: the engine then waits for each step's tokens before the next.
+    Prefix caching:
+      enable_prefix_caching: a new request maps the longest cached run of full pages of its tokens into its slot
+        (the same physical pages, read-only for it) and prefills the rest (``engine.prefix_cache``). vattention
+        aliases the pages in virtual memory; paged points block-table entries at them (vLLM's block sharing).
+        Off by default.
     """
 
     kv_cache: str = "vattention"
@@ -65,6 +70,7 @@ class EngineConfig:
     min_decode_bucket: int = 1
     min_prefill_bucket: int = 1
     async_scheduling: bool = False
+    enable_prefix_caching: bool = False
 
     def __post_init__(self):
         if self.kv_cache not in KV_CACHES:
@@ -85,12 +91,16 @@ class EngineConfig:
         if self.layers_per_group != "all":
             object.__setattr__(self, "layers_per_group", check_int(
                 "EngineConfig.layers_per_group", self.layers_per_group, low=1, hint="or 'all'"))
-        for name in ("deferred_reclaim", "best_fit", "premap", "async_scheduling", "packed_steps"):
+        for name in ("deferred_reclaim", "best_fit", "premap", "async_scheduling", "packed_steps",
+                     "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.attn is None:
             object.__setattr__(self, "attn", AttentionSpec())
         if not isinstance(self.attn, AttentionSpec):
             raise ValueError(f"EngineConfig.attn must be an AttentionSpec, got {type(self.attn).__name__}")
+        if self.enable_prefix_caching and (self.kv_cache == "static" or self.premap):
+            raise ValueError("enable_prefix_caching needs pages to share: kv_cache='vattention' without premap, or "
+                             f"'paged' (got kv_cache={self.kv_cache!r}, premap={self.premap})")
         if self.premap and self.kv_cache != "vattention":
             raise ValueError("premap applies to the vattention cache only")

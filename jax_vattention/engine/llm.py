@@ -53,6 +53,7 @@ from .loaders import load_model_source, load_tokenizer_file
 from .map_ahead import MapAhead
 from .model_runner import ModelRunner, StepLayout
 from .outputs import RequestOutput, child_params
+from .prefix_cache import PrefixCache, prefix_namespace
 from .protocol import CausalLM, check_model
 from .request import Request
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -141,7 +142,9 @@ class LLM:
             self.scheduler = Scheduler(self.pool, SchedulerConfig(
                 max_batch=min(config.max_batch, self.pool.max_batch), token_budget=config.token_budget,
                 chunk_size=config.chunk_size, admission_headroom=config.admission_headroom,
-                best_fit=config.best_fit, max_prefill_rows=config.max_prefill_rows, max_seq=config.max_seq))
+                best_fit=config.best_fit, max_prefill_rows=config.max_prefill_rows, max_seq=config.max_seq),
+                prefix=PrefixCache(self.pool, prefix_namespace(cfg, self.pool)) if config.enable_prefix_caching
+                else None)
             manager = getattr(self.pool, "manager", None)
             platform = (manager.device if manager is not None else default_device()).platform
             self.attn = (config.attn or AttentionSpec()).resolve(dtype, cfg.head_dim, platform)
@@ -238,8 +241,12 @@ class LLM:
     def step(self) -> list[Request]:
         """Run one iteration; returns the requests that finished in it (with async scheduling: whose results
         this call applied, the previous step's; see the module's docstring)."""
-        if self.config.async_scheduling:
-            return self._async.step()
+        finished = self._async.step() if self.config.async_scheduling else self._sync_step()
+        if self.scheduler.prefix is not None:
+            self.stats.prefix_cache = self.scheduler.prefix.stats()
+        return finished
+
+    def _sync_step(self) -> list[Request]:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         self.stats.schedule_s += time.perf_counter() - t0

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from ..cache import GrowResult, KVPool
 from ..errors import PoolExhaustedError
 from ..sampling import TokenLogprobs
+from .prefix_cache import PrefixCache
 from .request import Request, Status
 
 
@@ -96,13 +97,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, pool: KVPool, config: SchedulerConfig):
+    def __init__(self, pool: KVPool, config: SchedulerConfig, prefix: PrefixCache | None = None):
         if config.max_batch > pool.max_batch:
             raise ValueError(
                 f"SchedulerConfig.max_batch={config.max_batch} exceeds the cache's max_batch={pool.max_batch}"
             )
         self.pool = pool
         self.config = config
+        self.prefix = prefix  # prefix caching: cached full pages mapped into new slots (None: off)
         # Requests must fit the configured limit, not the page-rounded one the pool may have.
         self.max_seq = min(pool.max_seq, config.max_seq or pool.max_seq)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -194,12 +196,24 @@ class Scheduler:
                                            len(r.prompt) + r.params.max_tokens)):
                 break
             n = min(r.remaining, self.config.chunk_size, budget)
-            alloc = self.pool.allocate(n if self.config.best_fit else 0)
+            alloc = self.pool.allocate(n if self.config.best_fit and self.prefix is None else 0)
             slot, result = alloc.slot, alloc.result
-            if slot is not None and not self.config.best_fit:
+            if slot is not None and self.prefix is not None:  # map its cached prefix, then back its first chunk
+                reused, result = self.prefix.admit(r, slot)
+                if result.ok:
+                    r.num_cached = reused
+                    n = min(r.remaining, self.config.chunk_size, budget)
+                    result = self.pool.grow(slot, reused + n)
+                if not result.ok:
+                    self.prefix.retire(r)  # r holds no slot yet: this only lets go of its cached pages
+                    r.num_cached = 0
+                    self.pool.free(slot)
+            elif slot is not None and not self.config.best_fit:
                 result = self.pool.grow(slot, n)
                 if not result.ok:
                     self.pool.free(slot)
+            if result.exhausted and self._evict_cached(self.pool.pages_needed(n)):
+                continue  # unheld cached pages made room: try again
             if result.exhausted:
                 break
             if not result.ok:
@@ -236,6 +250,7 @@ class Scheduler:
                 if r.finished:
                     self._release(r)
                     finished.append(r)
+        self._commit_prefills(out)
         return finished
 
     def reconcile(self, out: SchedulerOutput, sampled: Mapping[int, int | tuple[int, TokenLogprobs]],
@@ -269,7 +284,15 @@ class Scheduler:
                 r.num_pending = max(0, r.num_pending - 1)
             if progress is not None:
                 progress[0] = i + 1
+        self._commit_prefills(out)
         return finished
+
+    def _commit_prefills(self, out: SchedulerOutput) -> None:
+        """Prefix caching: index the pages the step's prefill chunks filled, for requests admitted from now on."""
+        if self.prefix is not None:
+            for chunk in out.prefills:
+                if chunk.request.status is Status.RUNNING:
+                    self.prefix.commit(chunk.request)
 
     # -- slots that steps in flight write (async scheduling) ------------------
     def mark_busy(self, slots) -> None:
@@ -302,6 +325,8 @@ class Scheduler:
         """Grow ``r``; True on success, False when the pool is full, None after a backend fault (handled)."""
         assert r.slot is not None
         result = self.pool.grow(r.slot, tokens)
+        while result.exhausted and self._evict_cached(self.pool.pages_needed(max(1, tokens - r.num_cached))):
+            result = self.pool.grow(r.slot, tokens)  # unheld cached pages made room
         if result.ok:
             return True
         if result.exhausted:
@@ -351,7 +376,13 @@ class Scheduler:
         self.waiting.appendleft(r)
         out.preempted.append(r)
 
+    def _evict_cached(self, pages: int) -> bool:
+        """Under pool pressure, unpin unheld cached pages worth ``pages``; whether any went."""
+        return self.prefix is not None and self.prefix.evict(pages) > 0
+
     def _release(self, r: Request) -> None:
+        if self.prefix is not None:
+            self.prefix.retire(r)  # index its full pages before the slot goes
         if r.slot is not None:
             if self._busy[r.slot] > 0:
                 self._deferred_frees.append(r.slot)

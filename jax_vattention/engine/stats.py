@@ -27,6 +27,8 @@ class EngineStats:
     device_steps: list[tuple[float, float]] = dataclasses.field(default_factory=list)
     sync_fallback_steps: int = 0  # async scheduling: steps that waited for the step in flight first (penalties)
     drains: int = 0  # async scheduling: schedules that waited for the step in flight to free memory
+    # prefix caching (``PrefixCache.stats``, refreshed every step): hit rate, tokens reused, cached pages
+    prefix_cache: dict | None = None
 
     def record_device_step(self, dispatched: float, ready: float) -> None:
         self.device_steps.append((dispatched, ready))
@@ -96,4 +98,5 @@ class EngineStats:
             schedule_ms_per_step=self.schedule_s / steps * 1e3, map_ahead_ms_per_step=self.map_ahead_s / steps * 1e3,
             device_idle_fraction=self.device_idle_fraction(),
             preemptions=sum(o.metrics.num_preemptions for o in outputs),
-            failed=sum(any(c.finish_reason == "error" for c in o.outputs) for o in outputs))
+            failed=sum(any(c.finish_reason == "error" for c in o.outputs) for o in outputs),
+            **(self.prefix_cache or {}))

@@ -26,6 +26,11 @@ class ServerMetrics:
                               registry=r)
         self.tbt = Histogram("vattn_time_between_tokens_seconds", "time between tokens", buckets=LATENCY_BUCKETS,
                              registry=r)
+        self.prefix_hit_rate = Gauge("vattn_prefix_cache_hit_rate",
+                                     "prompt tokens served from cached pages / prompt tokens looked up", registry=r)
+        self.prefix_hit_tokens = Gauge("vattn_prefix_cache_hit_tokens", "prompt tokens not prefilled (reused)",
+                                       registry=r)
+        self.prefix_pages = Gauge("vattn_prefix_cache_pages", "pages in the prefix index", registry=r)
         self._start = time.perf_counter()
 
     def observe(self, delta: StreamDelta) -> None:
@@ -47,4 +52,8 @@ class ServerMetrics:
         self.kv_physical.set(physical)
         manager = getattr(llm.pool, "manager", None)
         self.kv_reserved.set(manager.stats().reserved_bytes if manager is not None and not manager.closed else 0)
+        prefix = llm.stats.prefix_cache or {}
+        self.prefix_hit_rate.set(prefix.get("prefix_cache_hit_rate", 0.0))
+        self.prefix_hit_tokens.set(prefix.get("prefix_cache_hit_tokens", 0))
+        self.prefix_pages.set(prefix.get("prefix_cache_pages", 0))
         return generate_latest(self.registry)
