@@ -4,6 +4,8 @@ One model (Llama-3-8B shape, bf16, random weights), the same KV budget and engin
 
   vattention             prefix caching on: cached pages mapped into new slots (``EngineConfig.enable_prefix_caching``)
   vattention-no-prefix   the same engine with prefix caching off
+  vattention-per-layer   (optional) prefix caching on the per-layer layout: 1024 tokens a page for Llama-3-8B, so
+                         only prefixes of whole 1024-token pages are shared
   paged16                block tables of 16-token pages with prefix caching on: block-table entries point at the
                          cached pages (vLLM's block sharing)
   paged16-no-prefix      (optional) the paged baseline without sharing
@@ -54,6 +56,7 @@ GIB = 1 << 30
 CONFIGS = {
     "vattention": dict(kv_cache="vattention", enable_prefix_caching=True),
     "vattention-no-prefix": dict(kv_cache="vattention", enable_prefix_caching=False),
+    "vattention-per-layer": dict(kv_cache="vattention", enable_prefix_caching=True, layers_per_group=1),
     "paged16": dict(kv_cache="paged", page_size=16, enable_prefix_caching=True),
     "paged16-no-prefix": dict(kv_cache="paged", page_size=16, enable_prefix_caching=False),
 }

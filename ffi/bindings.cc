@@ -110,7 +110,9 @@ class Manager {
 
   // A DLPack tensor over reserved tensor `tensor`: [max_batch, max_seq, kv_heads, head_dim] per-layer,
   // [max_batch, max_seq, g, 2, kv_heads, head_dim] interleaved (CacheConfig.tensor_shape).
-  nb::ndarray<> tensor_view(int64_t tensor, uint8_t dtype_code, uint8_t dtype_bits, nb::handle owner) {
+  // `host_device` is the DLPack device id of a host view: which of the process's CPU devices jax puts it on.
+  nb::ndarray<> tensor_view(int64_t tensor, uint8_t dtype_code, uint8_t dtype_bits, nb::handle owner,
+                            int32_t host_device) {
     CacheManager& mm = m();
     const CacheLayout& L = mm.layout();
     void* addr = reinterpret_cast<void*>(mm.tensor_base(tensor));
@@ -120,7 +122,7 @@ class Manager {
     const size_t interleaved[6] = {mb, seq, static_cast<size_t>(L.layers_per_group), 2, h, d};
     const bool grouped = L.interleaved();
     nb::dlpack::dtype dt{dtype_code, dtype_bits, 1};
-    int device_type = nb::device::cpu::value, device_id = 0;
+    int device_type = nb::device::cpu::value, device_id = host_device;
     if (DeviceMemory* device = mm.backend().device_memory()) {  // device memory means the CUDA backend
       device_type = nb::device::cuda::value;
       device_id = device->device_ordinal();
@@ -215,6 +217,15 @@ NB_MODULE(_core, m) {
   });
 
   m.def("registrations", &registrations);
+  // Device groups (one cache per device, tensor parallelism): an id whose FFI calls each device resolves to its
+  // own cache by the XLA FFI device ordinal.
+  m.def(
+      "add_device_group",
+      [](const std::vector<int32_t>& ordinals, const std::vector<uint64_t>& ids) {
+        return ManagerRegistry::instance().add_group(ordinals, ids);
+      },
+      nb::arg("ordinals"), nb::arg("ids"));
+  m.def("remove_device_group", [](uint64_t id) { ManagerRegistry::instance().remove(id); }, nb::arg("id"));
   m.def("cuda_compiled", [] {
 #ifdef VATTN_WITH_CUDA
     return true;
@@ -321,11 +332,12 @@ NB_MODULE(_core, m) {
           nb::arg("slot"))
       .def(
           "tensor_view",
-          [](Manager& s, nb::handle tensor, uint8_t dtype_code, uint8_t dtype_bits, nb::handle owner) {
-            return s.tensor_view(to_int64(tensor, "tensor"), dtype_code, dtype_bits, owner);
+          [](Manager& s, nb::handle tensor, uint8_t dtype_code, uint8_t dtype_bits, nb::handle owner,
+             int32_t host_device) {
+            return s.tensor_view(to_int64(tensor, "tensor"), dtype_code, dtype_bits, owner, host_device);
           },
           nb::arg("tensor"), nb::arg("dtype_code"), nb::arg("dtype_bits"),
-          nb::arg("owner").none() = nb::none(), nb::rv_policy::reference)
+          nb::arg("owner").none() = nb::none(), nb::arg("host_device") = 0, nb::rv_policy::reference)
       .def(
           "capacity", [](Manager& s, nb::handle slot) { return s.m().capacity(to_int64(slot, "slot")); },
           nb::arg("slot"))

@@ -24,6 +24,13 @@ def registrations() -> dict[str, CapsuleType]:
 def cuda_compiled() -> bool:
     """Whether this build has the CUDA backend and handlers."""
 
+def add_device_group(ordinals: Sequence[int], ids: Sequence[int]) -> int:
+    """An id for caches ``ids``, one per device ordinal: an FFI call given it uses the cache of the device it runs
+    on (``ValueError``-like ``CacheValueError`` for mismatched lists, a repeated ordinal or a closed cache)."""
+
+def remove_device_group(id: int) -> None:
+    """Forget a device group (its caches stay open)."""
+
 class _Stats(TypedDict):
     reserved_bytes: int
     page_bytes: int
@@ -135,10 +142,11 @@ class Manager:
         dtype_code: int,
         dtype_bits: int,
         owner: object | None = None,
+        host_device: int = 0,
     ) -> CapsuleType:
         """A DLPack capsule over reserved tensor ``tensor``: ``[max_batch, max_seq, kv_heads, head_dim]`` per-layer,
         ``[max_batch, max_seq, g, 2, kv_heads, head_dim]`` interleaved; ``owner`` is kept alive until the consumer
-        releases the memory."""
+        releases the memory; a host view names CPU device ``host_device``."""
     def capacity(self, slot: SupportsIndex) -> int: ...
     def allocated(self, slot: SupportsIndex) -> bool: ...
     def stats(self) -> _Stats: ...

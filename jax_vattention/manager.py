@@ -87,7 +87,7 @@ class _DLPackTensor:
     def __init__(self, make_capsule, backend: str, device: jax.Device):
         self._make_capsule = make_capsule
         cuda = backend == "cuda"
-        self._device = (self._DL_CUDA if cuda else self._DL_CPU, device.local_hardware_id if cuda else 0)
+        self._device = (self._DL_CUDA if cuda else self._DL_CPU, int(device.local_hardware_id or 0))
 
     def __dlpack__(self, stream=None, max_version=None, dl_device=None, copy=None):
         if copy:
@@ -248,7 +248,9 @@ class KVCacheManager:
     def _view(self, tensor: int) -> jax.Array:
         code, bits = SUPPORTED_DTYPES[self.config.dtype]
         token = self._views.token()  # after this call, only jax's hold on the capsule keeps it alive
-        producer = _DLPackTensor(lambda: self._native.tensor_view(tensor, code, bits, token), self.backend, self.device)
+        host_device = 0 if self.backend == "cuda" else int(self.device.local_hardware_id or 0)  # which CPU device
+        producer = _DLPackTensor(lambda: self._native.tensor_view(tensor, code, bits, token, host_device),
+                                 self.backend, self.device)
         array = jax.dlpack.from_dlpack(producer)
         address = self._native.tensor_address(tensor)
         if array.unsafe_buffer_pointer() != address:  # never silently work on a copy

@@ -13,6 +13,7 @@ loop stops and the cache is closed (nothing stays mapped).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
@@ -53,8 +54,9 @@ def add_serve_parser(sub) -> None:
                       help="smallest decode batch compiled with --no-packed-steps (fewer shapes; default 1)")
     comp.add_argument("--min-prefill-bucket", type=int, default=None,
                       help="smallest prefill chunk compiled with --no-packed-steps (fewer shapes; default 1)")
-    s.add_argument("--enable-prefix-caching", action="store_true",
-                   help="reuse cached full pages of shared prompt prefixes (vAttention cache; /metrics reports hits)")
+    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse cached full pages of shared prompt prefixes (vattention and paged caches; off by "
+                        "default; /metrics reports hits)")
     comp.add_argument("--no-packed-steps", dest="packed_steps", action="store_false",
                       help="lay steps out as row groups (decodes, padded prefill chunks) instead of packed rows")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -88,8 +90,8 @@ def engine_settings(args) -> dict:
     settings.update({field: v for field in ENGINE_FLAGS.values() if (v := getattr(args, field)) is not None})
     if not getattr(args, "packed_steps", True):
         settings["packed_steps"] = False
-    if getattr(args, "enable_prefix_caching", False):
-        settings["enable_prefix_caching"] = True
+    if getattr(args, "enable_prefix_caching", None) is not None:
+        settings["enable_prefix_caching"] = args.enable_prefix_caching
     if args.kv_budget_gib is not None:
         gib = args.kv_budget_gib
         if not gib > 0 or gib == float("inf"):

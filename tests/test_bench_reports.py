@@ -233,3 +233,19 @@ def test_headline_keys_from_the_workload_results(tmp_path, monkeypatch):
     runs["long"]["device"] = "NVIDIA H100"
     with pytest.raises(SystemExit, match="different devices"):
         headline.headline(runs)
+
+
+def test_prefix_bench_arguments_and_report():
+    bench_prefix = pytest.importorskip("bench_prefix")
+    args = bench_prefix.parse_args(["--quick", "--configs", "vattention,paged16"])
+    assert args.configs == ["vattention", "paged16"] and args.layers == 4 and args.system_len <= 512
+    with pytest.raises(SystemExit):
+        bench_prefix.parse_args(["--configs", "vattention,nope"])
+    row = dict(output_tokens_per_s=100.0, total_tokens_per_s=900.0, ttft_p50_s=0.25, ttft_p99_s=1.5, tbt_p50_s=0.02,
+               tbt_p99_s=0.04, prefix_cache_hit_rate=0.75, prefix_cache_hit_tokens=1234, peak_used_kv_bytes=GIB,
+               peak_physical_kv_bytes=2 * GIB, peak_batch=7, preemptions=0)
+    payload = dict(results={"system": {"vattention": row}, "chat": {"vattention": row}},
+                   ratios={"ttft_p50_speedup": 3.5}, targets={"TTFT p50 >= 3x lower": True}, checks={}, config={})
+    md = bench_prefix.markdown(payload)
+    assert "| system | vattention | 100 | 900 | 0.25 / 1.50 | 20.0 / 40.0 | 75.0% | 1234 | 1.00 / 2.00 | 7 | 0 |" in md
+    assert "ttft_p50_speedup **3.500**" in md and "PASS" in md

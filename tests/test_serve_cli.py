@@ -50,8 +50,11 @@ def test_old_names_still_work_and_unset_flags_keep_the_engine_defaults():
     c = EngineConfig(**new)
     assert c.token_budget == EngineConfig.token_budget and c.pool_bytes is None
     assert serve_args().warmup is False and serve_args("--warmup").warmup is True
-    switches = engine_settings(serve_args("--enable-prefix-caching", "--no-packed-steps", "--min-token-bucket", "4"))
-    assert switches["enable_prefix_caching"] is True and switches["packed_steps"] is False
+    switches = engine_settings(serve_args("--no-enable-prefix-caching", "--no-packed-steps", "--min-token-bucket",
+                                          "4"))
+    assert switches["enable_prefix_caching"] is False and switches["packed_steps"] is False
+    assert engine_settings(serve_args("--enable-prefix-caching"))["enable_prefix_caching"] is True
+    assert EngineConfig(**new).enable_prefix_caching is False  # off unless asked for
     assert EngineConfig(**switches).min_token_bucket == 4
 
 

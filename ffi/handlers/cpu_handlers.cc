@@ -10,19 +10,19 @@
 namespace vattn {
 namespace {
 
-ffi::Error GrowCpu(uint64_t manager_id, I32Vec slots, I32Vec lengths, I32Out out) {
+ffi::Error GrowCpu(int32_t ordinal, uint64_t manager_id, I32Vec slots, I32Vec lengths, I32Out out) {
   return guarded("grow", [&] {
-    auto m = ManagerRegistry::instance().find(manager_id);
+    auto m = ManagerRegistry::instance().find(manager_id, ordinal);
     const int64_t n = check_grow_args(slots, lengths);
     m->grow(slots.typed_data(), lengths.typed_data(), n);
     std::memcpy(out->typed_data(), lengths.typed_data(), n * sizeof(int32_t));
   });
 }
 
-ffi::Error WriteCpu(uint64_t manager_id, int64_t layer, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
+ffi::Error WriteCpu(int32_t ordinal, uint64_t manager_id, int64_t layer, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
                     I32Vec slots, I32Vec starts, I32Vec counts, I32Out out) {
   return guarded("write", [&] {
-    auto m = ManagerRegistry::instance().find(manager_id);
+    auto m = ManagerRegistry::instance().find(manager_id, ordinal);
     const WriteShape ws = check_write_args(m->layout(), layer, k_new, v_new, slots, starts, counts);
     WriteRowsRequest r;
     r.layer = layer;
@@ -42,6 +42,7 @@ ffi::Error WriteCpu(uint64_t manager_id, int64_t layer, ffi::AnyBuffer k_new, ff
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kGrowCpu, GrowCpu,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::DeviceOrdinal>()  // picks a device group's member
                                   .Attr<uint64_t>("manager_id")
                                   .Arg<I32Vec>()  // slots   [B]
                                   .Arg<I32Vec>()  // lengths [B]
@@ -50,6 +51,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kGrowCpu, GrowCpu,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kWriteCpu, WriteCpu,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::DeviceOrdinal>()  // picks a device group's member
                                   .Attr<uint64_t>("manager_id")
                                   .Attr<int64_t>("layer")
                                   .Arg<ffi::AnyBuffer>()  // k_new  [B, T, Hkv, D]

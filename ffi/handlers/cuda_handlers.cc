@@ -24,8 +24,8 @@ namespace {
 
 // The registered cache and its device write guard, or an error if the cache
 // lives where a CUDA computation cannot reach it.
-RegisteredCache find_device_cache(uint64_t manager_id) {
-  RegisteredCache cache = ManagerRegistry::instance().find_cache(manager_id);
+RegisteredCache find_device_cache(uint64_t manager_id, int32_t ordinal) {
+  RegisteredCache cache = ManagerRegistry::instance().find_cache(manager_id, ordinal);
   if (!cache.write_guard)
     throw Error(ErrorKind::kInvalidArgument, std::string("this cache lives on the ") +
                                                  cache.manager->backend().name() +
@@ -35,9 +35,10 @@ RegisteredCache find_device_cache(uint64_t manager_id) {
 
 uintptr_t device_address(const void* p) { return reinterpret_cast<uintptr_t>(p); }
 
-ffi::Error GrowCuda(cudaStream_t stream, uint64_t manager_id, I32Vec slots, I32Vec lengths, I32Out out) {
+ffi::Error GrowCuda(cudaStream_t stream, int32_t ordinal, uint64_t manager_id, I32Vec slots, I32Vec lengths,
+                    I32Out out) {
   return guarded("grow", [&] {
-    const RegisteredCache cache = find_device_cache(manager_id);
+    const RegisteredCache cache = find_device_cache(manager_id, ordinal);
     DeviceWriteGuard& guard = *cache.write_guard;
     DeviceMemory& memory = guard.memory();
     const int64_t n = check_grow_args(slots, lengths);
@@ -52,11 +53,11 @@ ffi::Error GrowCuda(cudaStream_t stream, uint64_t manager_id, I32Vec slots, I32V
   });
 }
 
-ffi::Error WriteCuda(cudaStream_t stream, uint64_t manager_id, int64_t layer, ffi::AnyBuffer k_new,
+ffi::Error WriteCuda(cudaStream_t stream, int32_t ordinal, uint64_t manager_id, int64_t layer, ffi::AnyBuffer k_new,
                      ffi::AnyBuffer v_new, I32Vec slots, I32Vec starts, I32Vec counts, I32Out out) {
   cudaError_t launched = cudaSuccess;
   ffi::Error error = guarded("write", [&] {
-    const RegisteredCache cache = find_device_cache(manager_id);
+    const RegisteredCache cache = find_device_cache(manager_id, ordinal);
     DeviceWriteGuard& guard = *cache.write_guard;
     CacheManager& m = *cache.manager;
     const CacheLayout& L = m.layout();
@@ -98,6 +99,7 @@ ffi::Error WriteCuda(cudaStream_t stream, uint64_t manager_id, int64_t layer, ff
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kGrowCuda, GrowCuda,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()  // picks a device group's member
                                   .Attr<uint64_t>("manager_id")
                                   .Arg<I32Vec>()  // slots   [B]
                                   .Arg<I32Vec>()  // lengths [B]
@@ -107,6 +109,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kGrowCuda, GrowCuda,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kWriteCuda, WriteCuda,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()  // picks a device group's member
                                   .Attr<uint64_t>("manager_id")
                                   .Attr<int64_t>("layer")
                                   .Arg<ffi::AnyBuffer>()  // k_new  [B, T, Hkv, D]

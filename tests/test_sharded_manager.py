@@ -1,0 +1,138 @@
+"""The multi-device cache (issue 19): one KVCacheManager per device of a mesh axis, KV heads sharded over it.
+
+These tests need two host devices, which jax fixes when it starts; the suite's process has one. So
+``test_in_a_two_device_process`` runs this file again in a fresh process with
+``--xla_force_host_platform_device_count=2`` and checks that every test passed there; in the suite's own process
+the two-device tests skip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import jax_vattention as jv
+from jax_vattention.errors import CacheClosedError, CacheValueError, PoolExhaustedError
+from jax_vattention.hlo import cache_sized_copies
+from jax_vattention.sharded_manager import ShardedKVCacheManager
+
+TWO = len(jax.devices("cpu")) >= 2
+two_devices = pytest.mark.skipif(not TWO, reason="needs 2 host devices (run by test_in_a_two_device_process)")
+I32 = jnp.int32
+
+
+def config(layers_per_group=1, **kw):
+    # 4 KV heads of 16 fp32: 256 B a token and tensor per layer, 4 KiB pages of 16 tokens (8 per device at TP2)
+    base = dict(num_layers=2, max_batch=3, max_seq=64, kv_heads=4, head_dim=16, dtype="float32", page_bytes=4096,
+                layers_per_group=layers_per_group)
+    return jv.CacheConfig(**{**base, **kw})
+
+
+def mesh(n=2, axis="tp"):
+    return Mesh(np.array(jax.devices("cpu")[:n]), (axis,))
+
+
+def layer_k(m, layer, slot, count) -> np.ndarray:
+    """Layer ``layer``'s K of tokens [0, count) of a slot, from the global tensors: [count, Hkv, D]."""
+    if not m.global_config.interleaved:
+        return np.asarray(m.k[layer][slot, :count])
+    (t, e), _ = m.global_config.locate(layer)
+    return np.asarray(m.tensors[t][slot, :count, e, 0])
+
+
+@two_devices
+@pytest.mark.parametrize("lpg", [1, 2], ids=["per-layer", "interleaved"])
+def test_views_writes_and_memory_per_device(lpg, rng):
+    cfg = config(lpg)
+    with ShardedKVCacheManager(cfg, mesh()) as m, jv.KVCacheManager(cfg, device=jax.devices("cpu")[0]) as tp1:
+        assert m.config.kv_heads == 2 and m.global_config.kv_heads == 4
+        for t, g in enumerate(m.tensors):  # global, sharded over heads, each shard the device's own view
+            assert g.shape == cfg.tensor_shape(m.max_seq)
+            for shard, dm in zip(g.addressable_shards, m.managers):
+                assert shard.data.unsafe_buffer_pointer() == dm._native.tensor_address(t)
+                assert shard.device == dm.device
+        s = m.allocate(20)
+        k = jnp.asarray(rng.standard_normal((1, 20, 4, 16)), jnp.float32)
+        write = jax.jit(lambda k: m.write(1, k, -k, jnp.array([s], I32), jnp.zeros(1, I32), jnp.full(1, 20, I32)))
+        assert int(write(k)[0]) == 20
+        np.testing.assert_array_equal(layer_k(m, 1, s, 20), np.asarray(k[0]))
+        grown = jax.jit(lambda: m.grow_in_jit(jnp.array([s], I32), jnp.array([64], I32)))()
+        assert int(grown[0]) == 64 and m.capacity(s) == 64
+        st = m.stats()
+        assert [x.pages_mapped for x in st.per_device] == [st.per_device[0].pages_mapped] * 2
+        assert st.total["pages_mapped"] == 2 * st.per_device[0].pages_mapped
+        tp1.allocate(64)
+        # memory per device is half of one device holding every head (at a whole number of pages for both)
+        assert 2 * st.per_device[0].physical_bytes == tp1.stats().physical_bytes
+        assert 2 * m.managers[0]._native.slot_bytes == tp1._native.slot_bytes
+
+
+@two_devices
+def test_each_device_stores_its_own_heads(rng):
+    with ShardedKVCacheManager(config(), mesh()) as m:
+        s = m.allocate(5)
+        k = jnp.asarray(rng.standard_normal((1, 5, 4, 16)), jnp.float32)
+        jax.jit(lambda k: m.write(0, k, k, jnp.array([s], I32), jnp.zeros(1, I32), jnp.full(1, 5, I32)))(k)
+        for i, dm in enumerate(m.managers):
+            np.testing.assert_array_equal(np.asarray(dm.k[0][s, :5]), np.asarray(k[0, :, 2 * i:2 * i + 2]))
+
+
+@two_devices
+def test_the_compiled_step_copies_no_cache_sized_buffer(rng):
+    with ShardedKVCacheManager(config(), mesh()) as m:
+        s = m.allocate(8)
+        k = jnp.asarray(rng.standard_normal((1, 8, 4, 16)), jnp.float32)
+
+        def step(k, cache):
+            lens = m.write(0, k, k, jnp.array([s], I32), jnp.zeros(1, I32), jnp.full(1, 8, I32))
+            return jax.lax.dynamic_slice_in_dim(cache, s, 1, 0)[:, :8].sum() + lens[0]
+
+        text = jax.jit(step).lower(k, m.k[0]).compile().as_text()
+        elements = m.config.max_batch * m.max_seq * m.config.kv_heads * m.config.head_dim  # one device's layer
+        assert not cache_sized_copies(text, elements)
+
+
+@two_devices
+def test_bad_input_names_the_problem():
+    with pytest.raises(CacheValueError, match=r"kv_heads=3 is not divisible by the 2 devices"):
+        ShardedKVCacheManager(config(kv_heads=3), mesh())
+    with pytest.raises(CacheValueError, match="one axis 'tp'"):
+        ShardedKVCacheManager(config(), mesh(axis="model"))
+    with pytest.raises(CacheValueError, match="Mesh"):
+        ShardedKVCacheManager(config(), jax.devices("cpu"))
+    with ShardedKVCacheManager(config(pool_bytes=4 * 4096), mesh()) as m:  # 2 pages a tensor
+        with pytest.raises(PoolExhaustedError, match="on device"):
+            m.allocate(48)
+        assert m.stats().total["live_slots"] == 0  # the slot taken on one device was given back
+    # a group's calls run on its own devices: a device outside the mesh has no member
+    with ShardedKVCacheManager(config(), Mesh(np.array(jax.devices("cpu")[1:2]), ("tp",))) as m:
+        s = m.allocate(4)
+        x = jnp.zeros((1, 1, 4, 16), jnp.float32)
+        with jax.default_device(jax.devices("cpu")[0]), pytest.raises(Exception, match="has no cache on device 0"):
+            jax.block_until_ready(jv.ops.write(m, 0, x, x, jnp.array([s], I32), jnp.zeros(1, I32),
+                                               jnp.ones(1, I32)))
+    m.close()
+    with pytest.raises(CacheClosedError):
+        m.allocate()
+
+
+def test_in_a_two_device_process():
+    """Run this file with two host devices; every test must pass there (none skipped)."""
+    if TWO:
+        pytest.skip("this process has two devices: the tests above ran here")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
+    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|skipped|failed)", proc.stdout))
+    assert counts.get("passed", 0) == 5 and counts.get("failed", 0) == 0, tail
+    assert counts.get("skipped", 0) == 1, tail  # only the re-run itself
