@@ -87,14 +87,18 @@ class ShardedKVCacheManager:
         """The global tensor ``tensor`` from the devices' views, sharded over the KV-head axis; never a copy."""
         shards = [m.tensors[tensor] for m in self.managers]
         shape = self.global_config.tensor_shape(self.max_seq)  # [MB, S, Hkv, D] or [MB, S, g, 2, Hkv, D]
-        spec = P(*([None] * (len(shape) - 2)), self.axis, None)
-        array = jax.make_array_from_single_device_arrays(shape, NamedSharding(self.mesh, spec), shards)
+        array = jax.make_array_from_single_device_arrays(shape, NamedSharding(self.mesh, self.tensor_spec), shards)
         for shard, m in zip(array.addressable_shards, self.managers):
             if shard.data.unsafe_buffer_pointer() != m._native.tensor_address(tensor):
                 raise BackendError(f"the global view of cache tensor {tensor} copied device {shard.device}'s shard")
         return array
 
     # -- state -----------------------------------------------------------------
+    @property
+    def tensor_spec(self) -> P:
+        """How every cache tensor is sharded: over its KV-head axis (the second to last)."""
+        return P(*([None] * (len(self.global_config.tensor_shape(1)) - 2)), self.axis, None)
+
     @property
     def closed(self) -> bool:
         return not self.managers or any(m.closed for m in self.managers)
@@ -159,6 +163,21 @@ class ShardedKVCacheManager:
     def free(self, slot: int) -> None:
         self._check_open()
         self._each("free", lambda m: m.free(slot))
+
+    def allocated(self, slot: int) -> bool:
+        self._check_open()
+        return all(m.allocated(slot) for m in self.managers)
+
+    @property
+    def device(self) -> jax.Device:
+        """The first device (its platform is every device's)."""
+        return self.devices[0]
+
+    def cache(self, slots, lengths):
+        """A ``ShardedKVCache`` of rows ``slots`` holding ``lengths`` tokens (``KVCache.create`` on every device)."""
+        from .cache.sharded import ShardedKVCache
+
+        return ShardedKVCache.create(self, slots, lengths)
 
     def capacity(self, slot: int) -> int:
         """Tokens backed on every device."""

@@ -1,4 +1,5 @@
-"""The multi-device cache (issue 19): one KVCacheManager per device of a mesh axis, KV heads sharded over it.
+"""Tensor parallelism (issue 19) on two host devices: the multi-device cache (one KVCacheManager per device of a
+mesh axis, KV heads sharded over it) and the Megatron-sharded model reading it (TP2 = TP1).
 
 These tests need two host devices, which jax fixes when it starts; the suite's process has one. So
 ``test_in_a_two_device_process`` runs this file again in a fresh process with
@@ -20,9 +21,15 @@ import pytest
 from jax.sharding import Mesh
 
 import jax_vattention as jv
+from jax_vattention.attention import AttentionSpec
 from jax_vattention.errors import CacheClosedError, CacheValueError, PoolExhaustedError
 from jax_vattention.hlo import cache_sized_copies
 from jax_vattention.sharded_manager import ShardedKVCacheManager
+
+flax = pytest.importorskip("flax")
+import models  # noqa: E402
+from models.errors import UnsupportedModelError  # noqa: E402
+from models.sharding import shard_model  # noqa: E402
 
 TWO = len(jax.devices("cpu")) >= 2
 two_devices = pytest.mark.skipif(not TWO, reason="needs 2 host devices (run by test_in_a_two_device_process)")
@@ -124,6 +131,83 @@ def test_bad_input_names_the_problem():
         m.allocate()
 
 
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def prefill_then_decode(model, manager, prompt, steps: int, attn: AttentionSpec):
+    """Greedy: the prompt in one step, then ``steps`` one-token steps. Returns the first step's logits [T, V], the
+    tokens, and the jitted step with its first arguments (the cache goes in as an argument: closed over, its views
+    would be baked into the program as constants)."""
+    s = manager.allocate(0)
+    cache = manager.cache([s], [0]) if isinstance(manager, ShardedKVCacheManager) else jv.KVCache.create(
+        manager, [s], [0])
+
+    @jax.jit
+    def step(tokens, positions, cache):
+        c = cache.grow(cache.lengths + tokens.shape[1])
+        logits, c = model(tokens, positions, c, attn=attn)
+        return logits, c.export()
+
+    args = (jnp.asarray([prompt], I32), jnp.arange(len(prompt), dtype=I32)[None], cache)
+    logits, state = step(*args)
+    first, out = np.asarray(logits[0]), [int(jnp.argmax(logits[0, -1]))]
+    for i in range(steps):
+        logits, state = step(jnp.asarray([[out[-1]]], I32), jnp.asarray([[len(prompt) + i]], I32),
+                             cache.with_state(state))
+        out.append(int(jnp.argmax(logits[0, -1])))
+    return first, out, step, args
+
+
+def tp1_and_tp2(load, cfg, dtype: str, attn: AttentionSpec, prompt):
+    """The same greedy run on one device and on two (Megatron-sharded model, sharded cache); TP2's compiled step
+    copies no cache-sized buffer. ``((logits, tokens) at TP1, at TP2)``."""
+    # a cache much larger than the step's activations, so a cache-sized copy cannot hide among them
+    cache_cfg = jv.CacheConfig(num_layers=cfg.num_layers, max_batch=8, max_seq=256, kv_heads=cfg.num_kv_heads,
+                               head_dim=cfg.head_dim, dtype=dtype, page_bytes=4096)
+    with jv.KVCacheManager(cache_cfg, device=jax.devices("cpu")[0]) as m1:
+        want_logits, want, _, _ = prefill_then_decode(load(), m1, prompt, 6, attn)
+    with ShardedKVCacheManager(cache_cfg, mesh()) as m2:
+        model = shard_model(load(), mesh())
+        assert model.model.layers[0].self_attn.q_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec(
+            None, "tp")
+        got_logits, got, step, args = prefill_then_decode(model, m2, prompt, 6, attn)
+        text = step.lower(*args).compile().as_text()
+        assert not cache_sized_copies(text, m2.config.max_batch * m2.max_seq * m2.config.kv_heads * cfg.head_dim)
+    return (want_logits.astype(np.float32), want), (got_logits.astype(np.float32), got)
+
+
+@two_devices
+@pytest.mark.parametrize("checkpoint", ["hf_llama", "hf_mistral"])
+def test_tp2_equals_tp1_on_hf_checkpoints(checkpoint, rng):
+    """fp32, jnp reference attention: greedy tokens identical, logits within 1e-5 (relative to the largest)."""
+    path = os.path.join(DATA, checkpoint)
+    cfg = models.load_model(path).config
+    prompt = rng.integers(0, cfg.vocab_size, 17).tolist()  # a page (16 tokens at TP1) and one more
+    (want_logits, want), (got_logits, got) = tp1_and_tp2(lambda: models.load_model(path), cfg, "float32",
+                                                         AttentionSpec(impl="reference", max_len=256), prompt)
+    assert got == want
+    np.testing.assert_allclose(got_logits, want_logits, rtol=0, atol=1e-5 * np.abs(want_logits).max())
+
+
+@two_devices
+def test_tp2_runs_the_pallas_kernels_on_each_devices_heads(rng):
+    """bf16, our Pallas kernels (interpret mode) inside shard_map on the tiny preset (head_dim 64): logits within
+    bf16 rounding of TP1's (the all-reduce adds the two halves in another order)."""
+    cfg = models.get_preset("tiny")
+    prompt = rng.integers(0, cfg.vocab_size, 17).tolist()
+    (want_logits, _), (got_logits, _) = tp1_and_tp2(
+        lambda: models.random_model(cfg, seed=3, dtype=jnp.bfloat16, init_std=0.2), cfg, "bfloat16",
+        AttentionSpec(impl="kernel", interpret=True, max_len=256), prompt)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=0, atol=3e-2 * np.abs(want_logits).max())
+
+
+@two_devices
+def test_a_model_that_cannot_be_split_is_refused():
+    qwen = models.load_model(os.path.join(DATA, "hf_qwen2"))  # one KV head
+    with pytest.raises(UnsupportedModelError, match="num_kv_heads=1 is not divisible by tensor_parallel=2"):
+        shard_model(qwen, mesh())
+
+
 def test_in_a_two_device_process():
     """Run this file with two host devices; every test must pass there (none skipped)."""
     if TWO:
@@ -134,5 +218,5 @@ def test_in_a_two_device_process():
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|skipped|failed)", proc.stdout))
-    assert counts.get("passed", 0) == 5 and counts.get("failed", 0) == 0, tail
+    assert counts.get("passed", 0) == 9 and counts.get("failed", 0) == 0, tail
     assert counts.get("skipped", 0) == 1, tail  # only the re-run itself
