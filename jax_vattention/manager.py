@@ -419,6 +419,12 @@ class KVCacheManager:
         s["slot_shared_pages"] = tuple(s["slot_shared_pages"])
         return CacheStats(**s)
 
+    def step_cache(self, slots, starts, counts):
+        """``KVCache.for_step`` over this manager: the engine's per-step cache."""
+        from .cache.vattention import KVCache
+
+        return KVCache.for_step(self, slots, starts, counts)
+
     def check_device_errors(self) -> None:
         """Raise the first write refused on the GPU since the last check (no-op on the host)."""
         self._check_open()

@@ -49,6 +49,9 @@ class ShardedKVCacheManager:
     docstring). Use as a context manager, or call ``close()``."""
 
     def __init__(self, config: CacheConfig, mesh: Mesh, axis: str = "tp"):
+        self.devices: tuple[jax.Device, ...] = ()
+        self.managers: list[KVCacheManager] = []
+        self.id = 0
         if not isinstance(config, CacheConfig):
             raise CacheValueError(f"config must be a CacheConfig, got {type(config).__name__}")
         if not isinstance(mesh, Mesh):
@@ -68,8 +71,6 @@ class ShardedKVCacheManager:
         self.mesh, self.axis, self.devices = mesh, axis, tuple(devices)
         self.global_config = config
         self.config = dataclasses.replace(config, kv_heads=config.kv_heads // tp)  # what one device holds
-        self.managers: list[KVCacheManager] = []
-        self.id = 0
         try:
             for d in devices:
                 try:
@@ -94,6 +95,10 @@ class ShardedKVCacheManager:
         return array
 
     # -- state -----------------------------------------------------------------
+    @property
+    def tokens_per_page(self) -> int:
+        return self.config.tokens_per_page
+
     @property
     def tensor_spec(self) -> P:
         """How every cache tensor is sharded: over its KV-head axis (the second to last)."""
@@ -179,6 +184,22 @@ class ShardedKVCacheManager:
 
         return ShardedKVCache.create(self, slots, lengths)
 
+    def step_cache(self, slots, starts, counts):
+        """``ShardedKVCache.for_step``: the engine's per-step cache."""
+        from .cache.sharded import ShardedKVCache
+
+        return ShardedKVCache.for_step(self, slots, starts, counts)
+
+    # Page sharing (prefix caching) would pin and map one page per device; not built for several devices yet.
+    def _no_sharing(self, *args, **kwargs):
+        raise CacheValueError("prefix caching (page sharing) is not supported on a sharded cache yet")
+
+    pin_pages = unpin_pages = map_shared = _no_sharing
+
+    def check_device_errors(self) -> None:
+        for m in self.managers:
+            m.check_device_errors()
+
     def capacity(self, slot: int) -> int:
         """Tokens backed on every device."""
         self._check_open()
@@ -188,7 +209,12 @@ class ShardedKVCacheManager:
         self._check_open()
         return sum(m.trim(max_pages, release_physical=release_physical) for m in self.managers)
 
-    def stats(self) -> ShardedCacheStats:
+    def stats(self) -> CacheStats:
+        """One device's ``CacheStats``: every device maps the same pages for the same slots, so this is what each
+        holds (``device_stats`` has them all and their total)."""
+        return self.managers[0].stats()
+
+    def device_stats(self) -> ShardedCacheStats:
         per = tuple(m.stats() for m in self.managers)
         total = {f.name: sum(getattr(s, f.name) for s in per) for f in dataclasses.fields(CacheStats)
                  if isinstance(getattr(per[0], f.name), int) and not isinstance(getattr(per[0], f.name), bool)}
@@ -227,5 +253,7 @@ class ShardedKVCacheManager:
         self.close()
 
     def __repr__(self) -> str:
+        if not self.managers:
+            return "ShardedKVCacheManager(not open)"
         return (f"ShardedKVCacheManager({len(self.devices)} devices on axis {self.axis!r}, "
                 f"{self.config.kv_heads} of {self.global_config.kv_heads} KV heads each)")

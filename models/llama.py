@@ -145,6 +145,12 @@ class LlamaForCausalLM(nnx.Module):
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, init_std=init_std, rngs=rngs)
 
+    def shard(self, mesh, axis: str = "tp") -> LlamaForCausalLM:
+        """Place the parameters Megatron-style over ``mesh``'s ``axis`` (``models.sharding``); in place."""
+        from .sharding import shard_model
+
+        return shard_model(self, mesh, axis)
+
     def __call__(self, tokens, positions, cache=None, *, attn: AttentionSpec = AttentionSpec(), logit_index=None):
         """Forward ``tokens [B, T]`` at ``positions [B, T]``.
 

@@ -107,6 +107,18 @@ class EngineMachine(RuleBasedStateMachine):
         STATS["cancels"] += 1
         self._collect()
 
+    @rule(prompt=st.lists(st.integers(0, CFG.vocab_size - 1), min_size=30, max_size=30), seed=st.integers(0, 99))
+    def pressure(self, prompt, seed):
+        """Four of the longest requests at once (100 pages wanted of 40): running ones must be preempted as they
+        grow, so every run covers preemption whatever else hypothesis draws."""
+        self._op()
+        for i in range(4):
+            p = SamplingParams(max_tokens=20, temperature=0.0, seed=seed + i)
+            self.requests.append(self.llm.add_request(prompt[i:] + prompt[:i], p))
+        STATS["requests"] += 4
+        for _ in range(3):
+            self.step()
+
     @rule(batch=st.lists(st.tuples(prompts, params), min_size=1, max_size=3))
     def generate(self, batch):
         self._op()

@@ -73,7 +73,7 @@ def test_views_writes_and_memory_per_device(lpg, rng):
         np.testing.assert_array_equal(layer_k(m, 1, s, 20), np.asarray(k[0]))
         grown = jax.jit(lambda: m.grow_in_jit(jnp.array([s], I32), jnp.array([64], I32)))()
         assert int(grown[0]) == 64 and m.capacity(s) == 64
-        st = m.stats()
+        st = m.device_stats()
         assert [x.pages_mapped for x in st.per_device] == [st.per_device[0].pages_mapped] * 2
         assert st.total["pages_mapped"] == 2 * st.per_device[0].pages_mapped
         tp1.allocate(64)
@@ -118,7 +118,7 @@ def test_bad_input_names_the_problem():
     with ShardedKVCacheManager(config(pool_bytes=4 * 4096), mesh()) as m:  # 2 pages a tensor
         with pytest.raises(PoolExhaustedError, match="on device"):
             m.allocate(48)
-        assert m.stats().total["live_slots"] == 0  # the slot taken on one device was given back
+        assert m.device_stats().total["live_slots"] == 0  # the slot taken on one device was given back
     # a group's calls run on its own devices: a device outside the mesh has no member
     with ShardedKVCacheManager(config(), Mesh(np.array(jax.devices("cpu")[1:2]), ("tp",))) as m:
         s = m.allocate(4)
@@ -208,6 +208,42 @@ def test_a_model_that_cannot_be_split_is_refused():
         shard_model(qwen, mesh())
 
 
+@two_devices
+def test_engine_with_tensor_parallel_2_gives_the_tokens_of_one_device():
+    """``LLM(..., tensor_parallel=2)`` on an HF checkpoint (fp32, reference attention), packed steps and chunked
+    prefill across page edges: the same greedy tokens as one device; the pool's figures are per device (half)."""
+    from jax_vattention.engine import LLM, SamplingParams
+
+    path = os.path.join(DATA, "hf_llama")
+    kw = dict(max_batch=4, max_seq=128, page_bytes=4096, attn=AttentionSpec(impl="reference"), token_budget=40,
+              chunk_size=24, max_prefill_rows=2)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 128, n).tolist() for n in (5, 31, 47, 17, 50)]  # max_position_embeddings 64
+    sp = SamplingParams(max_tokens=9, ignore_eos=True)
+    with LLM(models.load_model(path), **kw) as one:
+        want = [o.outputs[0].token_ids for o in one.generate(prompts, sp)]
+        one_bytes = one.manager.stats().physical_bytes
+    with LLM(models.load_model(path), **kw, tensor_parallel=2) as two:
+        assert isinstance(two.manager, ShardedKVCacheManager)
+        got = [o.outputs[0].token_ids for o in two.generate(prompts, sp)]
+        per_device = two.manager.device_stats().per_device
+        assert [s.physical_bytes for s in per_device] == [per_device[0].physical_bytes] * 2
+    assert got == want
+    assert 0 < per_device[0].physical_bytes < one_bytes  # each device holds half the heads' pages
+
+
+@two_devices
+def test_engine_tensor_parallel_refusals():
+    from jax_vattention.engine import LLM, EngineConfig
+
+    with pytest.raises(ValueError, match="tensor_parallel=2 needs kv_cache='vattention'"):
+        EngineConfig(kv_cache="paged", tensor_parallel=2)
+    with pytest.raises(ValueError, match="tensor_parallel=3 needs 3 devices, found 2"):
+        LLM(models.load_model(os.path.join(DATA, "hf_llama")), max_seq=64, tensor_parallel=3)
+    with pytest.raises(UnsupportedModelError, match="num_kv_heads=1"):
+        LLM(models.load_model(os.path.join(DATA, "hf_qwen2")), max_seq=64, tensor_parallel=2)
+
+
 def test_in_a_two_device_process():
     """Run this file with two host devices; every test must pass there (none skipped)."""
     if TWO:
@@ -218,5 +254,5 @@ def test_in_a_two_device_process():
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|skipped|failed)", proc.stdout))
-    assert counts.get("passed", 0) == 9 and counts.get("failed", 0) == 0, tail
+    assert counts.get("passed", 0) == 11 and counts.get("failed", 0) == 0, tail
     assert counts.get("skipped", 0) == 1, tail  # only the re-run itself

@@ -24,20 +24,21 @@ import numpy as np
 
 from ..errors import BackendError, CacheClosedError, CacheValueError, PoolExhaustedError
 from ..manager import KVCacheManager
+from ..sharded_manager import ShardedKVCacheManager
 from .protocol import GROWN, Allocation, GrowResult
 from .static import StaticKVCache
 from .vattention import CacheState, KVCache
 
 
 class VAttentionPool:
-    """The engine's view of a ``KVCacheManager``.
+    """The engine's view of a ``KVCacheManager`` (or a ``ShardedKVCacheManager``: one per device, one decision).
 
     ``deferred_reclaim=False`` unmaps a finished request's pages at once (the
     ablation of vAttention's deferred reclamation); otherwise they stay mapped
     in the free slot and best-fit admission reuses them.
     """
 
-    def __init__(self, manager: KVCacheManager, *, deferred_reclaim: bool = True):
+    def __init__(self, manager: KVCacheManager | ShardedKVCacheManager, *, deferred_reclaim: bool = True):
         self.manager = manager
         self.deferred_reclaim = deferred_reclaim
         c = manager.config
@@ -135,7 +136,7 @@ class VAttentionPool:
         """The step's rows with ``counts`` tokens pending: host arrays, no device work until the jit call."""
         if self.manager.closed:
             raise CacheClosedError("the cache manager is closed")
-        return KVCache.for_step(self.manager, slots, starts, counts)
+        return self.manager.step_cache(slots, starts, counts)
 
     def adopt(self, exported) -> None:
         pass  # the views were written in place; the step returned only the rows' state

@@ -40,6 +40,10 @@ class EngineConfig:
       async_scheduling: schedule and dispatch step t+1 while step t runs (vLLM's ``async_scheduling``); step t+1's
         decode inputs are step t's sampled tokens, taken on the device, and step t's results are applied one step
         late (``LLM`` documents it). Off by default: the engine then waits for each step's tokens before the next.
+    Tensor parallelism:
+      tensor_parallel: shard the model (``model.shard(mesh, "tp")``, Megatron-style) and the vAttention cache
+        (``ShardedKVCacheManager``: one manager per device, KV heads split) over the first ``tensor_parallel``
+        devices; one scheduler drives them all. The engine's KV figures are then per device.
     Prefix caching:
       enable_prefix_caching: a new request maps the longest cached run of full pages of its tokens into its slot
         (the same physical pages, read-only for it) and prefills the rest (``engine.prefix_cache``). vattention
@@ -71,6 +75,7 @@ class EngineConfig:
     min_prefill_bucket: int = 1
     async_scheduling: bool = False
     enable_prefix_caching: bool = False
+    tensor_parallel: int = 1
 
     def __post_init__(self):
         if self.kv_cache not in KV_CACHES:
@@ -81,7 +86,7 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.overlap_allocation must be one of {OVERLAP_MODES}, "
                              f"got {self.overlap_allocation!r}")
         for name in ("max_batch", "max_seq", "page_size", "token_budget", "chunk_size", "max_prefill_rows",
-                     "min_token_bucket", "min_decode_bucket", "min_prefill_bucket"):
+                     "min_token_bucket", "min_decode_bucket", "min_prefill_bucket", "tensor_parallel"):
             object.__setattr__(self, name, check_int(f"EngineConfig.{name}", getattr(self, name), low=1))
         for name in ("admission_headroom", "lookahead"):
             object.__setattr__(self, name, check_int(f"EngineConfig.{name}", getattr(self, name), low=0))
@@ -102,5 +107,9 @@ class EngineConfig:
         if self.enable_prefix_caching and (self.kv_cache == "static" or self.premap):
             raise ValueError("enable_prefix_caching needs pages to share: kv_cache='vattention' without premap, or "
                              f"'paged' (got kv_cache={self.kv_cache!r}, premap={self.premap})")
+        if self.tensor_parallel > 1 and (self.kv_cache != "vattention" or self.enable_prefix_caching):
+            raise ValueError(f"tensor_parallel={self.tensor_parallel} needs kv_cache='vattention' without prefix "
+                             f"caching for now (got kv_cache={self.kv_cache!r}, "
+                             f"enable_prefix_caching={self.enable_prefix_caching})")
         if self.premap and self.kv_cache != "vattention":
             raise ValueError("premap applies to the vattention cache only")

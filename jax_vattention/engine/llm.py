@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from ..attention.dispatch import AttentionSpec
 from ..cache import KVPool, PagedKVPool, StaticPool, VAttentionPool
@@ -45,6 +46,7 @@ from ..errors import CacheClosedError
 from ..inputs import PromptError, check_prompt, check_prompts
 from ..manager import KVCacheManager, default_device
 from ..sampling import SampleOutput, SamplingParams, TokenLogprobs, token_logprobs
+from ..sharded_manager import ShardedKVCacheManager
 from ..text import Detokenizer, TextTokenizer, encode
 from ..validation import is_int
 from .async_steps import AsyncSteps
@@ -60,8 +62,17 @@ from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .stats import EngineStats
 
 
-def make_pool(model_config, c: EngineConfig, dtype: str) -> KVPool:
-    """The KV pool ``c.kv_cache`` names, shaped for ``model_config``."""
+def tensor_parallel_mesh(n: int) -> Mesh:
+    """A one-axis mesh ``("tp",)`` of the default backend's first ``n`` devices."""
+    devices = jax.devices()
+    if len(devices) < n:
+        raise ValueError(f"tensor_parallel={n} needs {n} devices, found {len(devices)}: {devices}")
+    return Mesh(np.array(devices[:n]), ("tp",))
+
+
+def make_pool(model_config, c: EngineConfig, dtype: str, mesh: Mesh | None = None) -> KVPool:
+    """The KV pool ``c.kv_cache`` names, shaped for ``model_config``; over ``mesh`` (tensor parallelism) if
+    given."""
     shape = dict(num_layers=model_config.num_layers, max_batch=c.max_batch, max_seq=c.max_seq,
                  kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=dtype)
     if c.kv_cache == "vattention":
@@ -69,7 +80,9 @@ def make_pool(model_config, c: EngineConfig, dtype: str) -> KVPool:
                                  if v is not None}
         extra["layers_per_group"] = (model_config.num_layers if c.layers_per_group == "all"
                                      else c.layers_per_group)
-        pool = VAttentionPool(KVCacheManager(CacheConfig(**shape, **extra)), deferred_reclaim=c.deferred_reclaim)
+        cache_config = CacheConfig(**shape, **extra)
+        manager = KVCacheManager(cache_config) if mesh is None else ShardedKVCacheManager(cache_config, mesh)
+        pool = VAttentionPool(manager, deferred_reclaim=c.deferred_reclaim)
         if c.premap:
             pool.premap()
         return pool
@@ -136,8 +149,15 @@ class LLM:
         self.tokenizer: TextTokenizer | None = tok
         self.model, self.config = model, config
         cfg = model.config
+        if config.tensor_parallel > 1 and not callable(getattr(model, "shard", None)):
+            raise TypeError(f"tensor_parallel={config.tensor_parallel} needs a model with shard(mesh, axis) "
+                            f"(models.LlamaForCausalLM has one), got {type(model).__name__}")
         dtype = config.dtype or jnp.dtype(jax.tree.leaves(model)[0].dtype).name
-        self.pool = make_pool(cfg, config, dtype)
+        mesh = None
+        if config.tensor_parallel > 1:
+            mesh = tensor_parallel_mesh(config.tensor_parallel)
+            model.shard(mesh, "tp")  # type: ignore[attr-defined]  # refuses a model that does not split
+        self.pool = make_pool(cfg, config, dtype, mesh)
         try:
             self.scheduler = Scheduler(self.pool, SchedulerConfig(
                 max_batch=min(config.max_batch, self.pool.max_batch), token_budget=config.token_budget,

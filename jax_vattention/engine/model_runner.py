@@ -25,6 +25,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ..attention.dispatch import AttentionSpec
 from ..cache import KVPool
@@ -151,7 +153,10 @@ class ModelRunner:
         self._shapes: set[tuple] = set()
         # the slab of a step with no pending token. Every slab is committed to the params' device (a step's own
         # output slab is whenever an input is; jit keys on it): sync, async and warmup steps share executables.
-        self._device = next(iter(jax.tree.leaves(self.params)[0].devices()))
+        # Params sharded over a mesh (tensor parallelism): the slab is replicated over it.
+        placed = jax.tree.leaves(self.params)[0].sharding
+        self._device = (NamedSharding(placed.mesh, P()) if isinstance(placed, NamedSharding)
+                        else next(iter(placed.device_set)))
         self._zero_slab = self._commit(np.zeros(config.max_batch + config.max_prefill_rows, np.int32))  # [P]
 
     def _commit(self, slab):
