@@ -22,11 +22,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from .config import ModelConfig
 from .errors import CheckpointError
 from .llama import LlamaForCausalLM, abstract_model
+from .sharding import check_divisible, param_spec
 
 LOAD_DTYPES = ("float32", "bfloat16", "float16")
 # Buffers some checkpoints carry that are not parameters (recomputed from the config).
@@ -71,15 +74,21 @@ def checkpoint_files(directory: Path) -> dict[str, Path]:
     return files
 
 
-def _open(path: Path, safe_open):
+def _open(path: Path, safe_open, framework: str = "flax"):
     try:
-        return safe_open(str(path), framework="flax")
+        return safe_open(str(path), framework=framework)
     except Exception as e:  # safetensors raises its own SafetensorError / OSError variants
         raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
 
 
-def load_model(directory: str | Path, *, dtype="float32", config: ModelConfig | None = None) -> LlamaForCausalLM:
-    """A ``LlamaForCausalLM`` with the checkpoint's weights, converted to ``dtype``."""
+def load_model(directory: str | Path, *, dtype="float32", config: ModelConfig | None = None, mesh: Mesh | None = None,
+               axis: str = "tp") -> LlamaForCausalLM:
+    """A ``LlamaForCausalLM`` with the checkpoint's weights, converted to ``dtype``.
+
+    With ``mesh``, the model comes out tensor-parallel over ``mesh``'s ``axis`` (``models.sharding``): each tensor
+    is read to host memory, converted there and sent to its shards, so every device receives only its part and no
+    device ever holds a whole weight.
+    """
     from safetensors import safe_open
 
     directory = Path(directory)
@@ -89,6 +98,8 @@ def load_model(directory: str | Path, *, dtype="float32", config: ModelConfig | 
     if dtype not in LOAD_DTYPES:
         raise CheckpointError(f"dtype must be one of {LOAD_DTYPES}, got {dtype!r}")
     cfg = config or ModelConfig.from_hf_json(directory)
+    if mesh is not None:
+        check_divisible(cfg, mesh.shape[axis])
     files = checkpoint_files(directory)
     graphdef, abstract_state = nnx.split(abstract_model(cfg, dtype=dtype))
     flat = nnx.to_flat_state(abstract_state)
@@ -104,7 +115,7 @@ def load_model(directory: str | Path, *, dtype="float32", config: ModelConfig | 
                 f"{cfg.num_layers} layers, tie_word_embeddings={cfg.tie_word_embeddings})")
         file = files[name]
         if file not in handles:
-            handles[file] = _open(file, safe_open)
+            handles[file] = _open(file, safe_open, "flax" if mesh is None else "numpy")
         try:
             tensor = handles[file].get_tensor(name)
         except Exception as e:
@@ -114,7 +125,12 @@ def load_model(directory: str | Path, *, dtype="float32", config: ModelConfig | 
         expect = want[::-1] if transposed else want
         if got != expect:
             raise CheckpointError(f"{file}: tensor {name!r} has shape {list(got)}, the config implies {list(expect)}")
-        value = _convert(tensor, transposed, dtype)
+        if mesh is None:
+            value = _convert(tensor, transposed, dtype)
+        else:  # host conversion, then only each device's part goes to it
+            host = np.asarray(tensor.T if transposed else tensor).astype(jnp.dtype(dtype))
+            names = tuple(str(getattr(k, "key", k)) for k in path)
+            value = jax.device_put(host, NamedSharding(mesh, param_spec(names, host.ndim, axis)))
         loaded.append((path, var.replace(value)))
     extra = sorted(n for n in files if n not in wanted and not n.endswith(IGNORED_SUFFIXES)
                    and not (cfg.tie_word_embeddings and n == "lm_head.weight"))

@@ -202,6 +202,27 @@ def test_tp2_runs_the_pallas_kernels_on_each_devices_heads(rng):
 
 
 @two_devices
+def test_a_checkpoint_loads_straight_into_the_sharded_layout():
+    """``load_model(path, mesh=...)``: every parameter arrives sharded as ``shard_model`` places it, each device
+    holding only its part (no device has a whole column- or row-parallel weight), with the same values."""
+    path = os.path.join(DATA, "hf_mistral")
+    direct = models.load_model(path, mesh=mesh())
+    placed = shard_model(models.load_model(path), mesh())
+    a = jax.tree_util.tree_leaves_with_path(flax.nnx.state(direct, flax.nnx.Param))
+    b = jax.tree_util.tree_leaves(flax.nnx.state(placed, flax.nnx.Param))
+    split = 0
+    for (name, x), y in zip(a, b):
+        assert x.sharding == y.sharding, jax.tree_util.keystr(name)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        if not x.sharding.is_fully_replicated:
+            split += 1
+            assert all(s.data.size * 2 == x.size for s in x.addressable_shards)  # half on each device
+    assert split >= 7 * direct.config.num_layers  # q, k, v, o, gate, up, down of every layer
+    with pytest.raises(UnsupportedModelError, match="num_kv_heads=1"):
+        models.load_model(os.path.join(DATA, "hf_qwen2"), mesh=mesh())
+
+
+@two_devices
 def test_a_model_that_cannot_be_split_is_refused():
     qwen = models.load_model(os.path.join(DATA, "hf_qwen2"))  # one KV head
     with pytest.raises(UnsupportedModelError, match="num_kv_heads=1 is not divisible by tensor_parallel=2"):
@@ -254,5 +275,5 @@ def test_in_a_two_device_process():
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|skipped|failed)", proc.stdout))
-    assert counts.get("passed", 0) == 11 and counts.get("failed", 0) == 0, tail
+    assert counts.get("passed", 0) == 12 and counts.get("failed", 0) == 0, tail
     assert counts.get("skipped", 0) == 1, tail  # only the re-run itself
