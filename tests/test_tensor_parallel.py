@@ -161,15 +161,18 @@ def prefill_then_decode(model, manager, prompt, steps: int, attn: AttentionSpec)
 def tp1_and_tp2(load, cfg, dtype: str, attn: AttentionSpec, prompt):
     """The same greedy run on one device and on two (Megatron-sharded model, sharded cache); TP2's compiled step
     copies no cache-sized buffer. ``((logits, tokens) at TP1, at TP2)``."""
-    # a cache much larger than the step's activations, so a cache-sized copy cannot hide among them
+    # a cache much larger than the step's activations, so a cache-sized copy cannot hide among them; unbacked
+    # memory faults ("fault"), so a read past the mapped pages on either device kills this process (the no-copy
+    # fault test, per device)
     cache_cfg = jv.CacheConfig(num_layers=cfg.num_layers, max_batch=8, max_seq=256, kv_heads=cfg.num_kv_heads,
-                               head_dim=cfg.head_dim, dtype=dtype, page_bytes=4096)
+                               head_dim=cfg.head_dim, dtype=dtype, page_bytes=4096, unbacked_reads="fault")
     with jv.KVCacheManager(cache_cfg, device=jax.devices("cpu")[0]) as m1:
         want_logits, want, _, _ = prefill_then_decode(load(), m1, prompt, 6, attn)
     with ShardedKVCacheManager(cache_cfg, mesh()) as m2:
         model = shard_model(load(), mesh())
         assert model.model.layers[0].self_attn.q_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec(
             None, "tp")
+        assert [m.unbacked_reads for m in m2.managers] == ["fault", "fault"]
         got_logits, got, step, args = prefill_then_decode(model, m2, prompt, 6, attn)
         text = step.lower(*args).compile().as_text()
         assert not cache_sized_copies(text, m2.config.max_batch * m2.max_seq * m2.config.kv_heads * cfg.head_dim)
