@@ -54,6 +54,8 @@ def add_serve_parser(sub) -> None:
                       help="smallest decode batch compiled with --no-packed-steps (fewer shapes; default 1)")
     comp.add_argument("--min-prefill-bucket", type=int, default=None,
                       help="smallest prefill chunk compiled with --no-packed-steps (fewer shapes; default 1)")
+    s.add_argument("--tensor-parallel-size", "-tp", dest="tensor_parallel", type=int, default=None,
+                   help="shard the model and the vAttention cache over this many local devices (vLLM's flag)")
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse cached full pages of shared prompt prefixes (vattention and paged caches; off by "
                         "default; /metrics reports hits)")
@@ -68,7 +70,7 @@ GIB = 1 << 30
 ENGINE_FLAGS = {"--max-num-batched-tokens": "token_budget", "--chunk-size": "chunk_size",
                 "--max-prefill-rows": "max_prefill_rows", "--lookahead": "lookahead",
                 "--min-token-bucket": "min_token_bucket", "--min-decode-bucket": "min_decode_bucket",
-                "--min-prefill-bucket": "min_prefill_bucket"}
+                "--min-prefill-bucket": "min_prefill_bucket", "--tensor-parallel-size": "tensor_parallel"}
 
 
 def engine_settings(args) -> dict:

@@ -54,6 +54,9 @@ def test_old_names_still_work_and_unset_flags_keep_the_engine_defaults():
                                           "4"))
     assert switches["enable_prefix_caching"] is False and switches["packed_steps"] is False
     assert engine_settings(serve_args("--enable-prefix-caching"))["enable_prefix_caching"] is True
+    assert engine_settings(serve_args("--tensor-parallel-size", "2"))["tensor_parallel"] == 2
+    with pytest.raises(ValueError, match="--tensor-parallel-size must be positive"):
+        engine_settings(serve_args("--tensor-parallel-size", "0"))
     assert EngineConfig(**new).enable_prefix_caching is False  # off unless asked for
     assert EngineConfig(**switches).min_token_bucket == 4
 
