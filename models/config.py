@@ -232,6 +232,12 @@ PRESETS: dict[str, ModelConfig] = {
         tie_word_embeddings=True, bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
     ),
     "llama-3-8b": _llama3_8b(),
+    # Llama-3-70B's shapes: about 141 GB of bf16 weights, more than one H200 holds with any KV cache (issue 19).
+    "llama-3-70b": ModelConfig(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+        num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
+        bos_token_id=128000, eos_token_ids=(128001,),
+    ),
     "qwen2-7b": ModelConfig(
         vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
         num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=131072,

@@ -204,9 +204,22 @@ class LlamaForCausalLM(nnx.Module):
         return self.lm_head(x), cache
 
 
-def random_model(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.float32, init_std: float = 0.02) -> LlamaForCausalLM:
-    """A model with seeded random weights (presets, tests, benchmarks)."""
-    return LlamaForCausalLM(cfg, dtype=dtype, init_std=init_std, rngs=nnx.Rngs(params=seed))
+def random_model(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.float32, init_std: float = 0.02, mesh=None,
+                 axis: str = "tp") -> LlamaForCausalLM:
+    """A model with seeded random weights (presets, tests, benchmarks). With ``mesh``, tensor-parallel over its
+    ``axis`` (``models.sharding``), each weight initialized where its shards live: a model larger than one device
+    (Llama-3-70B on two H200s) never exists whole on one."""
+    def build():
+        return LlamaForCausalLM(cfg, dtype=dtype, init_std=init_std, rngs=nnx.Rngs(params=seed))
+
+    if mesh is None:
+        return build()
+    from .sharding import check_divisible, shardings_of
+
+    check_divisible(cfg, mesh.shape[axis])
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
+    state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings_of(abstract, mesh, axis))()
+    return nnx.merge(graphdef, state)
 
 
 def abstract_model(cfg: ModelConfig, *, dtype=jnp.float32) -> LlamaForCausalLM:

@@ -46,16 +46,20 @@ def check_divisible(cfg, tp: int) -> None:
             raise UnsupportedModelError(f"{name}={getattr(cfg, name)} is not divisible by tensor_parallel={tp}")
 
 
+def _names(path) -> tuple[str, ...]:
+    names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    return tuple(n for n in names if n != "value")
+
+
+def shardings_of(state, mesh: Mesh, axis: str = "tp"):
+    """The ``NamedSharding`` of every leaf of an NNX ``state`` (a pytree of the same structure)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, param_spec(_names(path), len(x.shape), axis)), state)
+
+
 def shard_model(model, mesh: Mesh, axis: str = "tp"):
     """Place ``model``'s parameters over ``mesh`` (module docstring); returns the model, updated in place."""
-    tp = mesh.shape[axis]
-    check_divisible(model.config, tp)
+    check_divisible(model.config, mesh.shape[axis])
     state = nnx.state(model, nnx.Param)
-
-    def place(path, x):
-        names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-        names = tuple(n for n in names if n != "value")
-        return jax.device_put(x, NamedSharding(mesh, param_spec(names, x.ndim, axis)))
-
-    nnx.update(model, jax.tree_util.tree_map_with_path(place, state))
+    nnx.update(model, jax.device_put(state, shardings_of(state, mesh, axis)))
     return model

@@ -9,6 +9,7 @@
 #        sanitize-engine (memcheck of the small engine GPU test), sanitize-model (memcheck of the 3 slowest model
 #        GPU tests, our kernels instrumented, warm compilation cache), engine-tests (engine/paged/reliability tests),
 #        tune-prefill (prefill tile sweep at the benchmark's shapes), bench-prefix(-quick) (issue 20's prefix caching),
+#        bench-tp, bench-tp-70b (issue 19, two GPUs: kind nvidia-h200-x2),
 #        bench-zero-mapping (what a read-only zero mapping of a whole reservation costs on CUDA),
 #        bench-serving-layouts (ShareGPT-like, 256 requests, B <= 128: both vAttention layouts, the interleaved one
 #        without deferred reclamation, paged16, static),
@@ -71,6 +72,8 @@ for step in "$@"; do
     bench-serving-online) python3 benchmarks/bench_serving.py --requests 256 --max-batch 128 --budget-tokens 196608 --configs vattention,paged16 --request-rate 8 --tag online > "$OUT/bench_serving_online.log" 2>&1 || status=1; summary "$OUT/bench_serving_online.log" 30 ;;
     bench-prefix) python3 benchmarks/bench_prefix.py > "$OUT/bench_prefix.log" 2>&1 || status=1; summary "$OUT/bench_prefix.log" 30 ;;
     bench-prefix-small) python3 benchmarks/bench_prefix.py --requests 128 --conversations 32 --turns 3 > "$OUT/bench_prefix.log" 2>&1 || status=1; summary "$OUT/bench_prefix.log" 30 ;;
+    bench-tp) python3 benchmarks/bench_tp.py > "$OUT/bench_tp.log" 2>&1 || status=1; summary "$OUT/bench_tp.log" 20 ;;
+    bench-tp-70b) python3 benchmarks/bench_tp.py --serve-70b > "$OUT/bench_tp.log" 2>&1 || status=1; summary "$OUT/bench_tp.log" 20 ;;
     bench-prefix-quick) python3 benchmarks/bench_prefix.py --quick > "$OUT/bench_prefix_quick.log" 2>&1 || status=1; summary "$OUT/bench_prefix_quick.log" 30 ;;
     bench-serving-tight) python3 benchmarks/bench_serving.py --requests 256 --max-batch 256 --budget-gib 8 --configs vattention,vattention-no-reclaim,vattention-per-layer,paged16 > "$OUT/bench_serving_tight.log" 2>&1 || status=1; summary "$OUT/bench_serving_tight.log" 30 ;;
     bench-server) { server_wheels && PYTHONPATH=/tmp/server-wheels${PYTHONPATH:+:$PYTHONPATH} python3 benchmarks/bench_server.py --preset llama-3-8b --request-rate 4,8 --requests 128 --kv-cache vattention,paged --kv-budget-gib 8 --max-num-seqs 128 --max-model-len 4096; } > "$OUT/bench_server.log" 2>&1 || status=1; summary "$OUT/bench_server.log" 30 ;;

@@ -226,6 +226,19 @@ def test_a_checkpoint_loads_straight_into_the_sharded_layout():
 
 
 @two_devices
+def test_random_weights_initialize_where_their_shards_live():
+    """``random_model(cfg, mesh=...)`` (how a model larger than one device is built) gives ``shard_model``'s
+    placement of the same seeded weights (equal up to the jitted init's rounding)."""
+    cfg = models.get_preset("tiny")
+    direct = models.random_model(cfg, seed=3, mesh=mesh())
+    placed = shard_model(models.random_model(cfg, seed=3), mesh())
+    for x, y in zip(jax.tree_util.tree_leaves(flax.nnx.state(direct, flax.nnx.Param)),
+                    jax.tree_util.tree_leaves(flax.nnx.state(placed, flax.nnx.Param))):
+        assert x.sharding == y.sharding
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-7)
+
+
+@two_devices
 def test_a_model_that_cannot_be_split_is_refused():
     qwen = models.load_model(os.path.join(DATA, "hf_qwen2"))  # one KV head
     with pytest.raises(UnsupportedModelError, match="num_kv_heads=1 is not divisible by tensor_parallel=2"):
@@ -278,5 +291,5 @@ def test_in_a_two_device_process():
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|skipped|failed)", proc.stdout))
-    assert counts.get("passed", 0) == 12 and counts.get("failed", 0) == 0, tail
+    assert counts.get("passed", 0) == 13 and counts.get("failed", 0) == 0, tail
     assert counts.get("skipped", 0) == 1, tail  # only the re-run itself
