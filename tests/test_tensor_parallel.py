@@ -290,6 +290,6 @@ def test_in_a_two_device_process():
                           env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
-    counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|skipped|failed)", proc.stdout))
-    assert counts.get("passed", 0) == 13 and counts.get("failed", 0) == 0, tail
-    assert counts.get("skipped", 0) == 1, tail  # only the re-run itself
+    counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|skipped|failed|errors?)", proc.stdout))
+    # every test but this one ran there and passed (none skipped, failed or errored)
+    assert counts.get("passed", 0) >= 13 and set(counts) == {"passed", "skipped"} and counts["skipped"] == 1, tail
