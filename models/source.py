@@ -21,13 +21,14 @@ from .tokenizer import chat_template_for, tokenizer_for
 class ModelsSource:
     """Hugging Face directories and the presets of ``models.PRESETS``."""
 
-    def load(self, source: str, *, dtype: str, seed: int) -> LoadedModel | None:
+    def load(self, source: str, *, dtype: str, seed: int, mesh=None) -> LoadedModel | None:
+        """``mesh``: tensor parallelism, the weights loaded (or initialized) straight into their shards."""
         path = Path(source)
         if path.is_dir():
-            model = load_model(path, dtype=dtype)
+            model = load_model(path, dtype=dtype, mesh=mesh)
             return LoadedModel(model, load_tokenizer(path), load_chat_template(path), path.resolve().name)
         if source in PRESETS:
-            model = random_model(get_preset(source), seed=seed, dtype=dtype)
+            model = random_model(get_preset(source), seed=seed, dtype=dtype, mesh=mesh)
             return LoadedModel(model, tokenizer_for(model.config), chat_template_for(model.config), source)
         return None
 

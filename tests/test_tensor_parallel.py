@@ -267,6 +267,11 @@ def test_engine_with_tensor_parallel_2_gives_the_tokens_of_one_device():
         assert [s.physical_bytes for s in per_device] == [per_device[0].physical_bytes] * 2
     assert got == want
     assert 0 < per_device[0].physical_bytes < one_bytes  # each device holds half the heads' pages
+    # from a directory: the source loads the checkpoint straight into its shards (load_model(..., mesh=))
+    with LLM(path, **kw, tensor_parallel=2) as from_dir:
+        assert from_dir.model.model.layers[0].mlp.down_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec(
+            "tp", None)
+        assert [o.outputs[0].token_ids for o in from_dir.generate(prompts, sp)] == want
 
 
 @two_devices

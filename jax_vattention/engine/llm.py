@@ -126,8 +126,9 @@ class LLM:
         elif overrides:
             raise TypeError("pass either an EngineConfig or keyword settings, not both")
         self.model_name: str | None = None  # the source's name when ``model`` was a string
-        if isinstance(model, (str, os.PathLike)):
-            loaded = load_model_source(model, dtype=config.dtype, seed=seed)
+        mesh = tensor_parallel_mesh(config.tensor_parallel) if config.tensor_parallel > 1 else None
+        if isinstance(model, (str, os.PathLike)):  # with a mesh, loaded straight into its shards where it can be
+            loaded = load_model_source(model, dtype=config.dtype, seed=seed, mesh=mesh)
             model, self.model_name = loaded.model, loaded.name
             if tokenizer is None:
                 tokenizer = loaded.tokenizer
@@ -153,9 +154,7 @@ class LLM:
             raise TypeError(f"tensor_parallel={config.tensor_parallel} needs a model with shard(mesh, axis) "
                             f"(models.LlamaForCausalLM has one), got {type(model).__name__}")
         dtype = config.dtype or jnp.dtype(jax.tree.leaves(model)[0].dtype).name
-        mesh = None
-        if config.tensor_parallel > 1:
-            mesh = tensor_parallel_mesh(config.tensor_parallel)
+        if mesh is not None:
             model.shard(mesh, "tp")  # type: ignore[attr-defined]  # refuses a model that does not split
         self.pool = make_pool(cfg, config, dtype, mesh)
         try:

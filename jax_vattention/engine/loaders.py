@@ -15,6 +15,7 @@ template when it has them, and a name); when none does, the error lists what eac
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -45,7 +46,9 @@ class LoadedModel:
 @runtime_checkable
 class ModelSource(Protocol):
     """Turns a string into a model: ``load`` returns None for a string it does not recognise (another source may),
-    and raises for one it recognises but cannot load (a broken checkpoint)."""
+    and raises for one it recognises but cannot load (a broken checkpoint). For tensor parallelism the engine also
+    passes ``mesh=`` (a ``jax.sharding.Mesh`` with the axis ``"tp"``): a source that accepts it loads the weights
+    straight into their shards; one that does not is given no mesh, and the engine places the loaded model."""
 
     def load(self, source: str, *, dtype: str, seed: int) -> LoadedModel | None: ...
 
@@ -81,11 +84,12 @@ def default_model_dtype() -> str:
     return "bfloat16" if default_device().platform == "gpu" else "float32"
 
 
-def load_model_source(source: str | os.PathLike, *, dtype: str | None = None, seed: int = 0) -> LoadedModel:
+def load_model_source(source: str | os.PathLike, *, dtype: str | None = None, seed: int = 0,
+                      mesh=None) -> LoadedModel:
     """The model ``source`` names (a directory, a preset, ...), from the first source that recognises it.
 
     ``dtype``: the parameters' (default ``default_model_dtype()``); ``seed``: random weights, where a source makes
-    them (presets).
+    them (presets); ``mesh``: tensor parallelism, passed to sources whose ``load`` takes it (``ModelSource``).
     """
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"a model source is a string or a path, got {type(source).__name__}")
@@ -94,7 +98,10 @@ def load_model_source(source: str | os.PathLike, *, dtype: str | None = None, se
         raise TypeError(f"a model source is a string or a path, got {source!r}")
     sources = model_sources()
     for s in sources:
-        loaded = s.load(text, dtype=dtype or default_model_dtype(), seed=seed)
+        kw: dict[str, Any] = dict(dtype=dtype or default_model_dtype(), seed=seed)
+        if mesh is not None and "mesh" in inspect.signature(s.load).parameters:
+            kw["mesh"] = mesh
+        loaded = s.load(text, **kw)
         if loaded is not None:
             if not isinstance(loaded, LoadedModel):
                 raise TypeError(f"{type(s).__name__}.load returned {type(loaded).__name__}, not a LoadedModel")
