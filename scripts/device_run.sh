@@ -71,6 +71,7 @@ for step in "$@"; do
     headline-sharegpt|headline-long|headline-tight) python3 benchmarks/headline.py --workloads "${step#headline-}" > "$OUT/$step.log" 2>&1 || status=1; summary "$OUT/$step.log" 30 ;;
     bench-serving-online) python3 benchmarks/bench_serving.py --requests 256 --max-batch 128 --budget-tokens 196608 --configs vattention,paged16 --request-rate 8 --tag online > "$OUT/bench_serving_online.log" 2>&1 || status=1; summary "$OUT/bench_serving_online.log" 30 ;;
     bench-prefix) python3 benchmarks/bench_prefix.py > "$OUT/bench_prefix.log" 2>&1 || status=1; summary "$OUT/bench_prefix.log" 30 ;;
+    bench-prefix-system) python3 benchmarks/bench_prefix.py --workloads system > "$OUT/bench_prefix.log" 2>&1 || status=1; summary "$OUT/bench_prefix.log" 30 ;;
     bench-prefix-small) python3 benchmarks/bench_prefix.py --requests 128 --conversations 32 --turns 3 > "$OUT/bench_prefix.log" 2>&1 || status=1; summary "$OUT/bench_prefix.log" 30 ;;
     bench-tp) python3 benchmarks/bench_tp.py > "$OUT/bench_tp.log" 2>&1 || status=1; summary "$OUT/bench_tp.log" 20 ;;
     bench-tp-70b) python3 benchmarks/bench_tp.py --serve-70b > "$OUT/bench_tp.log" 2>&1 || status=1; summary "$OUT/bench_tp.log" 20 ;;

@@ -241,6 +241,9 @@ def test_prefix_bench_arguments_and_report():
     assert args.configs == ["vattention", "paged16"] and args.layers == 4 and args.system_len <= 512
     with pytest.raises(SystemExit):
         bench_prefix.parse_args(["--configs", "vattention,nope"])
+    assert bench_prefix.parse_args(["--workloads", "system"]).workloads == ["system"]
+    with pytest.raises(SystemExit):
+        bench_prefix.parse_args(["--workloads", "sharegpt"])
     row = dict(output_tokens_per_s=100.0, total_tokens_per_s=900.0, ttft_p50_s=0.25, ttft_p99_s=1.5, tbt_p50_s=0.02,
                tbt_p99_s=0.04, prefix_cache_hit_rate=0.75, prefix_cache_hit_tokens=1234, peak_used_kv_bytes=GIB,
                peak_physical_kv_bytes=2 * GIB, peak_batch=7, preemptions=0)
