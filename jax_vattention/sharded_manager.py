@@ -146,11 +146,7 @@ class ShardedKVCacheManager:
         self._check_open()
         slots: list[int] = []
         try:
-            for d, m in zip(self.devices, self.managers):
-                try:
-                    slots.append(m.allocate(min_tokens))
-                except PoolExhaustedError as e:
-                    raise PoolExhaustedError(f"allocate on device {d}: {e}") from e
+            self._each("allocate", lambda m: slots.append(m.allocate(min_tokens)))
         except BaseException:
             for m, s in zip(self.managers, slots):
                 m.free(s)
@@ -221,21 +217,23 @@ class ShardedKVCacheManager:
         return ShardedCacheStats(tuple(str(d) for d in self.devices), per, total)
 
     # -- jit side --------------------------------------------------------------------------------
+    def on_devices(self, body, in_specs, out_specs):
+        """``body`` run on every device of the mesh (``jax.shard_map``), where it may call ``ops.grow`` /
+        ``ops.write`` with this manager; outputs declared replicated (``P()``) are each device's own, equal ones."""
+        return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
     def write(self, layer: int, k_new: jax.Array, v_new: jax.Array, slots, starts, counts) -> jax.Array:
-        """``ops.write`` on every device, inside ``shard_map``: ``k_new``/``v_new`` are global
-        ``[B, T, kv_heads, D]`` (each device stores its heads), rows replicated. Returns the lengths ``[B]``."""
+        """``ops.write`` on every device: ``k_new``/``v_new`` are global ``[B, T, kv_heads, D]`` (each device
+        stores its heads), rows replicated. Returns the lengths ``[B]``."""
         self._check_open()
         kv = P(None, None, self.axis, None)
-        body = jax.shard_map(lambda k, v, s, st, c: ops.write(self, layer, k, v, s, st, c), mesh=self.mesh,
-                             in_specs=(kv, kv, P(), P(), P()), out_specs=P(), check_vma=False)
-        return body(k_new, v_new, slots, starts, counts)
+        return self.on_devices(lambda k, v, s, st, c: ops.write(self, layer, k, v, s, st, c),
+                               (kv, kv, P(), P(), P()), P())(k_new, v_new, slots, starts, counts)
 
     def grow_in_jit(self, slots, lengths) -> jax.Array:
-        """``ops.grow`` on every device, inside ``shard_map``."""
+        """``ops.grow`` on every device."""
         self._check_open()
-        body = jax.shard_map(lambda s, n: ops.grow(self, s, n), mesh=self.mesh, in_specs=(P(), P()),
-                             out_specs=P(), check_vma=False)
-        return body(slots, lengths)
+        return self.on_devices(lambda s, n: ops.grow(self, s, n), (P(), P()), P())(slots, lengths)
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:

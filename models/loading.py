@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from .config import ModelConfig
 from .errors import CheckpointError
 from .llama import LlamaForCausalLM, abstract_model
-from .sharding import check_divisible, param_spec
+from .sharding import check_divisible, param_sharding
 
 LOAD_DTYPES = ("float32", "bfloat16", "float16")
 # Buffers some checkpoints carry that are not parameters (recomputed from the config).
@@ -129,8 +129,7 @@ def load_model(directory: str | Path, *, dtype="float32", config: ModelConfig | 
             value = _convert(tensor, transposed, dtype)
         else:  # host conversion, then only each device's part goes to it
             host = np.asarray(tensor.T if transposed else tensor).astype(jnp.dtype(dtype))
-            names = tuple(str(getattr(k, "key", k)) for k in path)
-            value = jax.device_put(host, NamedSharding(mesh, param_spec(names, host.ndim, axis)))
+            value = jax.device_put(host, param_sharding(path, host.ndim, mesh, axis))
         loaded.append((path, var.replace(value)))
     extra = sorted(n for n in files if n not in wanted and not n.endswith(IGNORED_SUFFIXES)
                    and not (cfg.tie_word_embeddings and n == "lm_head.weight"))

@@ -46,15 +46,15 @@ def check_divisible(cfg, tp: int) -> None:
             raise UnsupportedModelError(f"{name}={getattr(cfg, name)} is not divisible by tensor_parallel={tp}")
 
 
-def _names(path) -> tuple[str, ...]:
+def param_sharding(path, ndim: int, mesh: Mesh, axis: str = "tp") -> NamedSharding:
+    """The ``NamedSharding`` of the parameter at ``path``: a pytree key path or a flat state's key tuple."""
     names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-    return tuple(n for n in names if n != "value")
+    return NamedSharding(mesh, param_spec(tuple(n for n in names if n != "value"), ndim, axis))
 
 
 def shardings_of(state, mesh: Mesh, axis: str = "tp"):
     """The ``NamedSharding`` of every leaf of an NNX ``state`` (a pytree of the same structure)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, param_spec(_names(path), len(x.shape), axis)), state)
+    return jax.tree_util.tree_map_with_path(lambda path, x: param_sharding(path, len(x.shape), mesh, axis), state)
 
 
 def shard_model(model, mesh: Mesh, axis: str = "tp"):

@@ -52,7 +52,7 @@ void CacheManager::close() {
   for (const auto& [page, pins] : pins_)  // pinned pages go last, when nothing maps them
     for (int64_t i = 0; i < pins; ++i) drop_ref(page);
   pins_.clear();
-  live_maps_.clear(), pages_live_ = 0;
+  live_maps_.clear();
   for (PageHandle p : free_pages_) backend_->destroy_page(p, layout_.page_bytes), ++destroys_;
   pages_created_ -= static_cast<int64_t>(free_pages_.size());
   free_pages_.clear();
@@ -288,7 +288,7 @@ CacheStats CacheManager::stats() const {
   st.pages_created = pages_created_;
   st.pages_free = static_cast<int64_t>(free_pages_.size());
   st.pages_in_use = st.pages_created - st.pages_free;
-  st.pages_live = pages_live_;
+  st.pages_live = static_cast<int64_t>(live_maps_.size());
   st.pages_pinned = static_cast<int64_t>(pins_.size());
   st.pages_shared = pages_shared_;
   st.reserved_bytes = static_cast<int64_t>(bases_.size()) * layout_.tensor_bytes;

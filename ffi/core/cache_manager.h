@@ -183,8 +183,7 @@ class CacheManager {
   std::unordered_map<PageHandle, int64_t> refs_;  // pages not on the free list: mappings + pins
   std::unordered_map<PageHandle, int64_t> pins_;  // pinned pages: pins
   int64_t pages_shared_ = 0;                      // entries of refs_ above 1
-  std::unordered_map<PageHandle, int64_t> live_maps_;  // pages mapped into allocated slots: such mappings
-  int64_t pages_live_ = 0;                             // entries of live_maps_
+  std::unordered_map<PageHandle, int64_t> live_maps_;  // pages mapped into allocated slots (pages_live): such mappings
   std::vector<uintptr_t> bases_;
   std::vector<Slot> slots_;
   uint64_t capacity_version_ = 1;

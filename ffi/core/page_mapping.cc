@@ -39,13 +39,11 @@ bool CacheManager::drop_ref(PageHandle page) {
 }
 
 void CacheManager::count_live(PageHandle page, int64_t delta) {
-  auto [it, added] = live_maps_.try_emplace(page, 0);
-  if (added) ++pages_live_;
+  auto it = live_maps_.try_emplace(page, 0).first;
   if ((it->second += delta) > 0) return;
   if (it->second < 0)  // a bug in the manager, never bad input
     throw Error(ErrorKind::kBackend, "internal error: page " + std::to_string(page) + " unmapped from a live slot twice");
   live_maps_.erase(it);
-  --pages_live_;
 }
 
 void CacheManager::set_allocated(Slot& s, bool allocated) {

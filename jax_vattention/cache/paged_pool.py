@@ -50,7 +50,6 @@ class PagedKVPool:
         self._held = np.full(self.max_batch, -1, np.int64)  # pages per slot, -1: free slot
         self._refs = np.zeros(total, np.int64)  # per page: block-table entries pointing at it + pins
         self._table_refs = np.zeros(total, np.int64)  # per page: block-table entries pointing at it
-        self._live = 0  # pages with a block-table entry: what live slots hold, a shared page once
         self._pins: Counter[int] = Counter()
         self._shared = np.zeros(self.max_batch, np.int64)  # leading pages of a slot mapped by map_prefix
         shape = (kv_heads, total + 1, self.page_size, head_dim)  # + the scratch page
@@ -124,10 +123,7 @@ class PagedKVPool:
         self._held[slot] = self._shared[slot] = 0
 
     def _count_live(self, pages, delta: int) -> None:
-        pages = np.asarray(pages, np.int64)
-        before = np.count_nonzero(self._table_refs[pages])
-        np.add.at(self._table_refs, pages, delta)
-        self._live += int(np.count_nonzero(self._table_refs[pages])) - int(before)
+        np.add.at(self._table_refs, np.asarray(pages, np.int64), delta)
 
     def _drop(self, pages) -> None:
         """One reference less on each page; those left with none go back to the free list."""
@@ -148,7 +144,7 @@ class PagedKVPool:
 
     def pages_live(self) -> int:
         """Distinct pages live slots' block tables point at (a shared prefix page counts once)."""
-        return self._live
+        return int(np.count_nonzero(self._table_refs))
 
     # -- prefix caching: pages shared between block tables ---------------------------
     @property

@@ -62,22 +62,22 @@ class PrefixCache:
         if r.slot is None or full <= len(held):
             return
         keys = self.index.page_keys(tokens)
-        handles: tuple[int, ...] = ()
+        pinned: list[tuple[int, ...]] = []  # per page [0, full): its handles, once the pages are pinned
         used: set[int] = set()  # pages whose pin an index entry keeps
         for d in range(len(held), full):
             page = self.index.hold(keys[d])
             if page is None:
-                if not handles:
+                if not pinned:
                     handles = self.pool.pin_prefix(r.slot, full)  # [full * tensors]: pages [0, full) pinned again
-                per = len(handles) // full
-                page = self.index.insert(keys[d], held[-1].key if held else ROOT, d, handles[d * per:(d + 1) * per])
+                    per = len(handles) // full
+                    pinned = [handles[i * per:(i + 1) * per] for i in range(full)]
+                page = self.index.insert(keys[d], held[-1].key if held else ROOT, d, pinned[d])
                 if page is None:
                     break
                 used.add(d)
             held.append(page)
-        if handles:
-            per = len(handles) // full
-            self.pool.unpin([h for d in range(full) if d not in used for h in handles[d * per:(d + 1) * per]])
+        if pinned:
+            self.pool.unpin([h for d, hs in enumerate(pinned) if d not in used for h in hs])
 
     def retire(self, r: Request) -> None:
         """``r`` is about to release its slot: index its full, known pages, then stop holding its cached ones."""
