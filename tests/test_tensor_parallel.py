@@ -195,11 +195,13 @@ def test_tp2_equals_tp1_on_hf_checkpoints(checkpoint, rng):
 @two_devices
 def test_tp2_runs_the_pallas_kernels_on_each_devices_heads(rng):
     """bf16, our Pallas kernels (interpret mode) inside shard_map on the tiny preset (head_dim 64): logits within
-    bf16 rounding of TP1's (the all-reduce adds the two halves in another order)."""
+    bf16 rounding of TP1's (the all-reduce adds the two halves in another order). Default-scale weights: with
+    init_std 0.2 the two layers amplify that rounding to 1-4% of the largest logit (seed 953291243 reached 3.7%),
+    at 0.02 it stays under 0.7% over 8 prompts; a head on the wrong device is off by the logits' own size."""
     cfg = models.get_preset("tiny")
     prompt = rng.integers(0, cfg.vocab_size, 17).tolist()
     (want_logits, _), (got_logits, _) = tp1_and_tp2(
-        lambda: models.random_model(cfg, seed=3, dtype=jnp.bfloat16, init_std=0.2), cfg, "bfloat16",
+        lambda: models.random_model(cfg, seed=3, dtype=jnp.bfloat16), cfg, "bfloat16",
         AttentionSpec(impl="kernel", interpret=True, max_len=256), prompt)
     np.testing.assert_allclose(got_logits, want_logits, rtol=0, atol=3e-2 * np.abs(want_logits).max())
 
